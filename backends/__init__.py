@@ -1,0 +1,1 @@
+"""Ember backends: reference (the oracle), cpu, cuda, mobile."""

@@ -1,0 +1,257 @@
+"""Pass registry, pipeline text form, and the pass manager.
+
+A pass is a pure function ``(Graph, Config, PassContext) -> Graph`` registered with its contract::
+
+    @register_pass(numerics="exact")
+    def fold_constants(g: Graph, cfg: FoldConstantsConfig, ctx: PassContext) -> Graph: ...
+
+Pipelines have a text form that round-trips (the CLI's ``--passes``)::
+
+    "O2,quantize{scheme=w8a8-dynamic},merge_tokens{r=8,schedule=constant}"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CompilerError, PassError
+from .ir import Graph, verify
+
+__all__ = [
+    "PassInfo",
+    "PassContext",
+    "PassStep",
+    "register_pass",
+    "get_pass",
+    "all_passes",
+    "parse_pipeline",
+    "format_pipeline",
+    "PassManager",
+    "EmptyConfig",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmptyConfig:
+    """Config of a pass without knobs."""
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the graph, and where they record their decisions.
+
+    Attributes:
+        target: "cpu", "cuda" or "mobile".
+        calib: calibration inputs (a list of input tuples) for passes that need data.
+        labels: optional labels aligned with ``calib``.
+        records: per-pass decision records; they go into the artifact manifest.
+        seed: for passes with randomness.
+        options: free-form driver options (e.g. a cost model handle).
+    """
+
+    target: str = "cpu"
+    calib: list[tuple[Any, ...]] | None = None
+    labels: Any = None
+    records: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, pass_name: str, **info: Any) -> None:
+        self.records.setdefault(pass_name, {}).update(info)
+
+
+PassFn = Callable[[Graph, Any, PassContext], Graph]
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: PassFn
+    config: type
+    numerics: str  # "exact" | "approx"
+    requires: frozenset[str]
+    provides: frozenset[str]
+    doc: str
+
+
+_PASSES: dict[str, PassInfo] = {}
+
+
+def register_pass(
+    name: str | None = None,
+    *,
+    config: type = EmptyConfig,
+    numerics: str = "exact",
+    requires: Sequence[str] = (),
+    provides: Sequence[str] = (),
+) -> Callable[[PassFn], PassFn]:
+    """Registers a pass under its function name (or ``name``)."""
+    if numerics not in ("exact", "approx"):
+        raise ValueError("numerics must be 'exact' or 'approx'")
+
+    def deco(fn: PassFn) -> PassFn:
+        pname = name or fn.__name__
+        if pname in _PASSES and _PASSES[pname].fn is not fn:
+            raise ValueError(f"pass '{pname}' registered twice")
+        _PASSES[pname] = PassInfo(pname, fn, config, numerics, frozenset(requires),
+                                  frozenset(provides), (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def _load_passes() -> None:
+    import ember.passes  # noqa: F401  (registers every pass module)
+
+
+def get_pass(name: str) -> PassInfo:
+    _load_passes()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        known = ", ".join(sorted(_PASSES))
+        raise CompilerError(f"unknown pass '{name}'; known passes: {known}") from None
+
+
+def all_passes() -> dict[str, PassInfo]:
+    _load_passes()
+    return dict(_PASSES)
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        body = ",".join(f"{k}={_fmt_value(v)}" for k, v in self.options.items())
+        return f"{self.name}{{{body}}}"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple):
+        return "|".join(_fmt_value(x) for x in v)
+    return str(v)
+
+
+def _parse_value(s: str) -> Any:
+    s = s.strip()
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+_STEP_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\{([^{}]*)\})?\s*")
+
+
+def parse_pipeline(text: str) -> list[PassStep]:
+    """Parses ``"O2,quantize{scheme=w8a8-dynamic}"`` into steps (named pipelines expanded)."""
+    from .pipelines import PIPELINES
+
+    steps: list[PassStep] = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _STEP_RE.match(text, pos)
+        if not m or m.end() == pos:
+            raise CompilerError(f"cannot parse pipeline at column {pos}: {text}\n"
+                                f"{' ' * (len('cannot parse pipeline at column : ') + len(str(pos)) + pos)}^")
+        name, body = m.group(1), m.group(3)
+        opts: dict[str, Any] = {}
+        if body:
+            for item in body.split(","):
+                if not item.strip():
+                    continue
+                if "=" not in item:
+                    raise CompilerError(f"pass option '{item}' in '{name}' needs key=value")
+                k, v = item.split("=", 1)
+                opts[k.strip()] = _parse_value(v)
+        if name in PIPELINES:
+            if opts:
+                raise CompilerError(f"named pipeline '{name}' takes no options")
+            steps.extend(parse_pipeline(",".join(PIPELINES[name])) if PIPELINES[name] else [])
+        else:
+            steps.append(PassStep(name, opts))
+        pos = m.end()
+        if pos < len(text):
+            if text[pos] != ",":
+                raise CompilerError(f"expected ',' at column {pos} of pipeline: {text}")
+            pos += 1
+    return steps
+
+
+def format_pipeline(steps: Sequence[PassStep]) -> str:
+    return ",".join(str(s) for s in steps)
+
+
+def make_config(info: PassInfo, options: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(info.config)}
+    unknown = set(options) - set(fields)
+    if unknown:
+        raise CompilerError(f"pass '{info.name}' has no option(s) {sorted(unknown)}; "
+                            f"options: {', '.join(fields) or 'none'}")
+    conv = {}
+    for k, v in options.items():
+        conv[k] = v
+        want = fields[k].type if isinstance(fields[k].type, type) else None
+        if want is float and isinstance(v, int):
+            conv[k] = float(v)
+    try:
+        return info.config(**conv)
+    except (TypeError, ValueError) as e:
+        raise CompilerError(f"pass '{info.name}': bad options {dict(options)}: {e}") from None
+
+
+class PassManager:
+    """Runs steps in order; verifies after each pass when asked; records timings."""
+
+    def __init__(self, steps: Sequence[PassStep] | str, verify_each: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
+        self.steps = parse_pipeline(steps) if isinstance(steps, str) else list(steps)
+        self.verify_each = verify_each
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        # check names and options up front, before any work
+        self._resolved = [(get_pass(s.name), s) for s in self.steps]
+        self._configs = [make_config(info, s.options) for info, s in self._resolved]
+
+    def run(self, g: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        done: list[str] = []
+        for i, ((info, step), cfg) in enumerate(zip(self._resolved, self._configs)):
+            if self.progress:
+                self.progress(info.name, i, len(self._resolved))
+            t0 = time.perf_counter()
+            try:
+                out = info.fn(g, cfg, ctx)
+            except CompilerError:
+                raise
+            except Exception as e:
+                raise PassError(str(step), done, e) from e
+            if not isinstance(out, Graph):
+                raise PassError(str(step), done, TypeError("pass did not return a Graph"))
+            if self.verify_each:
+                verify(out, pass_name=info.name)
+            dt = time.perf_counter() - t0
+            self.timings[str(step)] = self.timings.get(str(step), 0.0) + dt
+            log.info("pass %s: %d -> %d nodes in %.3fs", step, len(g.nodes), len(out.nodes), dt)
+            g = out
+            done.append(str(step))
+        return g

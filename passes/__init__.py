@@ -1,0 +1,1 @@
+"""Ember passes. Importing this package registers every pass (see passes/README.md)."""
