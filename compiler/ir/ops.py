@@ -127,4 +127,5 @@ def _ensure_loaded() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from . import opset  # noqa: F401  (registers the core ops)
+        # core ops, then ops that fusion passes introduce, then extra ops (ONNX and others)
+        from . import opset, opset_extra, opset_fused  # noqa: F401
