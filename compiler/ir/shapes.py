@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import sympy
 
@@ -31,7 +31,7 @@ __all__ = [
     "floor_div",
 ]
 
-Dim = Union[int, sympy.Expr]
+Dim = int | sympy.Expr
 
 _SYMBOLS: dict[str, sympy.Symbol] = {}
 

