@@ -108,8 +108,23 @@ def register_pass(
     return deco
 
 
+_PASSES_LOADED = False
+
+
 def _load_passes() -> None:
-    import ember.passes  # noqa: F401  (registers every pass module)
+    """Imports every module of ``ember.passes``; importing a module registers its passes."""
+    global _PASSES_LOADED
+    if _PASSES_LOADED:
+        return
+    _PASSES_LOADED = True
+    import importlib
+    import pkgutil
+
+    import ember.passes as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"ember.passes.{mod.name}")
 
 
 def get_pass(name: str) -> PassInfo:

@@ -127,5 +127,5 @@ def _ensure_loaded() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        # core ops, then ops that fusion passes introduce, then extra ops (ONNX and others)
-        from . import opset, opset_extra, opset_fused  # noqa: F401
+        # core ops, ops the fusion/quantization/token passes introduce, extra (ONNX) ops
+        from . import opset, opset_extra, opset_fused, opset_quant, opset_tokens  # noqa: F401
