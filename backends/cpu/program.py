@@ -1,0 +1,328 @@
+"""Compile an IR graph for CPU: fx lowering -> torch.export -> AOTInductor package.
+
+``compile_graph(g, example_inputs, mode=...)`` returns a `CpuProgram` of one of two kinds:
+
+- ``"aoti"``: an AOTInductor package (``cpu.pt2``: generated C++/OpenMP kernels + oneDNN/MKL
+  GEMMs, weights frozen and prepacked, compiled into a shared library). No Python at run time.
+- ``"eager"``: the generated fx module run by eager PyTorch (the IR interpreted with torch ops,
+  with the backend's fast lowerings). Its payload is the artifact's ir.json + weights.
+
+``mode="auto"`` builds the AOTI package, times it against the eager kind on the example inputs
+(median of several runs after warm-up) and ships the faster one: a CPU artifact is never slower
+than eager. The measurements and the reason go into ``program.info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.errors import ArtifactError, CompilerError
+from ember.ir import Graph
+
+from ..base import read_artifact_graph
+from .lowering import cast_inputs, lower_graph, symbol_sources
+
+__all__ = [
+    "CpuProgram",
+    "compile_graph",
+    "load_program",
+    "DEFAULT_INDUCTOR_CONFIGS",
+    "PACKAGE_FILE",
+    "find_pickles",
+    "median_ms",
+]
+
+log = logging.getLogger(__name__)
+
+PACKAGE_FILE = "cpu.pt2"
+
+# Measured on BERT/ViT/GPT-2/ResNet-50 (see examples/bench_zoo.py): freezing constant-folds the
+# weights so Inductor can prepack GEMM/conv weights for oneDNN/MKL (cpp.weight_prepack) and fold
+# BatchNorm/transposes; without it every linear pays a weight transpose/copy per call.
+DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {
+    "freezing": True,
+    "cpp.weight_prepack": True,
+}
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class CpuProgram:
+    """A compiled CPU program: ``program(*tensors) -> list[Tensor]``.
+
+    Attributes:
+        graph: the IR it was compiled from (None for an AOTI program loaded without one).
+        kind: "aoti" or "eager".
+        info: JSON-able record: kind, timings of every candidate, the choice and why, versions.
+    """
+
+    def __init__(self, kind: str, runner: Callable[..., Any], graph: Graph | None,
+                 info: dict[str, Any], package: Path | None = None,
+                 input_dtypes: Sequence[torch.dtype] | None = None) -> None:
+        self.kind = kind
+        self.graph = graph
+        self.info = info
+        self._runner = runner
+        self._package = package
+        self._dtypes = list(input_dtypes) if input_dtypes is not None else None
+
+    def _prepare(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        if self.graph is not None:
+            return cast_inputs(self.graph, args)
+        out = []
+        for i, a in enumerate(args):
+            t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+            if self._dtypes is not None and t.dtype != self._dtypes[i]:
+                t = t.to(self._dtypes[i])
+            out.append(t.contiguous())
+        return out
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        ts = self._prepare(args)
+        with torch.inference_mode():
+            out = self._runner(*ts)
+        return list(out)
+
+    def save(self, directory: str | Path) -> list[str]:
+        """Writes the payload; the eager kind's payload is the artifact's IR (nothing extra)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.kind != "aoti":
+            return []
+        assert self._package is not None
+        dst = d / PACKAGE_FILE
+        if self._package.resolve() != dst.resolve():
+            shutil.copyfile(self._package, dst)
+        return [PACKAGE_FILE]
+
+    def __repr__(self) -> str:
+        return f"CpuProgram(kind={self.kind!r})"
+
+
+# ----------------------------------------------------------------------------- pickle check
+def find_pickles(package: str | Path) -> list[str]:
+    """Members of a zip that are, or parse as, a pickle (``.pkl`` names or pickle streams)."""
+    import pickletools
+
+    found = []
+    with zipfile.ZipFile(package) as z:
+        for name in z.namelist():
+            data = z.read(name)
+            if name.endswith((".pkl", ".pickle")) or name.endswith("/data.pkl"):
+                found.append(name)
+                continue
+            # protocol 2+ pickles start with PROTO (0x80) and a protocol byte, end with STOP
+            if len(data) >= 3 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[-1:] == b".":
+                try:
+                    for _ in pickletools.genops(data):
+                        pass
+                except Exception:  # not a well-formed pickle stream
+                    continue
+                found.append(name)
+    return found
+
+
+# ----------------------------------------------------------------------------- export + AOTI
+def _trace_inputs(g: Graph, inputs: Sequence[torch.Tensor], dynamic: bool) -> list[torch.Tensor]:
+    """Example inputs for export; symbolic dims of size 0/1 are grown to 2 (export would
+    otherwise specialize them), repeating existing data so token ids stay in range."""
+    if not dynamic:
+        return list(inputs)
+    out = []
+    for v, t in zip(g.inputs, inputs):
+        for d, dim in enumerate(v.type.shape):
+            if not isinstance(dim, int) and t.shape[d] < 2:
+                idx = torch.arange(2) % max(1, t.shape[d])
+                t = t.index_select(d, idx) if t.shape[d] else t.new_zeros(
+                    (*t.shape[:d], 2, *t.shape[d + 1:]))
+        out.append(t.contiguous())
+    return out
+
+
+def _dynamic_shapes(g: Graph, auto: bool) -> list[dict[int, Any]]:
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    specs: list[dict[int, Any]] = []
+    sources = symbol_sources(g)
+    for v in g.inputs:
+        spec: dict[int, Any] = {}
+        for d, dim in enumerate(v.type.shape):
+            if isinstance(dim, int):
+                continue
+            if auto:
+                spec[d] = Dim.AUTO
+            elif getattr(dim, "is_Symbol", False) and dim.name in sources:
+                if dim.name not in dims:
+                    dims[dim.name] = Dim(dim.name, min=1)
+                spec[d] = dims[dim.name]
+            else:  # a derived dim (2*seq): let export relate it to the others
+                spec[d] = Dim.AUTO
+        specs.append(spec)
+    return specs
+
+
+def _export(gm: torch.fx.GraphModule, g: Graph, trace: Sequence[torch.Tensor],
+            dynamic: bool) -> tuple[Any, str]:
+    if not dynamic or all(v.type.is_static for v in g.inputs):
+        return torch.export.export(gm, tuple(trace), strict=False), "static"
+    try:
+        ep = torch.export.export(gm, tuple(trace), dynamic_shapes=_dynamic_shapes(g, False),
+                                 strict=False)
+        return ep, "named"
+    except Exception as e:  # a guard narrowed a named dim (e.g. seq <= max positions)
+        log.info("export with named dims failed (%s); retrying with Dim.AUTO",
+                 str(e).splitlines()[0][:200])
+    ep = torch.export.export(gm, tuple(trace), dynamic_shapes=_dynamic_shapes(g, True),
+                             strict=False)
+    return ep, "auto"
+
+
+def _aoti_compile(gm: torch.fx.GraphModule, g: Graph, trace: Sequence[torch.Tensor],
+                  dynamic: bool, path: Path, configs: Mapping[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep, how = _export(gm, g, trace, dynamic)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
+                                                 inductor_configs=dict(configs))
+    t2 = time.perf_counter()
+    ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
+    return {"export_s": round(t1 - t0, 3), "aoti_compile_s": round(t2 - t1, 3),
+            "dynamic_dims": how, "ranges": ranges}
+
+
+def compile_graph(
+    g: Graph,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    dynamic: bool = True,
+    workdir: str | Path | None = None,
+    mode: str = "auto",
+    inductor_configs: Mapping[str, Any] | None = None,
+    repeats: int = 5,
+) -> CpuProgram:
+    """Compiles ``g`` for this CPU.
+
+    Args:
+        g: a verified IR graph.
+        example_inputs: one input per graph input (used to trace and, in auto mode, to time).
+        dynamic: keep the graph's symbolic input dims dynamic in the AOTI program.
+        workdir: where the package is built (a temporary directory when None).
+        mode: "aoti", "eager", or "auto" (measure both, ship the faster).
+        inductor_configs: overrides of `DEFAULT_INDUCTOR_CONFIGS`.
+        repeats: timed runs per candidate in auto mode (median; at least 5).
+
+    Raises:
+        UnsupportedOpError: a node has no lowering (lists every one, with its location).
+        CompilerError: mode="aoti" and export/AOTI compilation failed.
+    """
+    if mode not in ("auto", "aoti", "eager"):
+        raise CompilerError(f"cpu backend: unknown mode '{mode}' (auto, aoti, eager)")
+    t_start = time.perf_counter()
+    gm = lower_graph(g)
+    ins = cast_inputs(g, example_inputs)
+    info: dict[str, Any] = {"backend": "cpu", "torch": torch.__version__, "mode": mode,
+                            "threads": torch.get_num_threads(), "candidates": {}}
+
+    def eager_program() -> CpuProgram:
+        return CpuProgram("eager", gm, g, info)
+
+    if mode == "eager":
+        info.update(kind="eager", chosen="eager", why="mode=eager",
+                    compile_s=round(time.perf_counter() - t_start, 3))
+        return eager_program()
+
+    configs = {**DEFAULT_INDUCTOR_CONFIGS, **(inductor_configs or {})}
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ember_cpu_"))
+    work.mkdir(parents=True, exist_ok=True)
+    pkg = work / PACKAGE_FILE
+    try:
+        stats = _aoti_compile(gm, g, _trace_inputs(g, ins, dynamic), dynamic, pkg, configs)
+        runner = torch._inductor.aoti_load_package(str(pkg))
+    except Exception as e:
+        if mode == "aoti":
+            raise CompilerError(f"cpu backend: AOTInductor compilation failed: {e}") from e
+        log.warning("AOTInductor compilation failed, shipping the eager program: %s", e)
+        info.update(kind="eager", chosen="eager", why=f"AOTI failed: {str(e)[:300]}",
+                    compile_s=round(time.perf_counter() - t_start, 3))
+        return eager_program()
+    info["aoti"] = {**stats, "inductor_configs": configs}
+    pickles = find_pickles(pkg)
+    if pickles:  # loading must never unpickle: refuse such a package
+        if mode == "aoti":
+            raise CompilerError(f"cpu backend: the AOTI package contains pickles: {pickles}")
+        log.warning("AOTI package holds pickles %s; shipping the eager program", pickles)
+        info.update(kind="eager", chosen="eager", why=f"AOTI package has pickles {pickles}",
+                    compile_s=round(time.perf_counter() - t_start, 3))
+        return eager_program()
+    aoti = CpuProgram("aoti", runner, g, info, package=pkg)
+    if mode == "aoti":
+        info.update(kind="aoti", chosen="aoti", why="mode=aoti",
+                    compile_s=round(time.perf_counter() - t_start, 3))
+        return aoti
+
+    eager = eager_program()
+    repeats = max(5, repeats)
+    cand = info["candidates"]
+    cand["aoti"] = round(median_ms(lambda: aoti(*ins), repeats), 4)
+    cand["eager"] = round(median_ms(lambda: eager(*ins), repeats), 4)
+    info["timed_on"] = [list(t.shape) for t in ins]
+    chosen = "aoti" if cand["aoti"] <= cand["eager"] else "eager"
+    info.update(kind=chosen, chosen=chosen,
+                why=f"median of {repeats} runs: aoti {cand['aoti']:.3f} ms, "
+                    f"eager {cand['eager']:.3f} ms",
+                compile_s=round(time.perf_counter() - t_start, 3))
+    log.info("cpu backend chose %s (%s)", chosen, info["why"])
+    return aoti if chosen == "aoti" else eager
+
+
+def load_program(directory: str | Path, info: Mapping[str, Any],
+                 graph: Graph | None = None) -> CpuProgram:
+    """Rebuilds a program saved by `CpuProgram.save` (+ the artifact's IR for the eager kind)."""
+    d = Path(directory)
+    kind = info.get("kind")
+    info = dict(info)
+    if kind == "eager":
+        g = graph if graph is not None else read_artifact_graph(d)
+        return CpuProgram("eager", lower_graph(g), g, info)
+    if kind != "aoti":
+        raise ArtifactError(f"cpu payload in {d}: unknown kind {kind!r}")
+    pkg = d / PACKAGE_FILE
+    if not pkg.is_file():
+        raise ArtifactError(f"cpu payload missing: {pkg}")
+    built = info.get("torch")
+    if built and built.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ArtifactError(f"cpu payload {pkg} was built with torch {built}; this is torch "
+                            f"{torch.__version__} (AOTInductor packages are version-bound)")
+    pickles = find_pickles(pkg)
+    if pickles:
+        raise ArtifactError(f"cpu payload {pkg} contains pickled members {pickles}; refusing")
+    runner = torch._inductor.aoti_load_package(str(pkg))
+    dtypes = None
+    if graph is not None:
+        from ember.ir import to_torch_dtype
+
+        dtypes = [to_torch_dtype(v.type.dtype) for v in graph.inputs]
+    return CpuProgram("aoti", runner, graph, info, package=pkg, input_dtypes=dtypes)
