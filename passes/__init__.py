@@ -7,6 +7,10 @@ from . import (  # noqa: F401  (each module registers its pass)
     dce,
     fold_constants,
     fold_conv_bn,
+    fuse_attention,
+    fuse_linear_act,
+    fuse_norms,
+    fuse_qkv,
 )
 
 __all__: list[str] = []

@@ -168,12 +168,14 @@ def same_type(a: Value, b: Value) -> bool:
     return check_types_equal(a.type, b.type)
 
 
-def rebuild(g: Graph, plan: Mapping[Node, EmitFn]) -> Graph:
+def rebuild(g: Graph, plan: Mapping[Node, EmitFn],
+            emitted: dict[Node, list[str]] | None = None) -> Graph:
     """A new graph where each node in ``plan`` is replaced by what its emit function builds.
 
     Emit functions run at the position of their node, so they may use any value defined
     before it. A replacement must have the type of the value it replaces (checked). An emit
-    function may return None for an output that has no users.
+    function may return None for an output that has no users. ``emitted``, when given, gets
+    the names of the replacement values of each planned node.
     """
     b = GraphBuilder(g.name)
     b.meta = dict(g.meta)
@@ -197,6 +199,8 @@ def rebuild(g: Graph, plan: Mapping[Node, EmitFn]) -> Graph:
             b.nodes.append(Node(n.op, tuple(m(v) for v in n.inputs), n.outputs, n.attrs, n.loc))
             continue
         repl = list(emit(Emitter(b, env, n)))
+        if emitted is not None:
+            emitted[n] = [v.name for v in repl if v is not None]
         if len(repl) != len(n.outputs):
             raise ValueError(f"rewrite of {n.op} gave {len(repl)} values for {len(n.outputs)}")
         for old, new in zip(n.outputs, repl):
@@ -247,6 +251,7 @@ def apply_rules(g: Graph, rules: Iterable[Rule], ctx: PassContext, pass_name: st
         misses = Counter()  # keep the reasons of the last round: what is still unmatched
         idx = GraphIndex(g)
         plan: dict[Node, EmitFn] = {}
+        rule_of: dict[Node, str] = {}
         for n in g.nodes:
             for r in by_op.get(n.op, ()):
                 res = r.match(n, idx)
@@ -254,11 +259,18 @@ def apply_rules(g: Graph, rules: Iterable[Rule], ctx: PassContext, pass_name: st
                     misses[f"{r.name}: {res.reason}"] += 1
                     continue
                 plan[n] = res
-                hits[r.name] += 1
+                rule_of[n] = r.name
                 break
         if not plan:
             break
-        g = eliminate_dead(rebuild(g, plan))
+        emitted: dict[Node, list[str]] = {}
+        g = eliminate_dead(rebuild(g, plan, emitted))
+        # a match inside a bigger one in the same round is dead now: count only live ones
+        live = {v.name for v in (*g.inputs, *g.params)} | {
+            v.name for n in g.nodes for v in n.outputs}
+        for n, names in emitted.items():
+            if not names or any(name in live for name in names):
+                hits[rule_of[n]] += 1
     ctx.record(pass_name, hits=dict(hits), misses=dict(misses))
     if hits:
         log.debug("%s: %s", pass_name, dict(hits))

@@ -1,0 +1,188 @@
+"""Fuse bias, activation and residual epilogues into linear and conv.
+
+Before -> After (one rule per step; the engine runs them to a fixed point, so chains fuse)::
+
+    add(linear(%x, %w), %b)          -> linear(%x, %w, %b)             (%b a [out] constant)
+    add(matmul(%x, %W), %b)          -> linear(%x, %W^T, %b)           (%W a 2-d param)
+    add(conv(%x, %w), %b)            -> conv(%x, %w, %b)               (%b one per channel)
+    act(linear(%x, %w, %b?))         -> fused_linear(%x, %w, %b?) {activation=act}
+    act(conv(%x, %w, %b?))           -> fused_conv(%x, %w, %b?) {activation=act}
+    add(linear|conv(...), %r)        -> fused_*(..., %r) {residual=before_act}
+    act(fused_*(..., %r) {residual=before_act, activation=none})
+                                     -> fused_*(..., %r) {residual=before_act, activation=act}
+    add(fused_*(...) {activation=act}, %r) -> fused_*(..., %r) {residual=after_act}
+
+``act`` is relu, gelu (either approximation), silu, sigmoid, tanh, hardswish, hardsigmoid,
+mish, leaky_relu, elu or clamp (relu6). The linear/conv result must have no other user; a
+residual must have exactly the output type (no broadcasting).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ember.ir import Graph, Node, Value
+from ember.ir.opset_fused import ACTIVATIONS
+from ember.passmanager import PassContext, register_pass
+
+from ._rewrite import EmitFn, Fail, GraphIndex, Rule, apply_rules, same_type
+
+__all__ = ["FuseLinearActConfig", "fuse_linear_act"]
+
+log = logging.getLogger(__name__)
+
+_BASE = ("linear", "conv", "fused_linear", "fused_conv")
+_FUSED = {"linear": "fused_linear", "conv": "fused_conv"}
+_ACT_OF_OP = {op: name for name, (op, _) in ACTIVATIONS.items() if op}
+_EPILOGUE_DEFAULTS: dict[str, Any] = {"activation": "none", "approximate": "none",
+                                      "alpha": None, "min": None, "max": None,
+                                      "residual": "none"}
+
+
+@dataclass(frozen=True)
+class FuseLinearActConfig:
+    """Attributes:
+    linear: fuse epilogues into linear.
+    conv: fuse epilogues into conv.
+    residual: fuse residual adds.
+    matmul_to_linear: turn ``matmul(x, W) + b`` with a 2-d param ``W`` into a linear.
+    """
+
+    linear: bool = True
+    conv: bool = True
+    residual: bool = True
+    matmul_to_linear: bool = True
+
+
+def _enabled(op: str, cfg: FuseLinearActConfig) -> bool:
+    return cfg.linear if op in ("linear", "fused_linear") else cfg.conv
+
+
+def _fused_attrs(base: Node) -> tuple[str, dict[str, Any]]:
+    """(fused op, attrs) of ``base`` seen as a fused op with its current epilogue."""
+    if base.op in _FUSED:
+        return _FUSED[base.op], {**dict(base.attrs), **_EPILOGUE_DEFAULTS}
+    return base.op, dict(base.attrs)
+
+
+def _base_operands(base: Node) -> list[Value | None]:
+    ins = list(base.inputs[:3])
+    return ins + [None] * (3 - len(ins))
+
+
+# ----------------------------------------------------------------------------- bias
+def _bias_for(idx: GraphIndex, b: Value, y: Value, channel_dim: int) -> torch.Tensor | None:
+    """``b`` as a 1-d [C] tensor when adding it to ``y`` is a per-``channel_dim`` bias."""
+    t = idx.const(b)
+    if t is None or str(t.dtype).removeprefix("torch.") != y.type.dtype:
+        return None
+    c = y.type.shape[channel_dim]
+    if not isinstance(c, int) or t.numel() != c or t.dim() > y.type.rank:
+        return None
+    # the single non-1 dim of b must line up with channel_dim (right-aligned broadcasting)
+    shape = [1] * (y.type.rank - t.dim()) + list(t.shape)
+    if any(s != 1 for i, s in enumerate(shape) if i != channel_dim % y.type.rank) and c != 1:
+        return None
+    return t.reshape(c)
+
+
+def _match_bias(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
+    for y, b in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+        base = idx.producer(y, ("linear", "conv", "matmul"))
+        if base is None or not idx.single_use(y) or not same_type(y, n.output):  # type: ignore[arg-type]
+            continue
+        if base.op != "matmul" and (len(base.inputs) > 2 and base.inputs[2] is not None):
+            continue
+        if not _enabled(base.op if base.op != "matmul" else "linear", cfg):
+            continue
+        channel = 1 if base.op == "conv" else -1
+        bt = _bias_for(idx, b, y, channel)  # type: ignore[arg-type]
+        if bt is None:
+            continue
+        if base.op == "matmul":
+            w = idx.const(base.inputs[1])
+            if not cfg.matmul_to_linear or w is None or w.dim() != 2 or y.type.rank < 2:  # type: ignore[union-attr]
+                continue
+            wt = w.t().contiguous()
+            if str(wt.dtype).removeprefix("torch.") != y.type.dtype:  # type: ignore[union-attr]
+                continue
+            x = base.inputs[0]
+            return lambda e, x=x, wt=wt, bt=bt: [
+                e.op("linear", [x, e.param("linear_weight", wt), e.param("linear_bias", bt)])]
+        x, w = base.inputs[0], base.inputs[1]
+        return lambda e, base=base, x=x, w=w, bt=bt: [
+            e.op(base.op, [x, w, e.param(f"{base.op}_bias", bt)], base.attrs)]
+    return Fail("no linear/conv/matmul-by-param output plus a per-channel constant")
+
+
+# ----------------------------------------------------------------------------- activation
+def _act_attrs(n: Node) -> dict[str, Any] | None:
+    act = _ACT_OF_OP.get(n.op)
+    if act is None:
+        return None
+    a = n.attrs
+    if act == "gelu":
+        return {"activation": act, "approximate": a["approximate"]}
+    if act == "leaky_relu":
+        return {"activation": act, "alpha": float(a["negative_slope"])}
+    if act == "elu":
+        return {"activation": act, "alpha": float(a["alpha"])}
+    if act == "clamp":
+        return {"activation": act, "min": a["min"], "max": a["max"]}
+    return {"activation": act}
+
+
+def _match_act(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
+    y = n.inputs[0]
+    base = idx.producer(y, _BASE)
+    if base is None:
+        return Fail("activation input is not a linear/conv")
+    if not _enabled(base.op, cfg):
+        return Fail(f"{base.op} fusion disabled")
+    if not idx.single_use(y) or not same_type(y, n.output):  # type: ignore[arg-type]
+        return Fail("linear/conv output has other users or the activation changes its type")
+    fop, attrs = _fused_attrs(base)
+    if attrs["activation"] != "none" or attrs["residual"] == "after_act":
+        return Fail("the epilogue already has an activation")
+    act = _act_attrs(n)
+    if act is None:
+        return Fail(f"{n.op} is not a fusable activation")
+    attrs.update(act)
+    ins = _base_operands(base) + list(base.inputs[3:4])
+    return lambda e: [e.op(fop, ins, attrs)]
+
+
+# ----------------------------------------------------------------------------- residual
+def _match_residual(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
+    for y, r in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+        base = idx.producer(y, _BASE)
+        if base is None or not _enabled(base.op, cfg) or y.name == r.name:  # type: ignore[union-attr]
+            continue
+        if not idx.single_use(y) or not same_type(y, n.output) or not same_type(r, y):  # type: ignore[arg-type]
+            continue
+        fop, attrs = _fused_attrs(base)
+        if attrs["residual"] != "none":
+            continue
+        attrs["residual"] = "before_act" if attrs["activation"] == "none" else "after_act"
+        ins = _base_operands(base) + [r]
+        return lambda e, fop=fop, ins=ins, attrs=attrs: [e.op(fop, ins, attrs)]
+    return Fail("no linear/conv output plus a same-typed residual")
+
+
+@register_pass(config=FuseLinearActConfig, numerics="exact")
+def fuse_linear_act(g: Graph, cfg: FuseLinearActConfig, ctx: PassContext) -> Graph:
+    """Fuses bias adds, activations and residual adds into linear/conv epilogues."""
+    rules = [
+        Rule("bias", ("add",), lambda n, idx: _match_bias(n, idx, cfg),
+             "linear/conv/matmul + per-channel constant -> bias"),
+        Rule("activation", tuple(_ACT_OF_OP), lambda n, idx: _match_act(n, idx, cfg),
+             "act(linear/conv) -> fused_linear/fused_conv"),
+    ]
+    if cfg.residual:
+        rules.append(Rule("residual", ("add",), lambda n, idx: _match_residual(n, idx, cfg),
+                          "linear/conv + residual -> fused epilogue"))
+    return apply_rules(g, rules, ctx, "fuse_linear_act", max_rounds=16)
