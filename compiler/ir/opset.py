@@ -103,6 +103,8 @@ _UNARY = {
     "sign": (torch.sign, False), "hardswish": (F.hardswish, True),
     "hardsigmoid": (F.hardsigmoid, True), "mish": (F.mish, True),
     "log1p": (torch.log1p, True), "expm1": (torch.expm1, True), "atan": (torch.atan, True),
+    "trunc": (torch.trunc, False), "exp2": (torch.exp2, True), "log2": (torch.log2, True),
+    "log10": (torch.log10, True), "erfinv": (torch.erfinv, True),
 }
 for _name, (_fn, _flt) in _UNARY.items():
     _reg(_name, _float_same if _flt else _same, lambda x, a, _fn=_fn: _fn(x[0]),
@@ -393,6 +395,28 @@ def _adaptive_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("adaptive_avg_pool", _adaptive_infer, _adaptive_ref, {"output_size": REQUIRED})
+
+
+def _interpolate_infer(types: Types, attrs: Attrs) -> list[TensorType]:
+    x = _t(types, 0, "interpolate")
+    size = tuple(attrs["size"])
+    if len(size) != x.rank - 2:
+        raise OpTypeError(f"interpolate: size {size} does not match the spatial rank of {x}")
+    if attrs["mode"] not in ("nearest", "nearest-exact", "linear", "bilinear", "bicubic",
+                             "trilinear"):
+        raise OpTypeError(f"interpolate: unknown mode '{attrs['mode']}'")
+    return [x.with_shape((*x.shape[:2], *size))]
+
+
+def _interpolate_ref(x: Any, a: Attrs) -> torch.Tensor:
+    nearest = a["mode"] in ("nearest", "nearest-exact")
+    return F.interpolate(x[0], size=tuple(a["size"]), mode=a["mode"],
+                         align_corners=None if nearest else a["align_corners"])
+
+
+_reg("interpolate", _interpolate_infer, _interpolate_ref,
+     {"size": REQUIRED, "mode": "nearest", "align_corners": False},
+     doc="resize the spatial dims to `size` (torch F.interpolate semantics)")
 
 
 # ----------------------------------------------------------------------------- norms
