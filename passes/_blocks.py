@@ -1,0 +1,405 @@
+"""Transformer-block recognition on the IR, by graph pattern only (never by names).
+
+``find_blocks(g) -> BlockReport``. The residual stream is found from its *residual nodes*: an
+``add`` (or a ``fused_linear``/``fused_conv`` with a fused residual) where one operand, the
+skip, is an ancestor of the other, the branch, and the branch path holds a matmul-like op::
+
+    %x  ...                         block input (stream, [B, N, D])
+    %a  = add(%x, attn_branch(%x))  attention residual: branch holds `attention` or a softmax
+    %m  = %a | norm(%a)             block mid (post-norm models normalize here)
+    %o  = add(%m, mlp_branch(%m))   MLP residual: branch holds linears, no attention
+    %y  = %o | norm(%o)             block output (= next block's input)
+
+Consecutive (attention, MLP) residual pairs are blocks. The token axis is axis 1 of the stream.
+Positions read by a ``select``/``slice`` on the token axis after the last block (a CLS pooler,
+a classifier head) are reported as protected. When no block is found the report says why.
+
+Also here: `evaluate_values`, a small evaluator over op references that returns intermediate
+values (passes may not import the reference backend), used for calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ember.ir import Graph, Node, Value, bind_symbols, evaluate, get_op, to_torch_dtype
+from ember.ir.shapes import Dim, dims_equal
+
+__all__ = ["Block", "BlockReport", "find_blocks", "evaluate_values", "MATMUL_OPS", "NORM_OPS"]
+
+log = logging.getLogger(__name__)
+
+MATMUL_OPS = frozenset({"linear", "matmul", "fused_linear", "attention", "conv", "fused_conv",
+                        "qlinear", "sparse_matmul", "lut_matmul"})
+NORM_OPS = frozenset({"layer_norm", "rms_norm", "cast", "group_norm"})
+_RESIDUAL_FUSED = frozenset({"fused_linear", "fused_conv"})
+_COMPARE = frozenset({"lt", "le", "gt", "ge"})
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block, by value names of the graph it was found in.
+
+    Attributes:
+        index: position in the residual stream (0 = first block).
+        input / mid / output: stream values entering the block, between its attention and
+            MLP sub-blocks, and leaving it ([B, N, D] each).
+        attn_residual / mlp_residual: outputs of the two residual nodes.
+        attn_branch: the value the attention residual adds to the stream.
+        attention: output of the `attention` node, or of the softmax of an explicit attention.
+        q / k / mask: operands of that attention (k is [B, H, N, d]; None when not known).
+        scale: attention scale when known.
+        nodes: indices of the graph nodes inside the block (both branches and residuals).
+    """
+
+    index: int
+    input: str
+    mid: str
+    output: str
+    attn_residual: str
+    mlp_residual: str
+    attn_branch: str
+    attention: str
+    fused_attention: bool
+    q: str | None
+    k: str | None
+    mask: str | None
+    scale: float | None
+    causal: bool
+    nodes: frozenset[int]
+
+
+@dataclass
+class BlockReport:
+    """What `find_blocks` found, and why not when it found nothing."""
+
+    blocks: list[Block] = field(default_factory=list)
+    token_axis: int = 1
+    tokens: Dim | None = None
+    hidden: Dim | None = None
+    protect: int = 0
+    reads_all_tokens: bool = False
+    post_norm: bool = False
+    causal: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.blocks)
+
+    def explain(self) -> str:
+        if self.ok:
+            kind = "post-norm" if self.post_norm else "pre-norm"
+            return (f"{len(self.blocks)} {kind} blocks, tokens={self.tokens}, "
+                    f"hidden={self.hidden}, protect={self.protect}, "
+                    f"reads_all_tokens={self.reads_all_tokens}, causal={self.causal}")
+        return "no transformer blocks: " + "; ".join(self.reasons or ["(no reason recorded)"])
+
+
+# ----------------------------------------------------------------------------- graph helpers
+class _Index:
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self.prod: dict[str, int] = {}
+        for i, n in enumerate(g.nodes):
+            for v in n.outputs:
+                self.prod[v.name] = i
+        self.users: dict[str, list[int]] = {}
+        for i, n in enumerate(g.nodes):
+            for v in n.inputs:
+                if v is not None:
+                    self.users.setdefault(v.name, []).append(i)
+
+    def node(self, name: str) -> Node | None:
+        i = self.prod.get(name)
+        return None if i is None else self.g.nodes[i]
+
+    def between(self, src: str, dst: str) -> set[int] | None:
+        """Indices of nodes on some path src -> dst (dst's producer included), or None."""
+        lo = self.prod.get(src, -1)
+        end = self.prod.get(dst)
+        if end is None:
+            return None
+        seen: set[int] = set()
+        reach: dict[int, bool] = {}
+        stack = [end]
+        order: list[int] = []
+        while stack:  # nodes that are ancestors of dst and come after src
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            order.append(i)
+            for v in self.g.nodes[i].inputs:
+                j = None if v is None else self.prod.get(v.name)
+                if j is not None and j > lo and j not in seen:
+                    stack.append(j)
+        for i in sorted(order):
+            reach[i] = any(v is not None and (v.name == src or reach.get(
+                self.prod.get(v.name, -2), False)) for v in self.g.nodes[i].inputs)
+        if not reach.get(end, False):
+            return None
+        return {i for i, r in reach.items() if r}
+
+    def ancestors(self, name: str, limit: int = 100_000) -> set[int]:
+        out: set[int] = set()
+        stack = [self.prod[name]] if name in self.prod else []
+        while stack and len(out) < limit:
+            i = stack.pop()
+            if i in out:
+                continue
+            out.add(i)
+            for v in self.g.nodes[i].inputs:
+                if v is not None and v.name in self.prod:
+                    stack.append(self.prod[v.name])
+        return out
+
+
+def _is_stream(t: Any) -> bool:
+    return t.rank == 3 and t.dtype in ("float32", "float16", "bfloat16", "float64")
+
+
+def _residual_nodes(ix: _Index) -> list[tuple[int, str, str]]:
+    """(node index, skip value, branch value) for every residual node, in graph order."""
+    out = []
+    for i, n in enumerate(ix.g.nodes):
+        cands: list[tuple[Value, Value]] = []
+        if n.op == "add" and len(n.inputs) == 2 and all(v is not None for v in n.inputs):
+            a, b = n.inputs
+            assert a is not None and b is not None
+            if _is_stream(n.output.type) and a.type.shape == b.type.shape == n.output.type.shape:
+                cands = [(a, b), (b, a)]
+        elif (n.op in _RESIDUAL_FUSED and n.attrs.get("residual", "none") != "none"
+              and len(n.inputs) > 3 and n.inputs[3] is not None and n.inputs[0] is not None):
+            if _is_stream(n.output.type):
+                cands = [(n.inputs[3], n.inputs[0])]
+        for skip, branch in cands:
+            path = ix.between(skip.name, branch.name)
+            if n.op in _RESIDUAL_FUSED:
+                path = (path or set()) | {i} if path is not None else None
+            if path and any(ix.g.nodes[j].op in MATMUL_OPS for j in path):
+                out.append((i, skip.name, branch.name))
+                break
+    return out
+
+
+def _attention_in(ix: _Index, nodes: Iterable[int]) -> tuple[int, bool] | None:
+    """The attention node among ``nodes``: an `attention` op, or a softmax over 4-d scores."""
+    for j in sorted(nodes):
+        n = ix.g.nodes[j]
+        if n.op == "attention":
+            return j, True
+        if n.op == "softmax" and n.output.type.rank == 4:
+            return j, False
+    return None
+
+
+def _scores_matmul(ix: _Index, softmax: Node) -> Node | None:
+    """The q @ k^T matmul feeding an explicit softmax (through scale/mask/cast ops)."""
+    v = softmax.inputs[0]
+    for _ in range(8):
+        n = None if v is None else ix.node(v.name)
+        if n is None:
+            return None
+        if n.op == "matmul":
+            return n
+        if n.op not in ("add", "mul", "div", "where", "cast", "sub", "masked_fill"):
+            return None
+        # follow the operand that is 4-d and not a mask/constant
+        nxt = [u for u in n.inputs if u is not None and u.type.rank == 4 and u.name in ix.prod
+               and ix.node(u.name) is not None and ix.node(u.name).op != "expand"]  # type: ignore
+        v = nxt[0] if nxt else None
+    return None
+
+
+def _is_causal(ix: _Index, attn: Node, mask: Value | None) -> bool:
+    if attn.attrs.get("is_causal"):
+        return True
+    if mask is None or mask.name not in ix.prod:
+        return False
+    for j in ix.ancestors(mask.name, limit=400):
+        n = ix.g.nodes[j]
+        if n.op in ("tril", "triu"):
+            return True
+        if n.op in _COMPARE and all(u is not None and u.name in ix.prod and any(
+                ix.g.nodes[a].op == "arange" for a in ix.ancestors(u.name, limit=50))
+                for u in n.inputs):
+            return True
+    return False
+
+
+def _follow_norm(ix: _Index, name: str) -> str:
+    """``name`` or its normalized form when its only user is a norm (post-norm models)."""
+    us = ix.users.get(name, [])
+    if len(us) == 1 and ix.g.nodes[us[0]].op in NORM_OPS - {"cast"}:
+        return ix.g.nodes[us[0]].output.name
+    return name
+
+
+# ----------------------------------------------------------------------------- find_blocks
+def find_blocks(g: Graph) -> BlockReport:
+    """Finds the transformer blocks of ``g``; see the module docstring."""
+    rep = BlockReport()
+    ix = _Index(g)
+    res = _residual_nodes(ix)
+    if not res:
+        rep.reasons.append("no residual add (x + f(x) with a matmul in f on a [B, N, D] "
+                           "float stream) found")
+        return rep
+    kinds = []
+    for i, skip, branch in res:
+        path = ix.between(skip, branch) or set()
+        att = _attention_in(ix, path)
+        kinds.append((i, skip, branch, path, att))
+    blocks: list[Block] = []
+    k = 0
+    skipped: list[str] = []
+    while k < len(kinds):
+        i, skip, branch, path, att = kinds[k]
+        if att is None:
+            skipped.append(f"residual at %{g.nodes[i].output.name} has no attention before it")
+            k += 1
+            continue
+        if k + 1 >= len(kinds) or kinds[k + 1][4] is not None:
+            skipped.append(f"attention residual %{g.nodes[i].output.name} is not followed by "
+                           f"an MLP residual")
+            k += 1
+            continue
+        i2, skip2, branch2, path2, _ = kinds[k + 1]
+        a_out = g.nodes[i].output.name
+        if skip2 != a_out and _follow_norm(ix, a_out) != skip2:
+            skipped.append(f"MLP residual %{g.nodes[i2].output.name} does not read the "
+                           f"attention residual %{a_out} (parallel blocks are not supported)")
+            k += 1
+            continue
+        j, fused = att
+        an = g.nodes[j]
+        q = k_ = mask = None
+        scale = None
+        if fused:
+            q, k_ = an.inputs[0], an.inputs[1]
+            mask = an.inputs[3] if len(an.inputs) > 3 else None
+            scale = an.attrs.get("scale")
+        else:
+            mm = _scores_matmul(ix, an)
+            if mm is not None:
+                q = mm.inputs[0]
+        stream_t = g.nodes[i].output.type
+        if k_ is not None and (k_.type.rank != 4 or not dims_equal(k_.type.shape[2],
+                                                                    stream_t.shape[1])):
+            k_ = None
+        blocks.append(Block(
+            index=len(blocks), input=skip, mid=skip2, output=g.nodes[i2].output.name,
+            attn_residual=a_out, mlp_residual=g.nodes[i2].output.name, attn_branch=branch,
+            attention=an.output.name if fused else an.output.name, fused_attention=fused,
+            q=None if q is None else q.name, k=None if k_ is None else k_.name,
+            mask=None if mask is None else mask.name, scale=scale,
+            causal=_is_causal(ix, an, mask), nodes=frozenset(path | path2 | {i, i2})))
+        k += 2
+    if not blocks:
+        rep.reasons.extend(skipped or ["no (attention, MLP) residual pair found"])
+        return rep
+    # block outputs: the next block's input; post-norm models normalize the last one too
+    post = ix.node(blocks[0].mid) is not None and ix.node(blocks[0].mid).op in NORM_OPS  # type: ignore[union-attr]
+    out_blocks = []
+    for b, nxt in zip(blocks, blocks[1:] + [None]):
+        out = nxt.input if nxt is not None else (_follow_norm(ix, b.output) if post else b.output)
+        out_blocks.append(Block(**{**b.__dict__, "output": out}))
+    rep.blocks = out_blocks
+    rep.post_norm = post
+    vals = g.values()
+    st = vals[out_blocks[0].input].type
+    rep.tokens, rep.hidden = st.shape[1], st.shape[2]
+    rep.causal = any(b.causal for b in out_blocks)
+    rep.protect, rep.reads_all_tokens, why = _readers(g, ix, out_blocks[-1].output)
+    rep.reasons.extend(skipped)
+    rep.reasons.extend(why)
+    return rep
+
+
+def _readers(g: Graph, ix: _Index, last: str) -> tuple[int, bool, list[str]]:
+    """Protected leading positions read after the last block; whether outputs keep tokens."""
+    protect, notes = 0, []
+    outs = {v.name for v in g.outputs}
+    all_tokens = False
+    stack, seen = [last], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in outs:
+            all_tokens = True
+        for j in ix.users.get(name, []):
+            n = g.nodes[j]
+            t = n.inputs[0].type if n.inputs and n.inputs[0] is not None else None
+            if t is None or n.inputs[0].name != name:  # type: ignore[union-attr]
+                if n.op in MATMUL_OPS | NORM_OPS or get_op(n.op).elementwise:
+                    stack.extend(v.name for v in n.outputs if v.type.rank == 3)
+                continue
+            d = n.attrs.get("dim")
+            if n.op == "select" and d is not None and d % t.rank == 1:
+                idx = n.attrs["index"]
+                if idx < 0:
+                    notes.append(f"head reads token {idx} from the end (%{n.output.name})")
+                protect = max(protect, idx + 1 if idx >= 0 else 0)
+            elif n.op == "slice" and d is not None and d % t.rank == 1:
+                s, e = n.attrs["start"], n.attrs["end"]
+                if isinstance(e, int) and e < 2**40 and isinstance(s, int) and 0 <= s:
+                    protect = max(protect, e)
+                else:
+                    stack.extend(v.name for v in n.outputs)
+            elif n.output.type.rank == 3 and dims_equal(n.output.type.shape[1], t.shape[1]):
+                stack.extend(v.name for v in n.outputs)
+    return protect, all_tokens, notes
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_values(g: Graph, inputs: Sequence[Any], names: Iterable[str]) -> dict[str, Any]:
+    """Runs ``g`` on ``inputs`` with op references; returns the values called ``names``."""
+    want = set(names)
+    tensors = []
+    for a, v in zip(inputs, g.inputs):
+        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+        tensors.append(t.to(to_torch_dtype(v.type.dtype)))
+    env = bind_symbols([v.type.shape for v in g.inputs], [tuple(t.shape) for t in tensors],
+                       list(g.input_names or [v.name for v in g.inputs]))
+    vals: dict[str, Any] = {v.name: t for v, t in zip(g.inputs, tensors)}
+    vals.update(g.weights)
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.inputs:
+            if v is not None:
+                last_use[v.name] = i
+    out: dict[str, Any] = {k: vals[k] for k in want if k in vals}
+    with torch.no_grad():
+        for i, n in enumerate(g.nodes):
+            attrs = {k: _concrete(a, env) for k, a in n.attrs.items()}
+            res = get_op(n.op).reference([None if v is None else vals[v.name]
+                                          for v in n.inputs], attrs)
+            res = (res,) if isinstance(res, torch.Tensor) else tuple(res)
+            for v, t in zip(n.outputs, res):
+                vals[v.name] = t
+                if v.name in want:
+                    out[v.name] = t
+            for v in n.inputs:  # free what no later node reads (long calibration runs)
+                if v is not None and last_use.get(v.name) == i and v.name not in want \
+                        and v.name not in g.weights:
+                    vals.pop(v.name, None)
+    for v in g.outputs:
+        if v.name in want and v.name in vals:
+            out[v.name] = vals[v.name]
+    return out
+
+
+def _concrete(v: Any, env: Mapping[str, int]) -> Any:
+    if isinstance(v, tuple | list):
+        return type(v)(_concrete(x, env) for x in v)
+    if hasattr(v, "free_symbols") and not isinstance(v, int | float | str | bool):
+        return evaluate(v, env)
+    return v
