@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from ember.ir import Graph, Node, Value, get_op
+from ember.ir import Graph, Node, TensorType, Value, get_op
 from ember.ir.opset import check_types_equal
 from ember.ir.shapes import dims_equal
 from ember.passmanager import PassContext, register_pass
@@ -62,25 +62,35 @@ def _unscale(v: Value, idx: GraphIndex) -> tuple[Value, float]:
     return v, 1.0
 
 
-def _is_last2_transpose(n: Node) -> bool:
-    rank = n.output.type.rank
-    perm = [p % rank for p in n.attrs["perm"]]
-    return rank >= 2 and perm == [*range(rank - 2), rank - 1, rank - 2]
+def _key_from_transposed(kt: Node) -> tuple[Value, tuple[int, ...]] | None:
+    """(src, perm) with k = permute(src, perm) when kt = permute(src, p) moves k's last two
+    dims to the end swapped (a plain transpose, or one composed with a head split)."""
+    rank = kt.output.type.rank
+    p = [x % rank for x in kt.attrs["perm"]]
+    if rank < 2:
+        return None
+    perm = (*p[:-2], p[-1], p[-2])
+    return kt.inputs[0], perm  # type: ignore[return-value]
 
 
-def _scores(v: Value, idx: GraphIndex) -> tuple[Value, Value, float] | Fail:
-    """(q, k, scale) when v = scale * (q @ k^T) with the scale anywhere along the way."""
+def _scores(v: Value, idx: GraphIndex) -> tuple[Value, Value | tuple, float] | Fail:
+    """(q, k, scale) when v = scale * (q @ k^T) with the scale anywhere along the way.
+
+    k is a value, or ``(src, perm)`` when it has to be built as ``permute(src, perm)``.
+    """
     s, scale = _unscale(v, idx)
     mm = idx.producer(s, "matmul")
     if mm is None:
         return Fail("scores are not a matmul (times a constant)")
     q, qs = _unscale(mm.inputs[0], idx)  # type: ignore[arg-type]
     kt = idx.producer(mm.inputs[1], "permute")
-    if kt is None or not _is_last2_transpose(kt):
-        return Fail("key is not transposed by a permute of the last two dims")
-    k, ks = _unscale(kt.inputs[0], idx)  # type: ignore[arg-type]
-    return q, k, scale * qs * ks
-
+    if kt is None:
+        return Fail("key is not transposed by a permute")
+    src, perm = _key_from_transposed(kt)  # type: ignore[misc]
+    if perm == tuple(range(len(perm))):
+        k, ks = _unscale(src, idx)
+        return q, k, scale * qs * ks
+    return q, (src, perm), scale * qs
 
 def _match(n: Node, idx: GraphIndex, cfg: FuseAttentionConfig) -> EmitFn | Fail:
     p, v = n.inputs
@@ -121,7 +131,13 @@ def _match(n: Node, idx: GraphIndex, cfg: FuseAttentionConfig) -> EmitFn | Fail:
                         break
     if isinstance(sc, Fail):
         return sc
-    q, k, scale = sc
+    q, k_spec, scale = sc
+    if isinstance(k_spec, tuple):
+        src, perm = k_spec
+        k_type = src.type.with_shape(tuple(src.type.shape[i] for i in perm))
+    else:
+        k_type = k_spec.type
+    k = _Typed("k", k_type)
     if not (q.type.dtype == k.type.dtype == v.type.dtype) or q.type.dtype not in _FLOATS:  # type: ignore[union-attr]
         return Fail("q, k, v dtypes differ or are not float")
     if q.type.rank < 2 or not (q.type.rank == k.type.rank == v.type.rank):  # type: ignore[union-attr]
@@ -142,12 +158,22 @@ def _match(n: Node, idx: GraphIndex, cfg: FuseAttentionConfig) -> EmitFn | Fail:
         return Fail("attention would not give the type of the matmul")
 
     def emit(e: Emitter) -> list[Value]:
+        kv = k_spec if not isinstance(k_spec, tuple) else e.op("permute", [k_spec[0]],
+                                                              {"perm": k_spec[1]})
         m = mask
         if m is not None and negate:
             m = e.op("logical_not", [m])
-        return [e.op("attention", [q, k, v] + ([m] if m is not None else []), attrs)]
+        return [e.op("attention", [q, kv, v] + ([m] if m is not None else []), attrs)]
 
     return emit
+
+
+@dataclass(frozen=True)
+class _Typed:
+    """A stand-in for a value that the emit function builds (only its type is read)."""
+
+    name: str
+    type: TensorType
 
 
 @register_pass(config=FuseAttentionConfig, numerics="exact")

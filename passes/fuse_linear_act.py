@@ -11,6 +11,11 @@ Before -> After (one rule per step; the engine runs them to a fixed point, so ch
     act(fused_*(..., %r) {residual=before_act, activation=none})
                                      -> fused_*(..., %r) {residual=before_act, activation=act}
     add(fused_*(...) {activation=act}, %r) -> fused_*(..., %r) {residual=after_act}
+    mul(mul(%x, 0.5), add(tanh(...) | erf(...), 1))  -> gelu(%x)      (decomposed GELU)
+
+An activation or residual reached through a reshape of a linear output that keeps the last
+dim (``[b*s, n] -> [b, s, n]``, as GPT-2's Conv1D produces) is fused too: the reshape moves
+after the fused op and the residual is reshaped to the linear's shape.
 
 ``act`` is relu, gelu (either approximation), silu, sigmoid, tanh, hardswish, hardsigmoid,
 mish, leaky_relu, elu or clamp (relu6). The linear/conv result must have no other user; a
@@ -20,6 +25,7 @@ residual must have exactly the output type (no broadcasting).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +35,15 @@ from ember.ir import Graph, Node, Value
 from ember.ir.opset_fused import ACTIVATIONS
 from ember.passmanager import PassContext, register_pass
 
-from ._rewrite import EmitFn, Fail, GraphIndex, Rule, apply_rules, same_type
+from ._rewrite import EmitFn, Emitter, Fail, GraphIndex, Rule, apply_rules, same_type
 
 __all__ = ["FuseLinearActConfig", "fuse_linear_act"]
 
 log = logging.getLogger(__name__)
 
 _BASE = ("linear", "conv", "fused_linear", "fused_conv")
+_LINEARS = ("linear", "fused_linear")
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _FUSED = {"linear": "fused_linear", "conv": "fused_conv"}
 _ACT_OF_OP = {op: name for name, (op, _) in ACTIVATIONS.items() if op}
 _EPILOGUE_DEFAULTS: dict[str, Any] = {"activation": "none", "approximate": "none",
@@ -119,6 +127,71 @@ def _match_bias(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | 
     return Fail("no linear/conv/matmul-by-param output plus a per-channel constant")
 
 
+# ----------------------------------------------------------------------------- decomposed GELU
+def _near(a: float | None, b: float) -> bool:
+    return a is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def _scaled(v: Value | None, idx: GraphIndex, c: float) -> Value | None:
+    """x when v = x * c (either order) or x / (1/c), for a scalar constant."""
+    n = idx.producer(v, ("mul", "div"))
+    if n is None:
+        return None
+    a, b = n.inputs
+    if n.op == "div":
+        d = idx.scalar(b)
+        return a if d is not None and d != 0 and _near(1.0 / d, c) else None
+    for x, k in ((a, b), (b, a)):
+        if _near(idx.scalar(k), c):
+            return x
+    return None
+
+
+def _plus(v: Value | None, idx: GraphIndex, c: float) -> Value | None:
+    """x when v = x + c (either order)."""
+    n = idx.producer(v, "add")
+    if n is None:
+        return None
+    for x, k in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+        if _near(idx.scalar(k), c):
+            return x
+    return None
+
+
+def _gelu_inner(f: Value | None, idx: GraphIndex) -> tuple[Value, str] | None:
+    """(x, approximate) when f = tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) or erf(x / sqrt(2))."""
+    fn = idx.producer(f, ("tanh", "erf"))
+    if fn is None:
+        return None
+    if fn.op == "erf":
+        x = _scaled(fn.inputs[0], idx, 1.0 / math.sqrt(2.0))
+        return (x, "none") if x is not None else None
+    t = _scaled(fn.inputs[0], idx, math.sqrt(2.0 / math.pi))
+    tn = idx.producer(t, "add")
+    if tn is None:
+        return None
+    for x, cube in ((tn.inputs[0], tn.inputs[1]), (tn.inputs[1], tn.inputs[0])):
+        p = idx.producer(_scaled(cube, idx, 0.044715), "pow")
+        if p is not None and x is not None and p.inputs[0] is not None \
+                and p.inputs[0].name == x.name and _near(idx.scalar(p.inputs[1]), 3.0):
+            return x, "tanh"
+    return None
+
+
+def _match_gelu(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
+    """(x * 0.5) * (1 + f(x)) with f the tanh or erf form of GELU -> gelu(x)."""
+    for half, one_plus in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+        x = _scaled(half, idx, 0.5)
+        inner = _gelu_inner(_plus(one_plus, idx, 1.0), idx)
+        if x is None or inner is None or inner[0].name != x.name:
+            continue
+        if not same_type(x, n.output) or x.type.dtype not in _FLOATS:
+            return Fail("decomposed GELU changes the type")
+        approx = inner[1]
+        return lambda e: [e.op("gelu", [x], {"approximate": approx})]
+    return Fail("not a decomposed GELU")
+
+
 # ----------------------------------------------------------------------------- activation
 def _act_attrs(n: Node) -> dict[str, Any] | None:
     act = _ACT_OF_OP.get(n.op)
@@ -136,15 +209,29 @@ def _act_attrs(n: Node) -> dict[str, Any] | None:
     return {"activation": act}
 
 
+def _through_reshape(y: Value, idx: GraphIndex) -> tuple[Value, Node | None]:
+    """(base output, reshape) when y = reshape(z) of a single-use linear output z that keeps
+    the last dim (elementwise epilogues commute with it), else (y, None)."""
+    r = idx.producer(y, "reshape")
+    if r is None or r.inputs[0] is None or idx.producer(r.inputs[0], _LINEARS) is None:
+        return y, None
+    z = r.inputs[0]
+    if not idx.single_use(z) or z.type.shape[-1] != y.type.shape[-1] or z.type.rank < 1:
+        return y, None
+    return z, r
+
+
 def _match_act(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
-    y = n.inputs[0]
+    y, reshape = _through_reshape(n.inputs[0], idx)  # type: ignore[arg-type]
     base = idx.producer(y, _BASE)
     if base is None:
         return Fail("activation input is not a linear/conv")
     if not _enabled(base.op, cfg):
         return Fail(f"{base.op} fusion disabled")
-    if not idx.single_use(y) or not same_type(y, n.output):  # type: ignore[arg-type]
+    if not idx.single_use(y) or y.type.dtype != n.output.type.dtype:  # type: ignore[arg-type]
         return Fail("linear/conv output has other users or the activation changes its type")
+    if reshape is not None and not idx.single_use(reshape.output):
+        return Fail("the reshape after the linear has other users")
     fop, attrs = _fused_attrs(base)
     if attrs["activation"] != "none" or attrs["residual"] == "after_act":
         return Fail("the epilogue already has an activation")
@@ -153,23 +240,36 @@ def _match_act(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | F
         return Fail(f"{n.op} is not a fusable activation")
     attrs.update(act)
     ins = _base_operands(base) + list(base.inputs[3:4])
-    return lambda e: [e.op(fop, ins, attrs)]
+    if reshape is None:
+        return lambda e: [e.op(fop, ins, attrs)]
+    return lambda e: [e.op("reshape", [e.op(fop, ins, attrs)], reshape.attrs)]
 
 
 # ----------------------------------------------------------------------------- residual
 def _match_residual(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
-    for y, r in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+    for out, r in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+        y, reshape = _through_reshape(out, idx)  # type: ignore[arg-type]
         base = idx.producer(y, _BASE)
-        if base is None or not _enabled(base.op, cfg) or y.name == r.name:  # type: ignore[union-attr]
+        if base is None or not _enabled(base.op, cfg) or out.name == r.name:  # type: ignore[union-attr]
             continue
-        if not idx.single_use(y) or not same_type(y, n.output) or not same_type(r, y):  # type: ignore[arg-type]
+        if not idx.single_use(out) or not same_type(out, n.output) or not same_type(r, out):  # type: ignore[arg-type]
+            continue
+        if reshape is not None and not idx.single_use(y):
             continue
         fop, attrs = _fused_attrs(base)
         if attrs["residual"] != "none":
             continue
         attrs["residual"] = "before_act" if attrs["activation"] == "none" else "after_act"
-        ins = _base_operands(base) + [r]
-        return lambda e, fop=fop, ins=ins, attrs=attrs: [e.op(fop, ins, attrs)]
+        if reshape is None:
+            ins = _base_operands(base) + [r]
+            return lambda e, fop=fop, ins=ins, attrs=attrs: [e.op(fop, ins, attrs)]
+
+        def emit(e: Emitter, base: Node = base, y: Value = y, r: Value = r, fop: str = fop,
+                 attrs: dict = attrs, reshape: Node = reshape) -> list[Value]:
+            r2 = e.op("reshape", [r], {"shape": y.type.shape})
+            fused = e.op(fop, _base_operands(base) + [r2], attrs)
+            return [e.op("reshape", [fused], reshape.attrs)]
+        return emit
     return Fail("no linear/conv output plus a same-typed residual")
 
 
@@ -177,6 +277,8 @@ def _match_residual(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitF
 def fuse_linear_act(g: Graph, cfg: FuseLinearActConfig, ctx: PassContext) -> Graph:
     """Fuses bias adds, activations and residual adds into linear/conv epilogues."""
     rules = [
+        Rule("gelu", ("mul",), lambda n, idx: _match_gelu(n, idx, cfg),
+             "decomposed GELU (tanh or erf form) -> gelu"),
         Rule("bias", ("add",), lambda n, idx: _match_bias(n, idx, cfg),
              "linear/conv/matmul + per-channel constant -> bias"),
         Rule("activation", tuple(_ACT_OF_OP), lambda n, idx: _match_act(n, idx, cfg),
