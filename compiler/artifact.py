@@ -30,17 +30,31 @@ import torch
 
 from .errors import ArtifactError
 from .ir import graph_from_json, graph_to_json
-from .ir.serialize import attr_to_json
 
 if TYPE_CHECKING:
     from .driver import CompiledModel
 
-__all__ = ["save_artifact", "load", "read_manifest", "describe", "FORMAT_VERSION"]
+__all__ = ["save_artifact", "load", "read_manifest", "describe", "to_jsonable", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+def to_jsonable(v: Any) -> Any:
+    """Plain JSON for the manifest: dicts stay dicts, dims become strings, tuples lists."""
+    if isinstance(v, dict):
+        return {str(k): to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [to_jsonable(x) for x in v]
+    if isinstance(v, bool | int | str) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if v == v and abs(v) != float("inf") else str(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return str(v)
 
 
 def _sha256(path: Path) -> str:
@@ -108,11 +122,11 @@ def save_artifact(cm: CompiledModel, path: Path) -> Path:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": cm.target,
             "backend": cm.backend,
-            "backend_info": attr_to_json(dict(getattr(cm.program, "info", {}))),
-            "placement": attr_to_json(cm.placement),
+            "backend_info": to_jsonable(dict(getattr(cm.program, "info", {}))),
+            "placement": to_jsonable(cm.placement),
             "passes": cm.pipeline,
-            "pass_records": attr_to_json(cm.records),
-            "fidelity": attr_to_json(cm.fidelity),
+            "pass_records": to_jsonable(cm.records),
+            "fidelity": to_jsonable(cm.fidelity),
             "inputs": [{"name": n, **t.to_json()} for n, t in sig["inputs"]],
             "outputs": [{"name": n, **t.to_json()} for n, t in sig["outputs"]],
             "ir_summary": {"nodes": len(cm.graph.nodes), "params": len(cm.graph.params),
@@ -246,13 +260,9 @@ def load(path: str | Path, *, fallback: str | None = None) -> CompiledModel:
         program = be.compile(graph, [])
     else:
         program = be.load(root / "payload", info, graph=graph)
-    from .ir.serialize import attr_from_json
-
     return CompiledModel(graph, program, target=m["target"], backend=backend,
-                         pipeline=m.get("passes", ""),
-                         records=attr_from_json(m.get("pass_records", {})),
-                         fidelity=attr_from_json(m.get("fidelity", {})),
-                         placement=attr_from_json(m.get("placement", {})))
+                         pipeline=m.get("passes", ""), records=m.get("pass_records", {}),
+                         fidelity=m.get("fidelity", {}), placement=m.get("placement", {}))
 
 
 def describe(cm: CompiledModel) -> str:
