@@ -1,0 +1,445 @@
+"""Hardware descriptions for the cost model: peak FLOP/s per dtype, bandwidth, overheads.
+
+Three kinds of entry:
+
+- ``cpu``: THIS machine, measured by micro-benchmarks of the libraries Ember's CPU backend
+  calls (oneDNN/MKL fp32 and bf16 GEMMs through ``torch.mm``, int8 through ``torch._int_mm``,
+  STREAM-like copy/add bandwidth with torch, the dispatch overhead of a tiny op). Measured once
+  and cached as JSON under ``~/.cache/ember/`` keyed by CPU model, torch version and threads.
+- ``h100``, ``a100``: NVIDIA datacenter GPUs from their published data sheets.
+- ``phone``: one phone-class Arm big core (Cortex-X3 class), from published micro-architecture
+  figures; what the mobile backend's single-threaded TVM kernels run on.
+
+Peaks are the *attainable* numbers the roofline divides by; per-op-class efficiencies
+(`DeviceSpec.efficiency`) scale them for kernels that do not reach the GEMM peak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DeviceSpec",
+    "get_device",
+    "known_devices",
+    "measure_cpu",
+    "cpu_cache_path",
+    "cpu_key",
+    "H100_SXM",
+    "A100_80GB",
+    "PHONE_X3",
+    "SPEC_VERSION",
+    "with_efficiency",
+    "load_cached_cpu",
+    "OP_CLASSES",
+]
+
+log = logging.getLogger(__name__)
+
+SPEC_VERSION = 1
+
+# Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
+OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
+              "data", "gather", "quant")
+
+_DEFAULT_EFF: dict[str, float] = {
+    # fraction of the dtype's peak FLOP/s (compute-bound classes) ...
+    "gemm": 0.85, "conv": 0.60, "dwconv": 0.10, "attention": 0.45,
+    # ... and of memory bandwidth (memory-bound classes)
+    "elementwise": 0.80, "reduction": 0.70, "norm": 0.60, "data": 0.60, "gather": 0.40,
+    "quant": 0.60,
+}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device the cost model can predict for.
+
+    Attributes:
+        name: short id ("cpu", "h100", "a100", "phone").
+        kind: "cpu", "cuda" or "mobile".
+        peak_flops: dtype ("float32", "bfloat16", "float16", "int8") -> attainable FLOP/s
+            (int8: integer ops/s, one multiply-add = 2 ops).
+        mem_bw: attainable DRAM/HBM bandwidth, bytes/s.
+        launch_overhead_s: fixed cost of one kernel launch / op dispatch.
+        cores: cores (CPU) or SMs (GPU) the kernels use.
+        l1_bytes, l2_bytes, l3_bytes: cache sizes per core (L1, L2) and shared (L3; GPU L2).
+        efficiency: op class -> fraction of peak that class reaches (see `OP_CLASSES`).
+        host_link_bw: bytes/s between host memory and this device (PCIe for a GPU);
+            0 for the host itself.
+        host_link_latency_s: fixed latency of one host<->device copy.
+        source: "measured" or "published", with the citations in ``notes``.
+        notes: where the numbers come from.
+        measured: raw micro-benchmark results (measured devices only).
+    """
+
+    name: str
+    kind: str
+    peak_flops: Mapping[str, float]
+    mem_bw: float
+    launch_overhead_s: float
+    cores: int
+    l1_bytes: int = 0
+    l2_bytes: int = 0
+    l3_bytes: int = 0
+    efficiency: Mapping[str, float] = field(default_factory=lambda: dict(_DEFAULT_EFF))
+    host_link_bw: float = 0.0
+    host_link_latency_s: float = 0.0
+    source: str = "published"
+    notes: str = ""
+    measured: Mapping[str, Any] = field(default_factory=dict)
+
+    def peak(self, dtype: str) -> float:
+        """Attainable FLOP/s for ``dtype``; unknown dtypes fall back to float32."""
+        if dtype in self.peak_flops:
+            return float(self.peak_flops[dtype])
+        if dtype in ("int32", "int64", "uint8", "int16", "bool", "float64"):
+            return float(self.peak_flops["float32"]) / (2.0 if dtype == "float64" else 1.0)
+        return float(self.peak_flops["float32"])
+
+    def eff(self, op_class: str) -> float:
+        return float(self.efficiency.get(op_class, _DEFAULT_EFF.get(op_class, 0.5)))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peak_flops"] = dict(self.peak_flops)
+        d["efficiency"] = dict(self.efficiency)
+        d["version"] = SPEC_VERSION
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> DeviceSpec:
+        d = dict(d)
+        d.pop("version", None)
+        return DeviceSpec(**d)
+
+    def summary(self) -> str:
+        peaks = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.peak_flops.items())
+        return (f"{self.name} ({self.kind}, {self.source}): GFLOP/s {peaks}; "
+                f"bandwidth {self.mem_bw / 1e9:.1f} GB/s; "
+                f"overhead {self.launch_overhead_s * 1e6:.1f} us; {self.cores} cores")
+
+
+# ----------------------------------------------------------------------------- published specs
+# NVIDIA H100 Tensor Core GPU data sheet (H100 SXM column), dense (non-sparse) figures:
+#   FP32 67 TFLOPS; TF32 Tensor Core 494.5 TFLOPS (989 with sparsity); BF16/FP16 Tensor Core
+#   989.5 TFLOPS (1,979 with sparsity); INT8 Tensor Core 1,979 TOPS (3,958 with sparsity);
+#   GPU memory 80 GB HBM3, bandwidth 3.35 TB/s; 132 SMs; 50 MB L2; PCIe Gen5 x16 = 128 GB/s
+#   bidirectional (64 GB/s each way). Float32 matmuls run on TF32 tensor cores when allowed;
+#   Ember keeps full fp32 and uses the 67 TFLOPS CUDA-core figure.
+H100_SXM = DeviceSpec(
+    name="h100", kind="cuda",
+    peak_flops={"float32": 67e12, "tfloat32": 494.5e12, "bfloat16": 989.5e12,
+                "float16": 989.5e12, "int8": 1979e12},
+    mem_bw=3.35e12,
+    # a CUDA kernel launch costs about 2-5 us of CPU time; with CUDA graphs about 1 us.
+    launch_overhead_s=4e-6,
+    cores=132, l1_bytes=256 * 1024, l2_bytes=50 * 2**20, l3_bytes=0,
+    efficiency={**_DEFAULT_EFF, "gemm": 0.70, "conv": 0.50, "dwconv": 0.05, "attention": 0.40,
+                "elementwise": 0.85, "reduction": 0.75, "norm": 0.70, "data": 0.70},
+    host_link_bw=64e9 * 0.8,   # PCIe Gen5 x16, 64 GB/s per direction, ~80% achievable
+    host_link_latency_s=10e-6,
+    notes="NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: FP32 67 TF, BF16/FP16 989.5 TF "
+          "dense, INT8 1979 TOPS dense, HBM3 3.35 TB/s, PCIe Gen5 128 GB/s bidirectional",
+)
+
+# NVIDIA A100 Tensor Core GPU data sheet (A100 80GB SXM column), dense figures:
+#   FP32 19.5 TFLOPS; TF32 156 TFLOPS; BF16/FP16 Tensor Core 312 TFLOPS; INT8 624 TOPS;
+#   80 GB HBM2e at 2,039 GB/s; 108 SMs; 40 MB L2; PCIe Gen4 = 64 GB/s bidirectional.
+A100_80GB = DeviceSpec(
+    name="a100", kind="cuda",
+    peak_flops={"float32": 19.5e12, "tfloat32": 156e12, "bfloat16": 312e12,
+                "float16": 312e12, "int8": 624e12},
+    mem_bw=2.039e12,
+    launch_overhead_s=4e-6,
+    cores=108, l1_bytes=192 * 1024, l2_bytes=40 * 2**20, l3_bytes=0,
+    efficiency={**_DEFAULT_EFF, "gemm": 0.75, "conv": 0.55, "dwconv": 0.05, "attention": 0.45,
+                "elementwise": 0.85, "reduction": 0.75, "norm": 0.70, "data": 0.70},
+    host_link_bw=32e9 * 0.8,   # PCIe Gen4 x16, 32 GB/s per direction
+    host_link_latency_s=10e-6,
+    notes="NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM: FP32 19.5 TF, BF16/FP16 312 "
+          "TF dense, INT8 624 TOPS dense, HBM2e 2,039 GB/s, PCIe Gen4 64 GB/s bidirectional",
+)
+
+# One Arm Cortex-X3 core (e.g. Snapdragon 8 Gen 2 prime core, 3.2 GHz):
+#   Arm's Cortex-X3 product brief / software optimization guide: 4x 128-bit NEON/SVE2 FP/ASIMD
+#   pipes, so fp32 FMA = 4 pipes x 4 lanes x 2 FLOP = 32 FLOP/cycle -> 102 GFLOP/s at 3.2 GHz;
+#   fp16 (FEAT_FP16) doubles lanes -> 205 GFLOP/s; bf16 (BFDOT/BFMMLA) 2x fp32 -> 205;
+#   int8 SDOT = 4 pipes x 16 MACs x 2 ops = 128 ops/cycle -> 410 GOPS (I8MM SMMLA could double
+#   it; not assumed). Caches: 64 KB L1D, 1 MB L2 (per core), 8 MB shared L3 (Snapdragon 8 Gen 2).
+#   Memory: LPDDR5X-4200, 64-bit bus -> 67 GB/s for the SoC; one core sustains about a third of
+#   that in STREAM-type measurements, so 25 GB/s is used.
+PHONE_X3 = DeviceSpec(
+    name="phone", kind="mobile",
+    peak_flops={"float32": 102.4e9, "bfloat16": 204.8e9, "float16": 204.8e9, "int8": 409.6e9},
+    mem_bw=25e9,
+    launch_overhead_s=2e-6,    # TVM graph-executor per-op dispatch, no kernel launch
+    cores=1, l1_bytes=64 * 1024, l2_bytes=1 * 2**20, l3_bytes=8 * 2**20,
+    efficiency={**_DEFAULT_EFF, "gemm": 0.70, "conv": 0.50, "dwconv": 0.20, "attention": 0.35},
+    notes="Arm Cortex-X3 (4x128b SIMD, 3.2 GHz in Snapdragon 8 Gen 2): fp32 102 GFLOP/s, "
+          "fp16/bf16 205, int8 SDOT 410 GOPS; LPDDR5X-4200 67 GB/s SoC, ~25 GB/s one core",
+)
+
+_PUBLISHED: dict[str, DeviceSpec] = {d.name: d for d in (H100_SXM, A100_80GB, PHONE_X3)}
+_ALIASES = {"cuda": "h100", "gpu": "h100", "h100_sxm": "h100", "a100_80gb": "a100",
+            "mobile": "phone", "arm": "phone", "cortex-x3": "phone", "host": "cpu"}
+
+
+# ----------------------------------------------------------------------------- measured CPU
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_sizes() -> tuple[int, int, int]:
+    """(L1d per core, L2 per core, L3 shared) in bytes from sysfs; zeros where unknown."""
+    out = {1: 0, 2: 0, 3: 0}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in base.glob("index*"):
+            level = int((idx / "level").read_text())
+            kind = (idx / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            size = (idx / "size").read_text().strip()
+            mult = {"K": 1024, "M": 2**20, "G": 2**30}.get(size[-1], 1)
+            out[level] = int(size.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        pass
+    return out[1], out[2], out[3]
+
+
+def cpu_key(threads: int | None = None) -> str:
+    """Cache key of the measured CPU spec: CPU model, torch version, threads."""
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    raw = f"{_cpu_model()}|{torch.__version__}|{threads}|{torch.backends.cpu.get_cpu_capability()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ember"
+
+
+def cpu_cache_path(cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> Path:
+    d = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    return d / f"device_cpu_{cpu_key(threads)}.json"
+
+
+def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds per call, each repeat timing enough calls for ``min_time``.
+
+    The minimum is the right statistic for peak figures: other load only ever adds time.
+    """
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_time / one))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def measure_cpu(threads: int | None = None, quick: bool = False) -> DeviceSpec:
+    """Measures this CPU with the libraries the CPU backend calls. Takes 5-20 s.
+
+    Args:
+        threads: torch intra-op threads to measure with (default: the current setting).
+        quick: smaller problems and fewer repeats (for tests).
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(quick)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _measure(quick: bool) -> DeviceSpec:
+    import torch
+
+    t_start = time.perf_counter()
+    raw: dict[str, Any] = {}
+    reps = 2 if quick else 5
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        # GEMM peaks: the best of growing square sizes, stopping once one call takes
+        # longer than ~60 ms (emulated bf16 / int8 kernels can be 100x slower than fp32)
+        peaks: dict[str, float] = {}
+        sizes = (128, 256, 512) if quick else (256, 512, 1024, 1536)
+        kernels: dict[str, Callable[[int], Callable[[], Any]]] = {
+            # fp32: MKL/oneDNN sgemm
+            "float32": lambda n: _mm(torch.randn(n, n, generator=gen)),
+            # bf16 / fp16: oneDNN (AMX/AVX512-BF16/FP16 where the CPU has them, else emulated)
+            "bfloat16": lambda n: _mm(torch.randn(n, n, generator=gen).to(torch.bfloat16)),
+            "float16": lambda n: _mm(torch.randn(n, n, generator=gen).to(torch.float16)),
+            # int8 x int8 -> int32 (torch._int_mm: oneDNN, VNNI/AMX where available)
+            "int8": lambda n: _int_mm(torch.randint(-128, 127, (n, n), dtype=torch.int8,
+                                                    generator=gen)),
+        }
+        for key, make in kernels.items():
+            best = 0.0
+            for n in sizes:
+                try:
+                    fn = make(n)
+                    t = _best_time(fn, min_time=0.03, repeats=reps)
+                except RuntimeError as e:  # no kernel for this dtype here
+                    log.info("%s GEMM unavailable (%s)", key, e)
+                    break
+                raw[f"{key}_gemm_{n}_gflops"] = 2 * n**3 / t / 1e9
+                best = max(best, 2 * n**3 / t)
+                if t > 0.06 and key != "float32":
+                    break
+            peaks[key] = best or peaks.get("float32", 1e9)
+        # STREAM-like bandwidth: copy (2 x bytes) and add (3 x bytes) on arrays >> L3
+        numel = (16 if quick else 32) * 2**20 // 4 * 4   # 64 / 128 MiB of fp32
+        x = torch.randn(numel, generator=gen)
+        y = torch.empty_like(x)
+        z = torch.randn(numel, generator=gen)
+        t_copy = _best_time(lambda: y.copy_(x), repeats=reps)
+        t_add = _best_time(lambda: torch.add(x, z, out=y), repeats=reps)
+        bw_copy = 2 * 4 * numel / t_copy
+        bw_add = 3 * 4 * numel / t_add
+        raw.update(copy_gbs=bw_copy / 1e9, add_gbs=bw_add / 1e9)
+        bw = max(bw_copy, bw_add)
+        # per-op overhead: a 1-element add through the dispatcher (median, not min: the
+        # overhead every op pays, including allocator and dispatch)
+        s = torch.ones(1)
+        times = []
+        for _ in range(7):
+            n_calls = 2000 if not quick else 500
+            t0 = time.perf_counter()
+            for _ in range(n_calls):
+                torch.add(s, s)
+            times.append((time.perf_counter() - t0) / n_calls)
+        overhead = statistics.median(times)
+        raw["tiny_op_us"] = overhead * 1e6
+    l1, l2, l3 = _cache_sizes()
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = -1.0
+    raw.update(threads=threads, loadavg_1m=load, seconds=time.perf_counter() - t_start,
+               cpu_model=_cpu_model(), torch=torch.__version__,
+               capability=torch.backends.cpu.get_cpu_capability(), quick=quick)
+    spec = DeviceSpec(
+        name="cpu", kind="cpu", peak_flops=peaks, mem_bw=bw, launch_overhead_s=overhead,
+        cores=threads, l1_bytes=l1, l2_bytes=l2, l3_bytes=l3,
+        efficiency=dict(_DEFAULT_EFF), source="measured",
+        notes=f"measured on {_cpu_model()} with torch {torch.__version__}, {threads} threads",
+        measured=raw,
+    )
+    log.info("measured CPU: %s (%.1f s, load %.1f)", spec.summary(), raw["seconds"], load)
+    if load > 1.5 * (os.cpu_count() or 1):
+        log.warning("the CPU spec was measured under load (1-min load average %.1f on %d "
+                    "CPUs); re-measure on a quiet machine with get_device('cpu', refresh=True)",
+                    load, os.cpu_count() or 1)
+    return spec
+
+
+def _mm(a: Any) -> Callable[[], Any]:
+    import torch
+
+    return lambda: torch.mm(a, a)
+
+
+def _int_mm(a: Any) -> Callable[[], Any]:
+    import torch
+
+    return lambda: torch._int_mm(a, a)
+
+
+def load_cached_cpu(cache_dir: str | os.PathLike | None = None,
+                    threads: int | None = None) -> DeviceSpec | None:
+    path = cpu_cache_path(cache_dir, threads)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("version") != SPEC_VERSION:
+            return None
+        return DeviceSpec.from_json(doc)
+    except (ValueError, TypeError, KeyError) as e:
+        log.warning("ignoring unreadable device cache %s: %s", path, e)
+        return None
+
+
+def _measured_cpu(cache_dir: str | os.PathLike | None, threads: int | None,
+                  refresh: bool, quick: bool) -> DeviceSpec:
+    if not refresh:
+        cached = load_cached_cpu(cache_dir, threads)
+        if cached is not None:
+            return cached
+    spec = measure_cpu(threads, quick=quick)
+    path = cpu_cache_path(cache_dir, threads)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec.to_json(), indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot cache the CPU spec at %s: %s", path, e)
+    return spec
+
+
+_MEMO: dict[tuple[str, str | None, int | None], DeviceSpec] = {}
+
+
+def get_device(name: str = "cpu", *, cache_dir: str | os.PathLike | None = None,
+               threads: int | None = None, refresh: bool = False,
+               quick: bool = False) -> DeviceSpec:
+    """The spec of device ``name``: "cpu" (measured, cached), "h100", "a100" or "phone".
+
+    Args:
+        name: device id or alias ("cuda" -> h100, "mobile" -> phone).
+        cache_dir: where measured specs are cached (default ``~/.cache/ember``).
+        threads: CPU threads to measure with (default: torch's current setting).
+        refresh: re-measure even when a cached spec exists.
+        quick: smaller micro-benchmarks (tests).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in _PUBLISHED:
+        return _PUBLISHED[key]
+    if key != "cpu":
+        raise KeyError(f"unknown device '{name}'; known: {', '.join(known_devices())}")
+    memo_key = ("cpu", None if cache_dir is None else str(cache_dir), threads)
+    if not refresh and memo_key in _MEMO:
+        return _MEMO[memo_key]
+    spec = _measured_cpu(cache_dir, threads, refresh, quick)
+    _MEMO[memo_key] = spec
+    return spec
+
+
+def known_devices() -> list[str]:
+    return ["cpu", *_PUBLISHED]
+
+
+def with_efficiency(spec: DeviceSpec, **eff: float) -> DeviceSpec:
+    """A copy of ``spec`` with some op-class efficiencies replaced."""
+    return replace(spec, efficiency={**spec.efficiency, **eff})
