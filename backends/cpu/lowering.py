@@ -44,6 +44,11 @@ def register_lowering(*ops: str) -> Callable[[LowerFn], LowerFn]:
 
 
 # ----------------------------------------------------------------------------- fast lowerings
+@register_lowering("linear")
+def _linear(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
+    return F.linear(x[0], x[1], x[2] if len(x) > 2 else None)
+
+
 @register_lowering("attention")
 def _attention(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
     """Fused SDPA (flash kernel on CPU); a bool "keep" mask becomes additive for the kernel."""
@@ -53,20 +58,39 @@ def _attention(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.
                                           scale=a["scale"], enable_gqa=a["enable_gqa"])
 
 
-_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "hardswish": F.hardswish, "relu6": lambda t: F.hardtanh(t, 0.0, 6.0),
-}
+def _epilogue(y: torch.Tensor, x: Sequence[torch.Tensor | None],
+              a: Mapping[str, Any]) -> torch.Tensor:
+    from ember.ir.opset_fused import apply_activation
+
+    res = x[3] if len(x) > 3 else None
+    if a["residual"] == "before_act":
+        y = y + res
+    act = a["activation"]
+    if act == "relu":
+        y = torch.relu(y)
+    elif act == "gelu":
+        y = F.gelu(y, approximate=a["approximate"])
+    elif act != "none":
+        y = apply_activation(y, a)
+    if a["residual"] == "after_act":
+        y = y + res
+    return y
 
 
-def activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The torch function of an epilogue activation name (None or "none" -> no activation)."""
-    if name in (None, "none", ""):
-        return None
-    if name not in _ACTS:
-        raise KeyError(name)
-    return _ACTS[name]
+@register_lowering("fused_linear")
+def _fused_linear(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
+    """linear + epilogue as separate torch calls; Inductor fuses the epilogue into the GEMM
+    (oneDNN post-ops) or into one C++ loop after it."""
+    return _epilogue(F.linear(x[0], x[1], x[2] if len(x) > 2 else None), x, a)
+
+
+@register_lowering("fused_conv")
+def _fused_conv(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
+    from ember.ir import get_op
+
+    conv_attrs = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+    y = get_op("conv").reference([x[0], x[1], x[2] if len(x) > 2 else None], conv_attrs)
+    return _epilogue(y, x, a)
 
 
 # ----------------------------------------------------------------------------- support
@@ -79,11 +103,30 @@ def unsupported_nodes(g: Graph) -> list[UnsupportedOp]:
     return bad
 
 
+_NAMED: dict[tuple[str, int], LowerFn] = {}
+
+
 def node_fn(n: Node) -> LowerFn:
-    fn = LOWERINGS.get(n.op)
-    if fn is not None:
-        return fn
-    return get_op(n.op).reference
+    """The lowering of ``n`` as a named function (readable generated code and profiles)."""
+    fn = LOWERINGS.get(n.op) or get_op(n.op).reference
+    key = (n.op, id(fn))
+    named = _NAMED.get(key)
+    if named is None:
+        def named(xs: Sequence[torch.Tensor | None], a: Mapping[str, Any],
+                  _fn: LowerFn = fn) -> Any:
+            return _fn(xs, a)
+
+        named.__name__ = named.__qualname__ = f"ember_{n.op}"
+        _NAMED[key] = named
+    return named
+
+
+def _arity(op: str) -> int:
+    """Inputs a lowering may index: the op's max arity (variadic ops are not padded)."""
+    if not has_op(op):
+        return 0
+    hi = get_op(op).max_inputs
+    return hi if hi <= 8 else 0
 
 
 def symbol_sources(g: Graph) -> dict[str, tuple[int, int]]:
@@ -174,7 +217,10 @@ def lower_graph(g: Graph) -> torch.fx.GraphModule:
                 raise UnsupportedOpError([UnsupportedOp(n.op, str(n.loc), str(e))],
                                          backend="cpu") from e
         ins = [None if v is None else env[v.name] for v in n.inputs]
-        call = fx.call_function(node_fn(n), (ins, attrs))
+        # absent trailing optional inputs are passed as None (x[2] of a bias-less linear)
+        ins += [None] * (_arity(n.op) - len(ins))
+        call = fx.create_node("call_function", node_fn(n), (ins, attrs),
+                              name=_attr_name("", n.outputs[0].name, taken))
         call.meta["ember_op"] = n.op
         call.meta["ember_loc"] = str(n.loc)
         if len(n.outputs) == 1:
