@@ -1,0 +1,209 @@
+"""Ember IR -> TVM Relax.
+
+The graph is lowered with the CPU backend's IR -> torch fx lowering (one torch call per IR
+node, weights as module parameters), exported with ``torch.export`` at the example input shapes
+(mobile artifacts are static-shape), decomposed to core ATen, and imported by TVM's
+``from_exported_program`` with the weights kept as function parameters (so they ship in a weights
+file, not inside the code). Before importing, every ATen op is checked against TVM's converter
+table; ops TVM cannot convert are traced back to the IR nodes they came from and reported all
+together as one `UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ember.errors import UnsupportedOp, UnsupportedOpError
+from ember.ir import Graph, GraphBuilder, Node, TensorType, to_torch_dtype
+from ember.ir.shapes import free_symbols
+
+__all__ = ["RelaxModel", "to_relax", "export_graph", "unsupported_nodes", "probe_node"]
+
+log = logging.getLogger(__name__)
+
+BACKEND = "mobile"
+# dtypes the runner and TVM's param format carry
+SUPPORTED_DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8", "bool"}
+
+
+@dataclass
+class RelaxModel:
+    """A Relax module whose ``main`` takes (inputs..., params...) and the params' tensors."""
+
+    mod: Any  # tvm.IRModule
+    params: list[torch.Tensor]
+    input_types: list[TensorType]
+    output_types: list[TensorType]
+
+
+def _concrete(g: Graph, example: Sequence[torch.Tensor]) -> list[TensorType]:
+    return [TensorType(v.type.dtype, tuple(int(d) for d in t.shape))
+            for v, t in zip(g.inputs, example)]
+
+
+def _ir_origin(gm: torch.fx.GraphModule) -> dict[str, tuple[str, str]]:
+    """fx node name -> (ember op, source location) for the lowered module's calls."""
+    return {n.name: (n.meta["ember_op"], n.meta.get("ember_loc", ""))
+            for n in gm.graph.nodes if "ember_op" in n.meta}
+
+
+def _origin_of(node: torch.fx.Node, origin: Mapping[str, tuple[str, str]]) -> tuple[str, str]:
+    """Walks torch.export's ``from_node`` provenance back to the IR node that produced ``node``."""
+    todo = list(node.meta.get("from_node") or [])
+    seen = 0
+    while todo and seen < 10_000:
+        src = todo.pop()
+        seen += 1
+        name = getattr(src, "name", None)
+        if name in origin:
+            return origin[name]
+        todo.extend(getattr(src, "from_node", None) or [])
+    return (str(node.target), "<unknown location>")
+
+
+def export_graph(g: Graph, example: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+    """The IR as a core-ATen ExportedProgram at the example shapes; raises on unsupported ops."""
+    from ember.backends.cpu.lowering import cast_inputs, lower_graph
+
+    bad = [UnsupportedOp(v.type.dtype, f"value %{v.name}", "dtype not supported on mobile")
+           for v in (*g.inputs, *g.outputs) if v.type.dtype not in SUPPORTED_DTYPES]
+    if bad:
+        raise UnsupportedOpError(bad, backend=BACKEND)
+    try:
+        gm = lower_graph(g)
+    except UnsupportedOpError as e:
+        raise UnsupportedOpError(e.ops, backend=BACKEND) from e
+    args = tuple(cast_inputs(g, example))
+    with torch.no_grad():
+        ep = torch.export.export(gm, args, strict=False)
+        ep = ep.run_decompositions()
+    _check_convertible(ep, _ir_origin(gm))
+    return ep
+
+
+@functools.cache
+def _tvm_convert_names() -> frozenset[str]:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return frozenset(k for k in ExportedProgramImporter().convert_map if isinstance(k, str))
+
+
+def _check_convertible(ep: torch.export.ExportedProgram,
+                       origin: Mapping[str, tuple[str, str]]) -> None:
+    known = _tvm_convert_names()
+    bad: dict[tuple[str, str], set[str]] = {}
+    for n in ep.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if name not in known:
+            bad.setdefault(_origin_of(n, origin), set()).add(name)
+    if bad:
+        ops = [UnsupportedOp(op, loc or "<unknown location>",
+                             f"TVM cannot convert ATen {', '.join(sorted(aten))}")
+               for (op, loc), aten in bad.items()]
+        raise UnsupportedOpError(ops, backend=BACKEND)
+
+
+def unsupported_nodes(g: Graph, example: Sequence[torch.Tensor]) -> list[UnsupportedOp]:
+    """Every node of ``g`` the mobile backend cannot compile (empty when all are fine)."""
+    try:
+        export_graph(g, example)
+    except UnsupportedOpError as e:
+        return list(e.ops)
+    return []
+
+
+def to_relax(g: Graph, example: Sequence[torch.Tensor]) -> RelaxModel:
+    """Lowers ``g`` to a Relax module with ``main(inputs..., params...)``."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = export_graph(g, example)
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    mod, params = relax.frontend.detach_params(mod)
+    tensors = [torch.from_numpy(p.numpy()) for p in params.get("main", [])]
+    mod = relax.transform.DeadCodeElimination()(mod)
+    out_types = _output_types(g, example)
+    return RelaxModel(mod, tensors, _concrete(g, example), out_types)
+
+
+def _output_types(g: Graph, example: Sequence[torch.Tensor]) -> list[TensorType]:
+    env: dict[str, int] = {}
+    for v, t in zip(g.inputs, example):
+        for d, n in zip(v.type.shape, t.shape):
+            if getattr(d, "is_Symbol", False):
+                env[d.name] = int(n)
+    from ember.ir import evaluate
+
+    return [TensorType(v.type.dtype, tuple(int(evaluate(d, env)) for d in v.type.shape))
+            for v in g.outputs]
+
+
+# ----------------------------------------------------------------------------- per-node probe
+def _node_key(n: Node) -> str:
+    ins = ",".join("-" if v is None else str(v.type) for v in n.inputs)
+    return f"{n.op}|{ins}|{sorted(n.attrs.items(), key=lambda kv: kv[0])!r}"
+
+
+@functools.lru_cache(maxsize=512)
+def _probe(key: str, node: Node) -> str:
+    """'' when a one-node graph of ``node`` converts to Relax, else the reason."""
+    syms = free_symbols(d for v in node.inputs if v is not None for d in v.type.shape)
+    env = {s: 2 for s in syms}
+    if free_symbols(_attr_dims(node.attrs)) - set(env):
+        return "an attribute uses a symbol that is not an input dim"
+    from ember.ir import evaluate
+
+    b = GraphBuilder("probe")
+    ins: list[Any] = []
+    example: list[torch.Tensor] = []
+    for i, v in enumerate(node.inputs):
+        if v is None:
+            ins.append(None)
+            continue
+        shape = tuple(int(evaluate(d, env)) for d in v.type.shape)
+        ins.append(b.add_input(f"x{i}", v.type))
+        dt = to_torch_dtype(v.type.dtype)
+        example.append(torch.randn(shape).to(dt) if dt.is_floating_point
+                       else torch.zeros(shape, dtype=dt))
+    try:
+        out = b.op(node.op, ins, node.attrs)
+    except Exception as e:  # the node does not even type-check on its own
+        return f"cannot build a probe graph: {e}"
+    b.set_outputs(out if isinstance(out, tuple) else (out,))
+    try:
+        export_graph(b.build(), example)
+    except UnsupportedOpError as e:
+        return "; ".join(o.reason for o in e.ops)
+    except Exception as e:  # export failures are reasons too
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
+def _attr_dims(attrs: Mapping[str, Any]) -> list[Any]:
+    out: list[Any] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, list | tuple):
+            for y in x:
+                walk(y)
+        elif isinstance(x, Mapping):
+            for y in x.values():
+                walk(y)
+        elif getattr(x, "free_symbols", None):
+            out.append(x)
+
+    walk(attrs)
+    return out
+
+
+def probe_node(node: Node) -> str:
+    """Why ``node`` cannot run on mobile ('' when it can); cached per op/types/attrs."""
+    return _probe(_node_key(node), node)
