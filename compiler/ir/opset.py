@@ -77,6 +77,11 @@ def _t(types: Types, i: int, op: str) -> TensorType:
     return t
 
 
+def _opt(x: Sequence[Any], i: int) -> Any:
+    """Optional trailing operand ``i`` (absent or None)."""
+    return x[i] if len(x) > i else None
+
+
 def _reg(name: str, infer: Any, ref: Any, attrs: dict | None = None, n: int | tuple = 1,
          elementwise: bool = False, doc: str = "") -> None:
     lo, hi = (n, n) if isinstance(n, int) else n
@@ -280,7 +285,7 @@ def _linear_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     return [TensorType(x.dtype, (*x.shape[:-1], w.shape[0]))]
 
 
-_reg("linear", _linear_infer, lambda x, a: F.linear(x[0], x[1], x[2]), n=(2, 3),
+_reg("linear", _linear_infer, lambda x, a: F.linear(x[0], x[1], _opt(x, 2)), n=(2, 3),
      doc="y = x @ w.T + b, w is [out, in]")
 
 
@@ -308,7 +313,7 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 def _conv_ref(x: Any, a: Attrs) -> torch.Tensor:
     nsp = x[1].dim() - 2
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nsp]
-    return fn(x[0], x[1], x[2], _tuple(a["stride"], nsp), _tuple(a["padding"], nsp),
+    return fn(x[0], x[1], _opt(x, 2), _tuple(a["stride"], nsp), _tuple(a["padding"], nsp),
               _tuple(a["dilation"], nsp), a["groups"])
 
 
@@ -329,7 +334,7 @@ def _conv_t_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 def _conv_t_ref(x: Any, a: Attrs) -> torch.Tensor:
     nsp = x[1].dim() - 2
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nsp]
-    return fn(x[0], x[1], x[2], _tuple(a["stride"], nsp), _tuple(a["padding"], nsp),
+    return fn(x[0], x[1], _opt(x, 2), _tuple(a["stride"], nsp), _tuple(a["padding"], nsp),
               _tuple(a["output_padding"], nsp), a["groups"], _tuple(a["dilation"], nsp))
 
 
@@ -422,12 +427,12 @@ _reg("interpolate", _interpolate_infer, _interpolate_ref,
 # ----------------------------------------------------------------------------- norms
 def _layer_norm_ref(x: Any, a: Attrs) -> torch.Tensor:
     shape = x[0].shape[x[0].dim() - a["axes"]:]
-    return F.layer_norm(x[0], shape, x[1], x[2], a["eps"])
+    return F.layer_norm(x[0], shape, _opt(x, 1), _opt(x, 2), a["eps"])
 
 
 def _rms_norm_ref(x: Any, a: Attrs) -> torch.Tensor:
     shape = x[0].shape[x[0].dim() - a["axes"]:]
-    return F.rms_norm(x[0], shape, x[1], a["eps"])
+    return F.rms_norm(x[0], shape, _opt(x, 1), a["eps"])
 
 
 _reg("layer_norm", lambda t, a: [_t(t, 0, "layer_norm")], _layer_norm_ref,
@@ -435,10 +440,11 @@ _reg("layer_norm", lambda t, a: [_t(t, 0, "layer_norm")], _layer_norm_ref,
 _reg("rms_norm", lambda t, a: [_t(t, 0, "rms_norm")], _rms_norm_ref,
      {"axes": 1, "eps": None}, n=(1, 2), doc="RMSNorm over the last `axes` dims")
 _reg("batch_norm", lambda t, a: [_t(t, 0, "batch_norm")],
-     lambda x, a: F.batch_norm(x[0], x[1], x[2], x[3], x[4], False, 0.0, a["eps"]),
+     lambda x, a: F.batch_norm(x[0], x[1], x[2], _opt(x, 3), _opt(x, 4), False, 0.0,
+                                  a["eps"]),
      {"eps": 1e-5}, n=(3, 5), doc="inference BatchNorm: x, mean, var, weight?, bias?")
 _reg("group_norm", lambda t, a: [_t(t, 0, "group_norm")],
-     lambda x, a: F.group_norm(x[0], a["groups"], x[1], x[2], a["eps"]),
+     lambda x, a: F.group_norm(x[0], a["groups"], _opt(x, 1), _opt(x, 2), a["eps"]),
      {"groups": REQUIRED, "eps": 1e-5}, n=(1, 3))
 
 
