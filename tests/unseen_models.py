@@ -13,7 +13,6 @@ import os
 
 import torch
 from torch import nn
-
 from zoo import ZooModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
