@@ -403,3 +403,367 @@ def _concrete(v: Any, env: Mapping[str, int]) -> Any:
     if hasattr(v, "free_symbols") and not isinstance(v, int | float | str | bool):
         return evaluate(v, env)
     return v
+
+
+# ============================================================================ token-axis rewrite
+class TokenRewriteError(ValueError):
+    """A token reduction cannot be carried through some node of the graph."""
+
+
+@dataclass
+class Stage:
+    """One token reduction: ``n`` tokens after it; map/rep/size as the token ops return."""
+
+    n: Dim
+    map: Value | None = None
+    rep: Value | None = None
+    size: Value | None = None
+    before: Value | None = None  # the stream value that was reduced (fallback for unmerge)
+    drops: bool = False  # some tokens map to -1 (pruned without fusion)
+
+
+class Emitter:
+    """What a reducer may use: emit ops, make constants, read rebuilt values."""
+
+    def __init__(self, rb: _Rebuild) -> None:
+        self._rb = rb
+
+    def op(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, Any] | None = None,
+           name: str | None = None) -> Any:
+        return self._rb.b.op(op, inputs, attrs, name=name)
+
+    def const(self, name: str, t: torch.Tensor) -> Value:
+        return self._rb.b.add_param(name, t)
+
+    def value(self, old_name: str) -> Value:
+        return self._rb.env.get(old_name) or self._rb.old_values[old_name]
+
+    def node(self, old_output: str) -> Node | None:
+        return self._rb.new_nodes.get(old_output)
+
+    @property
+    def stage(self) -> Stage:
+        return self._rb.stages[-1]
+
+
+# reducer(emitter, block, stream value, current sizes) -> (y, size, map, rep, drops)
+Reducer = Any
+
+
+class _Rebuild:
+    def __init__(self, g: Graph, protect: int, proportional: bool) -> None:
+        from ember.ir import GraphBuilder
+
+        self.g = g
+        self.protect = protect
+        self.proportional = proportional
+        b = GraphBuilder(g.name)
+        b.meta = dict(g.meta)
+        for v, nm in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
+            b.reserve(v.name)
+            b.inputs.append(v)
+            b.input_names.append(nm)
+        for v in g.params:
+            b.add_existing_param(v, g.weights[v.name])
+        for n in g.nodes:
+            for v in n.outputs:
+                b.reserve(v.name)
+        self.b = b
+        self.old_values = g.values()
+        self.env: dict[str, Value] = {}
+        self.axes: dict[str, dict[int, int]] = {}
+        self.stages: list[Stage] = []
+        self.new_nodes: dict[str, Node] = {}
+        self._lifted: dict[tuple[str, tuple[int, ...], int], Value] = {}
+        self._bias: dict[int, Value] = {}
+        self._neg_inf: Value | None = None
+
+    # ----- helpers
+    def _m(self, v: Value | None) -> Value | None:
+        return None if v is None else self.env.get(v.name, v)
+
+    def _stage_of(self, v: Value, axis: int) -> int | None:
+        return self.axes.get(v.name, {}).get(axis)
+
+    def lift(self, v: Value, axes: Sequence[int], frm: dict[int, int], to: int) -> Value:
+        """Gathers ``v`` along token ``axes`` from their stages up to stage ``to``."""
+        key = (v.name, tuple(sorted(axes)), to)
+        if key in self._lifted:
+            return self._lifted[key]
+        out = v
+        for a in axes:
+            for s in range(frm.get(a, 0) + 1, to + 1):
+                rep = self.stages[s].rep
+                assert rep is not None
+                out = self.b.op("token_gather", [out, rep], {"dim": a}, name=f"{v.name}_tok")
+        ax = dict(self.axes.get(v.name, {}))
+        ax.update({a: to for a in axes})
+        self.axes[out.name] = ax
+        self._lifted[key] = out
+        return out
+
+    def bias(self, s: int, batch: Dim) -> Value:
+        if s not in self._bias:
+            size = self.stages[s].size
+            assert size is not None
+            lg = self.b.op("log", [size], name="size_log")
+            t = self.b.op("permute", [lg], {"perm": (0, 2, 1)}, name="size_log")
+            self._bias[s] = self.b.op("reshape", [t], {"shape": (size.type.shape[0], 1, 1,
+                                                                 size.type.shape[1])},
+                                      name="size_bias")
+        return self._bias[s]
+
+    def neg_inf(self) -> Value:
+        if self._neg_inf is None:
+            self._neg_inf = self.b.add_param("neg_inf", torch.tensor(float("-inf")))
+        return self._neg_inf
+
+    # ----- per node
+    def node(self, n: Node) -> None:
+        ins = [self._m(v) for v in n.inputs]
+        tracked = [self.axes.get(v.name) if v is not None else None for v in ins]
+        stage_max = max((s for t in tracked if t for s in t.values()), default=-1)
+        if stage_max <= 0:
+            n2 = Node(n.op, tuple(ins), n.outputs, n.attrs, n.loc)
+            self._emit_plain(n2, tracked)
+            return
+        s = stage_max
+        n0 = self.stages[0].n
+        rank_out = n.outputs[0].type.rank
+        # bring every input with a token axis up to stage s
+        for i, v in enumerate(ins):
+            if v is None:
+                continue
+            t = tracked[i] or {}
+            axes = {a: st for a, st in t.items() if st < s}
+            if not t:
+                axes = {a: 0 for a in self._side_axes(n, i, v, ins, tracked, n0)}
+            if axes:
+                ins[i] = self.lift(v, list(axes), axes, s)
+                tracked[i] = self.axes[ins[i].name]  # type: ignore[union-attr]
+        attrs = dict(n.attrs)
+        out_axes = self._out_axes(n, ins, tracked, attrs, s)
+        if self.proportional and self.stages[s].size is not None:
+            if n.op == "attention":
+                q = ins[0]
+                assert q is not None
+                bias = self.bias(s, q.type.shape[0])
+                mask = ins[3] if len(ins) > 3 else None
+                if mask is None:
+                    ins = [*ins[:3], bias]
+                elif mask.type.dtype == "bool":
+                    ins[3] = self.b.op("where", [mask, bias, self.neg_inf()], name="size_mask")
+                else:
+                    ins[3] = self.b.op("add", [mask, bias], name="size_mask")
+            elif n.op == "softmax" and tracked[0] and (tracked[0].get(
+                    ins[0].type.rank - 1) is not None) and (  # type: ignore[union-attr]
+                    n.attrs.get("dim", -1) % ins[0].type.rank == ins[0].type.rank - 1):  # type: ignore[union-attr]
+                ins[0] = self.b.op("add", [ins[0], self.bias(s, ins[0].type.shape[0])],
+                                   name="size_logits")
+                self.axes[ins[0].name] = dict(tracked[0])  # type: ignore[union-attr]
+        types = get_op(n.op).infer([None if v is None else v.type for v in ins], attrs)
+        outs = tuple(Value(v.name, t) for v, t in zip(n.outputs, types))
+        n2 = Node(n.op, tuple(ins), outs, attrs, n.loc)
+        self.b.nodes.append(n2)
+        self.new_nodes[n.outputs[0].name] = n2
+        for v in outs:
+            if v.type != self.old_values[v.name].type:
+                self.env[v.name] = v
+        if out_axes is not None:
+            for v in outs[:1]:
+                self.axes[v.name] = {a: s for a in out_axes}
+        del rank_out
+
+    def _emit_plain(self, n2: Node, tracked: list[dict[int, int] | None]) -> None:
+        self.b.nodes.append(n2)
+        self.new_nodes[n2.outputs[0].name] = n2
+        if any(tracked):  # stage-0 tracked input: keep tracking where the rules allow
+            try:
+                attrs = dict(n2.attrs)
+                ax = self._out_axes(n2, list(n2.inputs), tracked, attrs, 0)
+            except TokenRewriteError:
+                ax = None
+            if ax is not None:
+                self.axes[n2.outputs[0].name] = {a: 0 for a in ax}
+
+    def _side_axes(self, n: Node, i: int, v: Value, ins: Sequence[Value | None],
+                   tracked: Sequence[dict[int, int] | None], n0: Dim) -> list[int]:
+        """Token axes of an untracked operand (a mask, a position table) by alignment."""
+        r = v.type.rank
+        cand: set[int] = set()
+        if n.op == "attention" and i == 3:
+            cand = {r - 2, r - 1}
+        elif get_op(n.op).elementwise or n.op in ("where", "add", "mul", "sub", "div"):
+            for t, u in zip(tracked, ins):
+                if t and u is not None:
+                    cand |= {a - u.type.rank + r for a in t if a - u.type.rank + r >= 0}
+        return sorted(a for a in cand if 0 <= a < r and not dims_equal(v.type.shape[a], 1)
+                      and dims_equal(v.type.shape[a], n0))
+
+    def _out_axes(self, n: Node, ins: Sequence[Value | None],
+                  tracked: Sequence[dict[int, int] | None], attrs: dict[str, Any],
+                  s: int) -> set[int] | None:
+        op = n.op
+        old_out = self.old_values[n.outputs[0].name].type
+        R = old_out.rank
+        t0 = tracked[0] or {}
+        x0 = n.inputs[0]
+        n_s = self.stages[s].n if self.stages else None
+        if op in ("token_merge", "token_select", "token_unmerge", "token_gather"):
+            raise TokenRewriteError(f"token op %{n.outputs[0].name} already in the graph")
+        if op in ("linear", "fused_linear", "qlinear"):
+            if x0 is not None and (x0.type.rank - 1) in t0:
+                raise TokenRewriteError(f"linear %{n.outputs[0].name} contracts the token axis")
+            return set(t0) if t0 else None
+        if op == "matmul":
+            a, b = ins[0], ins[1]
+            assert a is not None and b is not None
+            ta, tb = tracked[0] or {}, tracked[1] or {}
+            out = {ax + R - a.type.rank for ax in ta if ax != a.type.rank - 1}
+            for ax in tb:
+                if ax == b.type.rank - 1:
+                    out.add(R - 1)
+                elif ax < b.type.rank - 2:
+                    out.add(ax + R - b.type.rank)
+            return out
+        if op == "attention":
+            return {ax for ax in t0 if ax != R - 1}
+        if op == "permute":
+            perm = [p % R for p in attrs["perm"]]
+            return {i for i, p in enumerate(perm) if p in t0}
+        if op == "reshape":
+            return self._reshape_axes(n, t0, attrs, n_s)
+        if op == "expand":
+            shape = list(attrs["shape"])
+            assert x0 is not None
+            off = len(shape) - x0.type.rank
+            out = {a + off for a in t0}
+            for a in out:
+                if not (isinstance(shape[a], int) and shape[a] == -1) and n_s is not None:
+                    shape[a] = n_s
+            attrs["shape"] = tuple(shape)
+            return out
+        if op in ("select", "slice"):
+            assert x0 is not None
+            d = attrs["dim"] % x0.type.rank
+            if d not in t0:
+                shift = {a - 1 if (op == "select" and a > d) else a for a in t0}
+                return shift
+            if op == "select":
+                if not 0 <= attrs["index"] < max(self.protect, 1 if s == 0 else self.protect):
+                    raise TokenRewriteError(f"select %{n.outputs[0].name} reads token "
+                                            f"{attrs['index']}, which is not protected")
+                return {a - 1 if a > d else a for a in t0 if a != d}
+            st, e = attrs["start"], attrs["end"]
+            old_n = self.old_values[x0.name].type.shape[d]
+            if st == 0 and attrs["step"] == 1 and (isinstance(e, int) and e >= 2**40
+                                                   or dims_equal(e, old_n)):
+                if n_s is not None:
+                    attrs["end"] = 2**62
+                return set(t0)
+            if isinstance(e, int) and 0 <= st and e <= self.protect:
+                return {a for a in t0 if a != d}
+            raise TokenRewriteError(f"slice %{n.outputs[0].name} reads token range "
+                                    f"[{st}:{e}], which is not protected")
+        if op == "concat":
+            d = attrs["dim"] % R
+            out = set()
+            for t in tracked:
+                out |= set(t or {})
+            if d in out:
+                raise TokenRewriteError(f"concat %{n.outputs[0].name} along the token axis")
+            return out
+        if op in ("sum", "mean", "amax", "amin", "var"):
+            assert x0 is not None
+            r = x0.type.rank
+            dims = attrs.get("dims") or tuple(range(r))
+            dims = {d % r for d in dims}
+            if attrs.get("keepdim"):
+                return {a for a in t0 if a not in dims}
+            return {a - sum(1 for d in dims if d < a) for a in t0 if a not in dims}
+        if get_op(op).elementwise or len([t for t in tracked if t]) > 1:
+            out = set()
+            for t, u in zip(tracked, ins):
+                if t and u is not None:
+                    out |= {a + R - u.type.rank for a in t}
+            return out
+        if x0 is not None and self.old_values[x0.name].type.shape == old_out.shape:
+            return set(t0)
+        raise TokenRewriteError(f"cannot carry the token axis through {op} "
+                                f"%{n.outputs[0].name} ({n.loc})")
+
+    def _reshape_axes(self, n: Node, t0: dict[int, int], attrs: dict[str, Any],
+                      n_s: Dim | None) -> set[int]:
+        from ember.ir.shapes import numel
+
+        x0 = n.inputs[0]
+        assert x0 is not None
+        si = self.old_values[x0.name].type.shape
+        so = self.old_values[n.outputs[0].name].type.shape
+        shape = list(attrs["shape"])
+        out = set()
+        for a in t0:
+            pre = numel(si[:a])
+            hit = None
+            for j in range(len(so)):
+                if dims_equal(numel(so[:j]), pre) and dims_equal(so[j], si[a]):
+                    hit = j
+                    break
+            if hit is None:
+                raise TokenRewriteError(f"reshape %{n.outputs[0].name} {tuple(si)} -> "
+                                        f"{tuple(so)} splits or merges the token axis")
+            out.add(hit)
+            if n_s is not None and not (isinstance(shape[hit], int) and shape[hit] == -1):
+                shape[hit] = n_s
+        attrs["shape"] = tuple(shape)
+        return out
+
+
+def reduce_tokens(g: Graph, report: BlockReport, reducers: Mapping[int, Reducer],
+                  proportional: bool = True) -> Graph:
+    """Rebuilds ``g`` with a token reduction at the mid point of the blocks in ``reducers``.
+
+    Every node after a reduction is re-typed; reshape/expand/slice attributes that name the
+    token count are rewritten; masks and other side tensors with a token axis are gathered
+    along (``token_gather``); attention gets ``log(size)`` added to its logits when
+    ``proportional``; graph outputs that keep every token are unmerged.
+
+    Raises:
+        TokenRewriteError: some node cannot carry the shorter token axis.
+    """
+    rb = _Rebuild(g, report.protect, proportional)
+    em = Emitter(rb)
+    points = {report.blocks[i].mid: i for i in reducers}
+    assert report.tokens is not None
+    rb.stages.append(Stage(report.tokens))
+    for n in g.nodes:
+        rb.node(n)
+        name = n.outputs[0].name
+        if name in points:
+            blk = report.blocks[points[name]]
+            x = rb.env.get(name) or rb.old_values[name]
+            rb.axes.setdefault(x.name, {1: len(rb.stages) - 1})
+            cur = rb.stages[-1]
+            y, size, mp, rep, drops = reducers[points[name]](em, blk, x, cur.size)
+            rb.stages.append(Stage(y.type.shape[1], mp, rep, size, x, drops))
+            rb.axes[y.name] = {1: len(rb.stages) - 1}
+            rb.env[name] = y
+    outs = []
+    for v in g.outputs:
+        nv = rb.env.get(v.name, v)
+        ax = rb.axes.get(nv.name, {})
+        st = max(ax.values(), default=0)
+        if st > 0:
+            if set(ax) != {1} or nv.type.rank != 3:
+                raise TokenRewriteError(f"output %{v.name} has token axes {sorted(ax)}; "
+                                        f"only [B, N, D] outputs can be unmerged")
+            for k in range(st, 0, -1):
+                stg = rb.stages[k]
+                fb = stg.before if (stg.drops and stg.before is not None and dims_equal(
+                    stg.before.type.shape[2], nv.type.shape[2])) else None
+                assert stg.map is not None
+                nv = rb.b.op("token_unmerge", [nv, stg.map, fb], name=f"{v.name}_full")
+        outs.append(nv)
+    rb.b.outputs = outs
+    rb.b.output_names = list(g.output_names)
+    return rb.b.build()

@@ -1,0 +1,134 @@
+"""Token merging (ToMe, Bolya et al. 2023) with proportional attention, as a graph rewrite.
+
+Before -> After (block i of any traced transformer; blocks found by `find_blocks`)::
+
+    %a = add(%x, attn(%x))                    %a = add(%x, attn(%x, mask + log(%size)))
+    %o = add(%a, mlp(%a))             ->      %m, %size', %map, %rep = token_merge(%a, mean_h(%k), %size) {r}
+                                              %o = add(%m, mlp(%m))
+
+Merging happens between a block's attention and its MLP, with the attention keys (averaged
+over heads) as the similarity metric, exactly where ToMe puts it; every later attention adds
+``log(size)`` to its logits. The token count stays static (``N - r`` per block, symbolic when
+``N`` is). Positions read by the head (a CLS ``select``) are protected. When a graph output
+keeps every token (an encoder's last hidden state), it is unmerged back to ``N`` tokens.
+
+``r`` merges that many tokens per block; ``ratio`` merges that fraction of the unprotected
+tokens (at most half) per block, which stays valid for any sequence length.
+``schedule=decreasing`` goes linearly from ``2r`` in the first block to 0 in the last;
+``per_layer="8|8|4|0"`` gives r block by block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from ember.ir import Graph, Value
+from ember.ir.shapes import Dim, floor_div, simplify
+from ember.passmanager import PassContext, register_pass
+
+from ._blocks import Block, BlockReport, Emitter, TokenRewriteError, find_blocks, reduce_tokens
+
+__all__ = ["MergeTokensConfig", "merge_tokens", "merge_schedule"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeTokensConfig:
+    """Attributes:
+    r: tokens merged per block (constant schedule) or the mean (decreasing).
+    ratio: alternatively, the fraction of unprotected tokens merged per block (0..1).
+    schedule: "constant" or "decreasing".
+    per_layer: explicit r per block, "|"-separated (overrides r/schedule).
+    metric: "keys" (attention keys, ToMe) or "hidden" (the stream itself).
+    proportional: add log(size) to later attention logits.
+    """
+
+    r: int = 0
+    ratio: float = 0.0
+    schedule: str = "constant"
+    per_layer: str = ""
+    metric: str = "keys"
+    proportional: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "decreasing"):
+            raise ValueError(f"schedule must be constant|decreasing, got {self.schedule!r}")
+        if self.metric not in ("keys", "hidden"):
+            raise ValueError(f"metric must be keys|hidden, got {self.metric!r}")
+        if self.r < 0 or not 0.0 <= self.ratio <= 1.0:
+            raise ValueError("r must be >= 0 and ratio in [0, 1]")
+
+
+def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
+    """r per block (ints, or sympy expressions for ``ratio`` on a symbolic token count)."""
+    nb = len(rep.blocks)
+    if cfg.per_layer:
+        rs: list[Any] = [int(x) for x in str(cfg.per_layer).split("|") if x.strip()]
+        rs = (rs + [0] * nb)[:nb]
+    elif cfg.schedule == "decreasing":
+        rs = [round(2 * cfg.r * (nb - 1 - i) / max(nb - 1, 1)) for i in range(nb)]
+    else:
+        rs = [cfg.r] * nb
+    out: list[Dim] = []
+    n: Dim = rep.tokens if rep.tokens is not None else 0
+    frac = Fraction(cfg.ratio).limit_denominator(1000)
+    for r in rs:
+        if cfg.ratio > 0 and not cfg.per_layer:
+            r = floor_div(simplify((n - rep.protect) * frac.numerator), 2 * frac.denominator)
+        elif isinstance(n, int):
+            r = max(0, min(r, (n - rep.protect) // 2))
+        out.append(r)
+        n = simplify(n - r)
+    return out
+
+
+def _metric(em: Emitter, blk: Block, x: Value, cfg: MergeTokensConfig) -> Value:
+    if cfg.metric == "keys" and blk.k is not None:
+        k = em.value(blk.k)
+        if k.type.rank == 4 and k.type.shape[2] == x.type.shape[1]:
+            return em.op("mean", [k], {"dims": (1,)}, name="tome_metric")
+    return x
+
+
+@register_pass(config=MergeTokensConfig, numerics="approx")
+def merge_tokens(g: Graph, cfg: MergeTokensConfig, ctx: PassContext) -> Graph:
+    """Merges similar tokens between attention and MLP of every transformer block (ToMe)."""
+    rep = find_blocks(g)
+    if not rep.ok:
+        ctx.record("merge_tokens", applied=False, reason=rep.explain())
+        log.warning("merge_tokens: %s", rep.explain())
+        return g
+    if rep.causal:
+        ctx.record("merge_tokens", applied=False, reason="causal attention: merging would mix "
+                   "future tokens into past ones")
+        return g
+    rs = merge_schedule(cfg, rep)
+    plan = {i: r for i, r in enumerate(rs) if not (isinstance(r, int) and r == 0)}
+    if not plan:
+        ctx.record("merge_tokens", applied=False, reason="r = 0 in every block")
+        return g
+
+    def make(r: Dim) -> Any:
+        def reducer(em: Emitter, blk: Block, x: Value, size: Value | None) -> tuple:
+            metric = _metric(em, blk, x, cfg)
+            y, s, mp, rp = em.op("token_merge", [x, metric, size],
+                                 {"r": r, "protect": rep.protect}, name=f"tome{blk.index}")
+            return y, s, mp, rp, False
+        return reducer
+
+    try:
+        out = reduce_tokens(g, rep, {i: make(r) for i, r in plan.items()},
+                            proportional=cfg.proportional)
+    except TokenRewriteError as e:
+        ctx.record("merge_tokens", applied=False, reason=str(e))
+        log.warning("merge_tokens not applied: %s", e)
+        return g
+    ctx.record("merge_tokens", applied=True, blocks=len(rep.blocks),
+               schedule=[str(r) for r in rs], tokens_in=str(rep.tokens), protect=rep.protect,
+               unmerged_outputs=rep.reads_all_tokens, proportional=cfg.proportional)
+    log.info("merge_tokens: r per block %s on %s", rs, rep.explain())
+    return out
