@@ -170,12 +170,21 @@ def _make_rules() -> list[Any]:
             _Guarded(dl_cpu.Reduction()), _Guarded(VectorizedElementwise())]
 
 
+def _dtype(source: Any) -> str:
+    dt = getattr(source, "dtype", None)
+    if dt is None:
+        dt = getattr(getattr(source, "buffer", None), "dtype", "")
+    return str(dt)
+
+
 def _vectorize_spatial(sch: Any, block: Any) -> bool:
     """Vectorizes a spatial block at the root; True when it did."""
     try:
         stmt = sch.get(block)
         if any(int(iv.iter_type) != 0 for iv in stmt.iter_vars):  # 0 = data parallel
             return False
+        if any(_dtype(r.source) == "bool" for r in (*stmt.reads, *stmt.writes)):
+            return False  # TVM 0.27 mis-vectorizes stores of bool (int8 lanes vs bool buffer)
         loops = sch.get_loops(block)
         if not loops:
             return False
