@@ -277,10 +277,10 @@ class _Importer:
             op_key = node.op_type if node.domain in ("", "ai.onnx") else \
                 f"{node.domain}::{node.op_type}"
             handler = _HANDLERS.get(op_key)
-            if poisoned:
-                outs: list[Any] = [_POISON] * len(node.output)
-            elif handler is None:
+            if handler is None:  # listed even when its inputs are already unsupported
                 self.unsupported.append(UnsupportedOp(op_key, f"node '{name}'"))
+                outs: list[Any] = [_POISON] * len(node.output)
+            elif poisoned:
                 outs = [_POISON] * len(node.output)
             else:
                 try:
@@ -502,7 +502,7 @@ def _dtype_name(dt: torch.dtype) -> str:
 def _np_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.tensor(arr.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(arr).copy()).to(to_torch_dtype(dtype))
+    return torch.from_numpy(np.array(arr, copy=True)).to(to_torch_dtype(dtype))  # keeps 0-d
 
 
 def _attr_value(a: onnx.AttributeProto) -> Any:
@@ -1482,7 +1482,8 @@ def _gather(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
     axis = cx.norm_axis(at.get("axis", 0), r)
     kx, ki = cx.known(x), cx.known(idx)
     if isinstance(x, SymArray) and ki is not None:
-        return [cx.from_known(np.take(kx, ki.astype(np.int64), axis=axis), x.dtype)]
+        taken = np.take(kx, ki.astype(np.int64), axis=axis)
+        return [cx.from_known(np.asarray(taken, dtype=object).reshape(np.shape(taken)), x.dtype)]
     n = cx.shape(x)[axis]
     if ki is not None and ki.ndim == 0:
         return [cx.op("select", [x], dim=axis, index=int(ki))]
