@@ -434,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=dev)
     elif args.cmd == "fit":
         corr = fit(args.dataset, args.out)
-        json.dump({k: v for k, v in corr.meta.items() if k != "fit_params"}, sys.stdout,
+        json.dump({k: v for k, v in corr.meta.items() if k not in ("fit_params", "device_spec")},
+                  sys.stdout,
                   indent=1)
         sys.stdout.write("\n")
     else:

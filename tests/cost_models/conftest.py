@@ -16,5 +16,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu(cache_dir: Path) -> DeviceSpec:
-    """This CPU, measured with the quick micro-benchmarks into a temporary cache."""
-    return get_device("cpu", cache_dir=cache_dir, quick=True)
+    """This CPU on one thread, measured with the quick micro-benchmarks into a temporary cache.
+
+    One thread: on a shared machine two OpenMP threads can be descheduled mid-barrier and run
+    tens of times slower, while one thread degrades gracefully.
+    """
+    return get_device("cpu", cache_dir=cache_dir, quick=True, threads=1)

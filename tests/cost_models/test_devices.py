@@ -21,7 +21,7 @@ def test_measured_cpu_is_sane(cpu: DeviceSpec) -> None:
 
 def test_cpu_spec_is_cached(cpu: DeviceSpec, cache_dir: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
-    path = cpu_cache_path(cache_dir)
+    path = cpu_cache_path(cache_dir, threads=1)
     assert path.is_file()
     doc = json.loads(path.read_text())
     assert doc["version"] == devices.SPEC_VERSION and doc["name"] == "cpu"
@@ -31,7 +31,7 @@ def test_cpu_spec_is_cached(cpu: DeviceSpec, cache_dir: Path,
     def boom(*a: object, **k: object) -> DeviceSpec:
         raise AssertionError("re-measured despite a cached spec")
     monkeypatch.setattr(devices, "measure_cpu", boom)
-    again = get_device("cpu", cache_dir=cache_dir)
+    again = get_device("cpu", cache_dir=cache_dir, threads=1)
     assert again == DeviceSpec.from_json(doc)
     assert again.peak_flops == cpu.peak_flops
 

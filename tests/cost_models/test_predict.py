@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -25,24 +24,30 @@ def _mlp() -> Graph:
     return b.build()
 
 
-def _median_ms(fn, n: int = 15) -> float:
+def _best_ms(fn, n: int = 15) -> float:
+    """Best of n: other load on a shared machine only ever adds time."""
     fn()
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return min(ts) * 1e3
 
 
 def test_prediction_within_loose_factor(cpu: DeviceSpec) -> None:
     g = _mlp()
-    for batch in (8, 128):
-        x = torch.randn(batch, 512)
-        with torch.inference_mode():
-            measured = _median_ms(lambda x=x: run_graph(g, x))
-        pred = cm.predict_latency_ms(g, cpu, [x], runtime="eager", correction=False)
-        assert measured / 20 < pred < measured * 20, (batch, pred, measured)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(cpu.measured["threads"])   # time like the spec was measured
+    try:
+        for batch in (8, 128):
+            x = torch.randn(batch, 512)
+            with torch.inference_mode():
+                measured = _best_ms(lambda x=x: run_graph(g, x))
+            pred = cm.predict_latency_ms(g, cpu, [x], runtime="eager", correction=False)
+            assert measured / 10 < pred < measured * 10, (batch, pred, measured)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_predict_binds_symbols_from_inputs(cpu: DeviceSpec) -> None:
