@@ -55,6 +55,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     import ember
     from ember.driver import import_model, make_example_inputs
 
+    if not Path(a.model).exists():
+        raise CompilerError(f"{a.model}: no such file")
     passes = a.passes or f"O{a.opt}"
     example = None
     if a.example:
