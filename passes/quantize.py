@@ -1,0 +1,373 @@
+"""Post-training quantization of linear layers, gated per layer by measured speed on this CPU.
+
+Before -> After (scheme w8a8-dynamic)::
+
+    %y = linear(%x, %w, %b)              %y = qlinear_dynamic(%x, %w_q, %w_scale, %b)
+    %z = fused_linear(%x, %w, %b, %r)    %z = qlinear_dynamic(%x, %w_q, %w_scale, %b, %r)
+         {activation=gelu, ...}               {activation=gelu, ...}
+
+Schemes (``quantize{scheme=...}``):
+
+- ``w8a8-dynamic``: int8 per-channel weights, activations quantized per call (u7 per tensor);
+  with ``outliers=true`` (needs calibration) the few massive-activation input channels stay fp32.
+- ``w8a8-static``: activation range calibrated on ``ctx.calib`` (``calib_method`` minmax or
+  percentile).
+- ``w8``, ``w4g32|w4g64|w4g128``: weight-only, group-wise symmetric scales.
+- ``lut2|lut3|lut4`` (optionally ``lut3g64``): non-uniform HLQ codebooks (ELUTQ-style).
+- ``bf16``: bf16 weights and activations.
+
+Gating (``gate=measure``, default): a layer is rewritten only where the roofline predicts the
+kernel is not slower and a cached interleaved micro-benchmark at its (M, K, N) measures it at
+least ``min_speedup`` faster than fp32 (`._qkernels.gate`); M comes from the example inputs.
+``gate=predict`` trusts the roofline, ``gate=always`` rewrites every eligible layer.
+With ``sensitivity=true`` and calibration data, each gated layer is quantized alone and the
+output cosine against fp32 is measured on the calibration inputs; a layer whose drop exceeds
+``max_layer_drop`` falls back along its scheme's chain (w4 -> w8, lut2 -> lut3 -> w8,
+w8a8-dynamic -> w8a8-dynamic with outliers) and finally to fp32. Every decision and its numbers
+go to ``ctx.records["quantize"]`` and from there into the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ember.errors import CompilerError
+from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, evaluate, get_op, rewrite
+from ember.ir.opset_quant import (
+    EPILOGUE_ATTRS,
+    choose_u7_qparams,
+    fit_hlq,
+    pack_bits,
+    quantize_weight_groups,
+    quantize_weight_per_channel,
+)
+from ember.passmanager import PassContext, register_pass
+
+from . import _calib
+from ._qkernels import GateResult, gate
+from ._rewrite import eliminate_dead
+
+__all__ = ["QuantizeConfig", "quantize", "parse_scheme", "SchemeSpec", "linear_candidates",
+           "example_env"]
+
+log = logging.getLogger(__name__)
+
+LINEAR_OPS = ("linear", "fused_linear")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Knobs of the quantize pass (see the module docstring)."""
+
+    scheme: str = "w8a8-dynamic"
+    gate: str = "measure"  # measure | predict | always
+    min_speedup: float = 1.05
+    calib_method: str = "minmax"  # minmax | percentile (static scheme)
+    percentile: float = 99.99
+    outliers: bool = False
+    outlier_ratio: float = 8.0
+    sensitivity: bool = False
+    max_layer_drop: float = 0.002  # 1 - cosine, per layer quantized alone
+    skip: str = ""  # "|"-separated substrings of weight names left in fp32
+    min_features: int = 32
+
+    def __post_init__(self) -> None:
+        parse_scheme(self.scheme)
+        if self.gate not in ("measure", "predict", "always"):
+            raise ValueError(f"gate must be measure, predict or always, got '{self.gate}'")
+        if self.calib_method not in ("minmax", "percentile"):
+            raise ValueError("calib_method must be minmax or percentile")
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    name: str
+    kind: str  # dynamic | static | woq | lut | bf16
+    bits: int = 8
+    group: int = 0  # 0 = whole row
+    outliers: bool = False
+
+
+_SCHEME_RE = re.compile(r"^(?:(w8a8-dynamic|w8a8-static|w8|bf16)|w4g(\d+)|lut([1-4])(?:g(\d+))?)$")
+
+
+def parse_scheme(s: str) -> SchemeSpec:
+    m = _SCHEME_RE.match(s)
+    if not m:
+        raise ValueError(f"unknown quantization scheme '{s}'; known: w8a8-dynamic, "
+                         f"w8a8-static, w8, w4g32, w4g64, w4g128, bf16, lut2, lut3, lut4[gN]")
+    if m.group(1):
+        kind = {"w8a8-dynamic": "dynamic", "w8a8-static": "static", "w8": "woq",
+                "bf16": "bf16"}[m.group(1)]
+        return SchemeSpec(s, kind, 16 if kind == "bf16" else 8)
+    if m.group(2):
+        return SchemeSpec(s, "woq", 4, int(m.group(2)))
+    return SchemeSpec(s, "lut", int(m.group(3)), int(m.group(4) or 128))
+
+
+def _fallbacks(spec: SchemeSpec, has_calib: bool) -> list[SchemeSpec]:
+    """Candidate schemes for one layer, most compressed first (sensitivity fallbacks)."""
+    chain = [spec]
+    if spec.kind == "dynamic" and not spec.outliers and has_calib:
+        chain.append(SchemeSpec(spec.name, "dynamic", 8, 0, outliers=True))
+    if spec.kind == "woq" and spec.bits == 4:
+        chain.append(parse_scheme("w8"))
+    if spec.kind == "lut":
+        if spec.bits < 3:
+            chain.append(parse_scheme(f"lut3g{spec.group}"))
+        chain.append(parse_scheme("w8"))
+    return chain
+
+
+# ----------------------------------------------------------------------------- candidates
+def example_env(g: Graph, ctx: PassContext) -> dict[str, int]:
+    """Symbol values from the example inputs (``ctx.options['example_inputs']``)."""
+    ex = ctx.options.get("example_inputs")
+    if not ex:
+        return {}
+    try:
+        return bind_symbols([v.type.shape for v in g.inputs], [tuple(t.shape) for t in ex],
+                            list(g.input_names or [v.name for v in g.inputs]))
+    except Exception as e:  # shapes that do not bind: fall back to defaults
+        log.warning("example inputs do not bind the graph's symbols: %s", e)
+        return {}
+
+
+def _rows(x: Value, env: dict[str, int], default: int = 128) -> int:
+    m = 1
+    for d in x.type.shape[:-1]:
+        try:
+            m *= int(evaluate(d, env)) if not isinstance(d, int) else d
+        except Exception:
+            m *= default
+            default = 1
+    return max(m, 1)
+
+
+def linear_candidates(g: Graph, skip: str = "",
+                      min_features: int = 1) -> list[tuple[Node, torch.Tensor]]:
+    """(node, fp32 weight) of every linear/fused_linear with a constant 2-d fp32 weight."""
+    skips = [s for s in skip.split("|") if s]
+    out = []
+    for n in g.nodes:
+        if n.op not in LINEAR_OPS or len(n.inputs) < 2 or n.inputs[1] is None:
+            continue
+        x, w = n.inputs[0], n.inputs[1]
+        t = g.weights.get(w.name)
+        if x is None or t is None or t.dim() != 2 or t.dtype != torch.float32:
+            continue
+        if x.type.dtype != "float32" or any(s in w.name for s in skips):
+            continue
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        if bias is not None and bias.name not in g.weights:
+            continue
+        if min(t.shape) < min_features:
+            continue
+        out.append((n, t))
+    return out
+
+
+# ----------------------------------------------------------------------------- emission
+@dataclass
+class _Prepared:
+    op: str
+    tensors: list[tuple[str, torch.Tensor]]  # (suffix, tensor) params after x
+    attrs: dict[str, Any]
+    outlier: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, w_outlier)
+
+
+def prepare(spec: SchemeSpec, w: torch.Tensor, x_range: tuple[float, float] | None = None,
+            outlier_idx: Sequence[int] = ()) -> _Prepared:
+    """Quantized operands of one weight under ``spec``."""
+    w = w.detach().float()
+    n, k = w.shape
+    if spec.kind in ("dynamic", "static"):
+        outlier = None
+        if outlier_idx:
+            idx = torch.tensor(sorted(outlier_idx), dtype=torch.int64)
+            outlier = (idx, w[:, idx].contiguous())
+            w = w.index_fill(1, idx, 0.0)
+        q, s = quantize_weight_per_channel(w)
+        attrs: dict[str, Any] = {}
+        if spec.kind == "static":
+            if x_range is None:
+                raise CompilerError("quantize{scheme=w8a8-static} needs calibration inputs "
+                                    "(ember.compile(..., calib=[...]))")
+            sc, zp = choose_u7_qparams(*x_range)
+            attrs = {"x_scale": sc, "x_zero_point": zp}
+        op = "qlinear_dynamic" if spec.kind == "dynamic" else "qlinear_static"
+        return _Prepared(op, [("q", q), ("scale", s)], attrs, outlier)
+    if spec.kind == "woq":
+        g = spec.group or k
+        q, s = quantize_weight_groups(w, spec.bits, g)
+        return _Prepared("linear_woq", [("q", q), ("scale", s)],
+                         {"bits": spec.bits, "group_size": g})
+    if spec.kind == "lut":
+        codes, coef = fit_hlq(w, spec.bits, spec.group)
+        return _Prepared("lut_linear", [("codes", pack_bits(codes, spec.bits)), ("coef", coef)],
+                         {"bits": spec.bits, "group_size": spec.group, "shape": (n, k)})
+    if spec.kind == "bf16":
+        return _Prepared("linear_bf16", [("bf16", w.to(torch.bfloat16))], {})
+    raise ValueError(spec.kind)
+
+
+def eligible(spec: SchemeSpec, w: torch.Tensor) -> str | None:
+    """Why ``spec`` cannot apply to weight ``w`` (None when it can)."""
+    n, k = w.shape
+    if spec.kind == "woq" and spec.bits == 4 and k % (spec.group or k):
+        return f"in-features {k} not divisible by group {spec.group}"
+    if spec.kind == "lut" and (k % spec.group or k % 8):
+        return f"in-features {k} not divisible by group {spec.group}"
+    return None
+
+
+def emit(node: Node, b: GraphBuilder, prep: _Prepared) -> Value:
+    """Appends the quantized replacement of linear/fused_linear ``node`` to ``b``."""
+    x, w = node.inputs[0], node.inputs[1]
+    assert x is not None and w is not None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    res = node.inputs[3] if len(node.inputs) > 3 else None
+    ins: list[Value | None] = [x]
+    for suffix, t in prep.tensors:
+        ins.append(b.add_param(f"{w.name}_{suffix}", t))
+    epi = {k: node.attrs[k] for k in EPILOGUE_ATTRS if k in node.attrs}
+    if prep.op == "linear_bf16":
+        ins += [bias, res] if res is not None else [bias]
+    else:
+        ins += [bias, res]
+        if prep.outlier is not None:
+            ins += [b.add_param(f"{w.name}_oidx", prep.outlier[0]),
+                    b.add_param(f"{w.name}_ow", prep.outlier[1])]
+    while ins and ins[-1] is None:
+        ins.pop()
+    out = b.op(prep.op, ins, {**prep.attrs, **epi}, loc=node.loc, name=node.output.name)
+    assert isinstance(out, Value)
+    return out
+
+
+def apply(g: Graph, plan: dict[str, _Prepared]) -> Graph:
+    """Rewrites the nodes named (by output) in ``plan``; drops the dead fp32 weights."""
+    def fn(n: Node, b: GraphBuilder) -> list[Value] | None:
+        prep = plan.get(n.outputs[0].name)
+        return None if prep is None else [emit(n, b, prep)]
+    return eliminate_dead(rewrite(g, fn))
+
+
+def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor], Callable]:
+    """``x -> (() -> y)`` running the scheme's op reference on random weights of [n, k]."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    prep = prepare(spec, w, x_range=(-4.0, 4.0))
+    opdef = get_op(prep.op)
+    attrs = opdef.normalize_attrs(dict(prep.attrs))
+    bias = torch.zeros(n)
+
+    def make(x: torch.Tensor) -> Callable[[], Any]:
+        ops: list[torch.Tensor | None] = [x] + [t for _, t in prep.tensors]
+        ops += [bias.to(torch.bfloat16) if spec.kind == "bf16" else bias]
+        return lambda: opdef.reference(ops, attrs)
+    return make
+
+
+# ----------------------------------------------------------------------------- the pass
+@register_pass(config=QuantizeConfig, numerics="approx", provides=("quantized",))
+def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
+    """Quantizes linear layers to the chosen scheme where it is measured faster on this CPU."""
+    spec = parse_scheme(cfg.scheme)
+    if cfg.outliers:
+        spec = SchemeSpec(spec.name, spec.kind, spec.bits, spec.group, outliers=True)
+    calib = _calib.as_input_tuples(ctx.calib) if ctx.calib else None
+    if (spec.kind == "static" or spec.outliers) and not calib:
+        raise CompilerError(f"quantize{{scheme={cfg.scheme}"
+                            f"{',outliers=true' if spec.outliers else ''}}} needs calibration "
+                            f"inputs: ember.compile(..., calib=[input tuples])")
+    cands = linear_candidates(g, cfg.skip, cfg.min_features)
+    env = example_env(g, ctx)
+    stats: dict[str, _calib.ActStats] = {}
+    if calib and (spec.kind == "static" or spec.outliers or cfg.sensitivity):
+        xs = {n.inputs[0].name for n, _ in cands if n.inputs[0] is not None}
+        stats = _calib.collect_stats(g, calib, xs, seed=ctx.seed)
+
+    def prep_for(s: SchemeSpec, n: Node, w: torch.Tensor) -> tuple[_Prepared, dict[str, Any]]:
+        x = n.inputs[0]
+        assert x is not None
+        st = stats.get(x.name)
+        info: dict[str, Any] = {}
+        rng = None
+        if s.kind == "static" and st is not None:
+            rng = _calib.activation_range(st, cfg.calib_method, cfg.percentile)
+            info["x_range"] = [round(rng[0], 5), round(rng[1], 5)]
+        idx: list[int] = []
+        if s.outliers and st is not None:
+            idx = _calib.outlier_channels(st, cfg.outlier_ratio)
+            info["outlier_channels"] = idx
+        return prepare(s, w, rng, idx), info
+
+    layers: list[dict[str, Any]] = []
+    plan: dict[str, tuple[SchemeSpec, Node, torch.Tensor, GateResult]] = {}
+    for n, w in cands:
+        nn_, k = w.shape
+        x = n.inputs[0]
+        assert x is not None
+        m = _rows(x, env)
+        rec: dict[str, Any] = {"node": n.output.name, "weight": n.inputs[1].name,  # type: ignore
+                               "op": n.op, "M": m, "K": k, "N": nn_}
+        why = eligible(spec, w)
+        if why:
+            rec.update(decision="fp32", reason=why)
+            layers.append(rec)
+            continue
+        gr = gate(m, k, nn_, cfg.scheme, kernel_factory(spec, nn_, k), mode=cfg.gate,
+                  min_speedup=cfg.min_speedup)
+        rec["gate"] = gr.to_json()
+        if not gr.apply:
+            rec.update(decision="fp32", reason=gr.reason)
+        else:
+            plan[n.output.name] = (spec, n, w, gr)
+            rec.update(decision=spec.name, reason=gr.reason)
+        layers.append(rec)
+
+    final: dict[str, _Prepared] = {}
+    by_node = {r["node"]: r for r in layers}
+    if cfg.sensitivity and calib and plan:
+        ref_out = [_calib.run_graph(g, a) for a in calib]
+        for name, (s0, n, w, _) in plan.items():
+            chosen = None
+            trials = []
+            for s in _fallbacks(s0, True):
+                if eligible(s, w):
+                    continue
+                prep, info = prep_for(s, n, w)
+                g1 = apply(g, {name: prep})
+                cos = _calib.output_fidelity(ref_out, [_calib.run_graph(g1, a) for a in calib])
+                trials.append({"scheme": s.name + ("+outliers" if s.outliers else ""),
+                               "cosine": round(cos, 6), **info})
+                if 1.0 - cos <= cfg.max_layer_drop:
+                    chosen = prep
+                    break
+            by_node[name]["sensitivity"] = trials
+            if chosen is None:
+                by_node[name].update(decision="fp32",
+                                     reason=f"every scheme drops > {cfg.max_layer_drop} alone")
+            else:
+                final[name] = chosen
+                by_node[name]["decision"] = trials[-1]["scheme"]
+    else:
+        for name, (s0, n, w, _) in plan.items():
+            final[name], info = prep_for(s0, n, w)
+            by_node[name].update(info)
+
+    out = apply(g, final) if final else g
+    ctx.record("quantize", scheme=cfg.scheme, gate=cfg.gate, min_speedup=cfg.min_speedup,
+               candidates=len(cands), quantized=len(final),
+               param_bytes_before=g.param_bytes(), param_bytes_after=out.param_bytes(),
+               layers=layers)
+    log.info("quantize %s: %d/%d linears rewritten, params %.1f -> %.1f MB", cfg.scheme,
+             len(final), len(cands), g.param_bytes() / 1e6, out.param_bytes() / 1e6)
+    return out
