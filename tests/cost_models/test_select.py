@@ -42,7 +42,7 @@ def test_transfer_cost_keeps_tiny_work_on_host(cpu: DeviceSpec) -> None:
     x = b.add_input("x", TensorType("float32", (4096, 4096)))
     b.set_outputs([b.op("relu", [x])])
     g = b.build()
-    slow_cpu = DeviceSpec(name="slowcpu", kind="cpu", peak_flops={"float32": 1e9},
+    slow_cpu = DeviceSpec(name="slowcpu", kind="cpu", peak_flops={"float32": 100e9},
                           mem_bw=200e9, launch_overhead_s=5e-6, cores=2)
     p = choose_placement(g, {"cpu": _all, "cuda": _all},
                          devices={"cpu": slow_cpu, "cuda": H100_SXM})
