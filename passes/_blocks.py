@@ -767,3 +767,28 @@ def reduce_tokens(g: Graph, report: BlockReport, reducers: Mapping[int, Reducer]
     rb.b.outputs = outs
     rb.b.output_names = list(g.output_names)
     return rb.b.build()
+
+
+# ============================================================================ FLOPs
+def graph_flops(g: Graph, env: Mapping[str, int]) -> int:
+    """Multiply-add FLOPs (x2) of the matmul-like nodes of ``g`` at symbol values ``env``."""
+    import math
+
+    def ev(shape: Sequence[Dim]) -> list[int]:
+        return [evaluate(d, env) for d in shape]
+
+    total = 0
+    for n in g.nodes:
+        if n.op in ("linear", "fused_linear", "qlinear") and n.inputs[1] is not None:
+            x, w = ev(n.inputs[0].type.shape), ev(n.inputs[1].type.shape)  # type: ignore[union-attr]
+            total += 2 * math.prod(x) * w[0]
+        elif n.op == "matmul":
+            a, o = ev(n.inputs[0].type.shape), ev(n.output.type.shape)  # type: ignore[union-attr]
+            total += 2 * math.prod(o) * a[-1]
+        elif n.op == "attention":
+            q, k, v = (ev(u.type.shape) for u in n.inputs[:3])  # type: ignore[union-attr]
+            total += 2 * math.prod(q) * k[-2] + 2 * math.prod(q[:-1]) * k[-2] * v[-1]
+        elif n.op in ("conv", "fused_conv"):
+            o, w = ev(n.output.type.shape), ev(n.inputs[1].type.shape)  # type: ignore[union-attr]
+            total += 2 * math.prod(o) * math.prod(w[1:])
+    return total

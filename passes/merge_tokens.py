@@ -66,7 +66,7 @@ class MergeTokensConfig:
 def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
     """r per block (ints, or sympy expressions for ``ratio`` on a symbolic token count)."""
     nb = len(rep.blocks)
-    if cfg.per_layer:
+    if str(cfg.per_layer).strip():
         rs: list[Any] = [int(x) for x in str(cfg.per_layer).split("|") if x.strip()]
         rs = (rs + [0] * nb)[:nb]
     elif cfg.schedule == "decreasing":
@@ -77,7 +77,7 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
     n: Dim = rep.tokens if rep.tokens is not None else 0
     frac = Fraction(cfg.ratio).limit_denominator(1000)
     for r in rs:
-        if cfg.ratio > 0 and not cfg.per_layer:
+        if cfg.ratio > 0 and not str(cfg.per_layer).strip():
             r = floor_div(simplify((n - rep.protect) * frac.numerator), 2 * frac.denominator)
         elif isinstance(n, int):
             r = max(0, min(r, (n - rep.protect) // 2))

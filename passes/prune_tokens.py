@@ -70,7 +70,7 @@ class PruneTokensConfig:
 def prune_plan(cfg: PruneTokensConfig, rep: BlockReport) -> dict[int, Dim]:
     """Block index -> tokens kept (beyond the protected ones) at that block."""
     nb = len(rep.blocks)
-    if cfg.layers:
+    if str(cfg.layers).strip():
         idx = sorted({int(x) for x in str(cfg.layers).split("|") if x.strip()} & set(range(nb)))
     else:
         idx = list(range(cfg.start, nb, max(cfg.every, 1)))
