@@ -60,6 +60,8 @@ __all__ = [
     "decode_sparse",
     "qgemm_dynamic",
     "qgemm_static",
+    "spmm_linear",
+    "encode_sparse",
 ]
 
 U7_QMAX = 127  # 7-bit unsigned activations (reduce_range): exact int16 pair sums on AVX2
@@ -295,6 +297,29 @@ def decode_sparse(values: torch.Tensor, indices: torch.Tensor, attrs: Attrs) -> 
     raise ValueError(f"unknown sparse format '{fmt}'")
 
 
+def encode_sparse(w: torch.Tensor, fmt: str, n: int = 2, m: int = 4,
+                  block: tuple[int, int] = (4, 4)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) storage of an already-pruned dense weight (inverse of decode)."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    if fmt == "nm":
+        g = w.reshape(out_f, in_f // m, m)
+        pos = torch.topk((g != 0).float() + g.abs() * 1e-30, n, dim=2).indices.sort(2).values
+        vals = torch.gather(g, 2, pos)
+        return vals.reshape(out_f, -1).contiguous(), pos.to(torch.uint8).reshape(out_f, -1)
+    if fmt == "block":
+        bh, bw = block
+        blocks = w.reshape(out_f // bh, bh, in_f // bw, bw).permute(0, 2, 1, 3)
+        nz = torch.nonzero(blocks.abs().amax((2, 3)) > 0)  # sorted by (row, col)
+        vals = blocks[nz[:, 0], nz[:, 1]].contiguous()
+        return vals, nz.to(torch.int32)
+    if fmt == "csr":
+        c = w.to_sparse_csr()
+        idx = torch.cat([c.crow_indices(), c.col_indices()]).to(torch.int32)
+        return c.values().contiguous(), idx
+    raise ValueError(f"unknown sparse format '{fmt}'")
+
+
 # ----------------------------------------------------------------------------- shared infer
 def _req(types: Types, i: int, op: str) -> TensorType:
     t = types[i] if i < len(types) else None
@@ -478,21 +503,67 @@ def _sparse_infer(types: Types, attrs: Attrs) -> list[TensorType]:
         raise OpTypeError(f"{op}: block {attrs['block']} does not tile [{out_f}, {in_f}]")
     if not is_float(vals.dtype) or idx.dtype not in ("uint8", "int16", "int32", "int64"):
         raise OpTypeError(f"{op}: bad storage {vals}, {idx}")
+    sparse_ok = fmt == "csr" or (fmt == "block" and attrs["block"][0] == attrs["block"][1])
+    if attrs["compute"] not in ("dense", "sparse") or (attrs["compute"] == "sparse"
+                                                       and not sparse_ok):
+        raise OpTypeError(f"{op}: compute must be dense, or sparse for csr / square blocks")
     y = _linear_out(op, x, out_f, in_f)
     _check_epilogue(op, y, types, attrs)
     return [y]
 
 
+def _sparse_weight(values: torch.Tensor, indices: torch.Tensor, fmt: str, out_f: int,
+                   in_f: int, bh: int, bw: int) -> torch.Tensor:
+    """The stored weight as a torch CSR/BSR tensor (metadata rebuilt per call: O(nnz rows))."""
+    if fmt == "csr":
+        crow = indices[: out_f + 1].to(torch.int64)
+        col = indices[out_f + 1:].to(torch.int64)
+        return torch.sparse_csr_tensor(crow, col, values, (out_f, in_f), check_invariants=False)
+    idx = indices.to(torch.int64)  # block coordinates, sorted by (row, col)
+    counts = torch.bincount(idx[:, 0], minlength=out_f // bh)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    with warnings.catch_warnings():  # "BSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_bsr_tensor(crow, idx[:, 1], values, (out_f, in_f),
+                                       check_invariants=False)
+
+
+@torch.library.custom_op("ember::spmm_linear", mutates_args=())
+def spmm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                bias: torch.Tensor | None, fmt: str, out_f: int, in_f: int, bh: int,
+                bw: int) -> torch.Tensor:
+    """y = x @ W.T + b with W sparse (CSR or BSR), computed by torch.sparse (MKL)."""
+    w = _sparse_weight(values, indices, fmt, out_f, in_f, bh, bw)
+    x2 = x.reshape(-1, in_f)
+    y = torch.sparse.mm(w, x2.t().contiguous()).t().contiguous()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+@spmm_linear.register_fake
+def _(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
+      fmt: str, out_f: int, in_f: int, bh: int, bw: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_f)
+
+
 def _sparse_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
-    """Load-as-sparse, compute-as-dense: decode the stored weight, then a dense GEMM."""
+    """``compute="dense"``: load-as-sparse, compute-as-dense (decode, then a dense GEMM);
+    ``compute="sparse"``: sparse x dense product (CSR/BSR formats only)."""
     assert x[0] is not None and x[1] is not None and x[2] is not None
+    if a["compute"] == "sparse":
+        bh, bw = a["block"] if a["format"] == "block" else (1, 1)
+        out_f, in_f = a["shape"]
+        y = spmm_linear(x[0], x[1], x[2], _opt(x, 3), a["format"], out_f, in_f, bh, bw)
+        return _epilogue(y, x, a)
     w = decode_sparse(x[1], x[2], a).to(x[0].dtype)
     return _epilogue(F.linear(x[0], w, _opt(x, 3)), x, a)
 
 
 _reg("sparse_linear", _sparse_infer, _sparse_ref,
-     {"shape": REQUIRED, "format": REQUIRED, "n": 2, "m": 4, "block": (4, 4)}, 3, 5,
-     "pruned linear in compressed storage (N:M, block or CSR), dense compute")
+     {"shape": REQUIRED, "format": REQUIRED, "n": 2, "m": 4, "block": (4, 4),
+      "compute": "dense"}, 3, 5,
+     "pruned linear in compressed storage (N:M, block or CSR), dense or sparse compute")
 
 
 # ----------------------------------------------------------------------------- linear_bf16
