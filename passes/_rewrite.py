@@ -64,14 +64,21 @@ class Fail:
 class Emitter:
     """What an emit function builds with: a `GraphBuilder` plus the value mapping."""
 
-    def __init__(self, b: GraphBuilder, env: dict[str, Value], root: Node) -> None:
+    def __init__(self, b: GraphBuilder, env: dict[str, Value], root: Node,
+                 used: set[str] | None = None) -> None:
         self.b = b
         self._env = env
+        self._used = used if used is not None else set()
         self.root = root
 
     def v(self, value: Value | None) -> Value | None:
         """The current value standing for snapshot value ``value``."""
-        return None if value is None else self._env.get(value.name, value)
+        if value is None:
+            return None
+        if value.name in self._env:
+            self._used.add(value.name)
+            return self._env[value.name]
+        return value
 
     def op(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, Any] | None = None,
            name: str | None = None) -> Value:
@@ -169,14 +176,16 @@ def same_type(a: Value, b: Value) -> bool:
 
 
 def rebuild(g: Graph, plan: Mapping[Node, EmitFn],
-            emitted: dict[Node, list[str]] | None = None) -> Graph:
+            emitted: dict[Node, list[str]] | None = None, used: set[str] | None = None) -> Graph:
     """A new graph where each node in ``plan`` is replaced by what its emit function builds.
 
     Emit functions run at the position of their node, so they may use any value defined
     before it. A replacement must have the type of the value it replaces (checked). An emit
     function may return None for an output that has no users. ``emitted``, when given, gets
-    the names of the replacement values of each planned node.
+    the names of the replacement values of each planned node; ``used`` gets the names of the
+    replaced values that something read (through their replacement).
     """
+    used = used if used is not None else set()
     b = GraphBuilder(g.name)
     b.meta = dict(g.meta)
     for v, name in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
@@ -191,14 +200,19 @@ def rebuild(g: Graph, plan: Mapping[Node, EmitFn],
     env: dict[str, Value] = {}
 
     def m(v: Value | None) -> Value | None:
-        return None if v is None else env.get(v.name, v)
+        if v is None:
+            return None
+        if v.name in env:
+            used.add(v.name)
+            return env[v.name]
+        return v
 
     for n in g.nodes:
         emit = plan.get(n)
         if emit is None:
             b.nodes.append(Node(n.op, tuple(m(v) for v in n.inputs), n.outputs, n.attrs, n.loc))
             continue
-        repl = list(emit(Emitter(b, env, n)))
+        repl = list(emit(Emitter(b, env, n, used)))
         if emitted is not None:
             emitted[n] = [v.name for v in repl if v is not None]
         if len(repl) != len(n.outputs):
@@ -264,12 +278,14 @@ def apply_rules(g: Graph, rules: Iterable[Rule], ctx: PassContext, pass_name: st
         if not plan:
             break
         emitted: dict[Node, list[str]] = {}
-        g = eliminate_dead(rebuild(g, plan, emitted))
-        # a match inside a bigger one in the same round is dead now: count only live ones
+        used: set[str] = set()
+        g = eliminate_dead(rebuild(g, plan, emitted, used))
+        # a match inside a bigger one of the same round is dead now: count only rewrites
+        # whose replacement survives and was read by something
         live = {v.name for v in (*g.inputs, *g.params)} | {
             v.name for n in g.nodes for v in n.outputs}
         for n, names in emitted.items():
-            if not names or any(name in live for name in names):
+            if any(name in live for name in names) and any(v.name in used for v in n.outputs):
                 hits[rule_of[n]] += 1
     ctx.record(pass_name, hits=dict(hits), misses=dict(misses))
     if hits:
