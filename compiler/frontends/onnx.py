@@ -106,14 +106,18 @@ def import_onnx(
         FrontendError: the model cannot be read, is malformed, or uses an unknown opset.
         UnsupportedOpError: listing every ONNX node that has no Ember mapping.
     """
-    proto, path = _load(model)
-    proto = _check_and_infer(proto, path)
     try:
+        proto, path = _load(model)
+        proto = _check_and_infer(proto, path)
         return _Importer(proto, path, input_shapes or {}).run()
     except CompilerError:
         raise
     except (RecursionError, MemoryError) as e:
         raise FrontendError(f"ONNX model too large or deeply nested to import: {e}") from None
+    except Exception as e:  # a malformed model that slipped past the checker: still one line
+        log.debug("ONNX import failed", exc_info=True)
+        raise FrontendError(f"cannot import ONNX model: {type(e).__name__}: {_one_line(e)}") \
+            from e
 
 
 def supported_onnx_ops() -> list[str]:
@@ -145,6 +149,13 @@ def _load(model: str | Path | onnx.ModelProto | bytes) -> tuple[onnx.ModelProto,
     except Exception as e:
         raise FrontendError(f"cannot load external data of {p}: {_one_line(e)}") from None
     return m, str(p)
+
+
+def _dtype_str(et: int) -> str:
+    try:
+        return helper.tensor_dtype_to_string(et).replace("TensorProto.", "")
+    except (KeyError, ValueError):
+        return f"elem_type {et}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -310,7 +321,7 @@ class _Importer:
     def _initializer(self, t: onnx.TensorProto) -> Any:
         if t.data_type not in ONNX_DTYPES:
             self.unsupported.append(UnsupportedOp(
-                f"initializer dtype {helper.tensor_dtype_to_string(t.data_type)}",
+                f"initializer dtype {_dtype_str(t.data_type)}",
                 f"initializer '{t.name}'"))
             return _POISON
         try:
@@ -327,7 +338,7 @@ class _Importer:
         tt = i.type.tensor_type
         if tt.elem_type not in ONNX_DTYPES:
             self.unsupported.append(UnsupportedOp(
-                f"input dtype {helper.tensor_dtype_to_string(tt.elem_type)}",
+                f"input dtype {_dtype_str(tt.elem_type)}",
                 f"input '{i.name}'"))
             return _POISON
         override = self.input_shapes.get(i.name)
@@ -522,7 +533,7 @@ def _attr_value(a: onnx.AttributeProto) -> Any:
 
 def _tensor_attr(cx: _Importer, t: onnx.TensorProto) -> torch.Tensor:
     if t.data_type not in ONNX_DTYPES:
-        raise _Unsupported(f"tensor of dtype {helper.tensor_dtype_to_string(t.data_type)}")
+        raise _Unsupported(f"tensor of dtype {_dtype_str(t.data_type)}")
     return _np_to_torch(numpy_helper.to_array(t), ONNX_DTYPES[t.data_type])
 
 
@@ -679,7 +690,7 @@ def _cast(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
     to = at.get("to") if node.op_type == "Cast" else None
     dt = ONNX_DTYPES.get(to) if to is not None else cx.dtype(ins[1])
     if dt is None:
-        raise _Unsupported(f"cast to {helper.tensor_dtype_to_string(to)}")
+        raise _Unsupported(f"cast to {_dtype_str(to)}")
     x = ins[0]
     if isinstance(x, SymArray):
         if dt in ("float32", "float64", "float16", "bfloat16") or dt.startswith("int"):
