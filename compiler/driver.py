@@ -32,6 +32,8 @@ __all__ = ["compile", "CompiledModel", "import_model", "make_example_inputs", "T
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "mobile", "reference")
+# the cost model's device for each target (cuda: an H100-class GPU; mobile: a phone big core)
+DEVICE_OF_TARGET = {"cpu": "cpu", "reference": "cpu", "cuda": "h100", "mobile": "phone"}
 
 
 # ----------------------------------------------------------------------------- frontends
@@ -193,6 +195,25 @@ class CompiledModel:
             outs = [o.detach().cpu().numpy() for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def _runtime_kind(self) -> str:
+        prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
+        return "eager" if (prog.get("chosen") or prog.get("kind")) in ("eager", None) or \
+            self.backend == "reference" else "inductor"
+
+    def predicted_latency_ms(self, *inputs: Any, device: str | None = None) -> float:
+        """The cost model's predicted latency of one call at these inputs' shapes.
+
+        Args:
+            inputs: example inputs (tensors, arrays) or a single {symbol: value} mapping.
+            device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.
+        """
+        from ember import cost_models
+
+        dev = device or DEVICE_OF_TARGET.get(self.target, "cpu")
+        arg: Any = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], Mapping) \
+            else list(inputs)
+        return cost_models.predict_latency_ms(self.graph, dev, arg, runtime=self._runtime_kind())
+
     def save(self, path: str | os.PathLike) -> Path:
         from .artifact import save_artifact
 
@@ -288,6 +309,9 @@ def compile(  # noqa: A001  (the public name is ember.compile)
             backend_name = "reference"
             program = get_backend("reference").compile(g, example)
     placement.update({"backend": backend_name, "program": dict(getattr(program, "info", {}))})
+    cost = _cost_estimate(g, target, example, placement)
+    if cost:
+        placement["cost_model"] = cost
     fidelity: dict[str, Any] = {}
     if check_fidelity:
         with pr.stage("fidelity check vs reference"):
@@ -315,3 +339,26 @@ def _split_calib(calib: Any) -> tuple[list[tuple[Any, ...]] | None, Any]:
         inputs, labels = calib, None
     norm = [tuple(x) if isinstance(x, list | tuple) else (x,) for x in inputs]
     return norm, labels
+
+
+def _cost_estimate(g: Graph, target: str, example: Sequence[Any],
+                   placement: Mapping[str, Any]) -> dict[str, Any]:
+    """The cost model's view of the compiled graph at the example shapes (for the manifest).
+
+    Never fails the compile: a cost-model problem is logged and the record left empty.
+    """
+    try:
+        from ember import cost_models
+
+        prog = placement.get("program") or {}
+        runtime = "eager" if placement.get("backend") == "reference" or \
+            (prog.get("chosen") or prog.get("kind")) == "eager" else "inductor"
+        dev = cost_models.get_device(DEVICE_OF_TARGET.get(target, "cpu"))
+        symbols = cost_models.symbols_from_inputs(g, example)
+        est = cost_models.estimate_graph(g, dev, symbols, runtime=runtime)
+        return {"device": dev.name, "runtime": runtime, "symbols": symbols,
+                "predicted_ms": round(est.total_ms, 4),
+                "by_class_us": {k: round(v, 2) for k, v in est.by_class().items()}}
+    except Exception as e:  # noqa: BLE001  (the estimate is advisory)
+        log.warning("cost model estimate failed: %s", e)
+        return {}

@@ -37,7 +37,10 @@ class Interpreter:
         self.graph = graph
         self._steps = []
         for n in graph.nodes:
-            self._steps.append((n, get_op(n.op).reference, _has_sym(n.attrs)))
+            opdef = get_op(n.op)
+            # trailing optional inputs absent from the node reach the reference as None
+            pad = max(0, opdef.max_inputs - len(n.inputs)) if opdef.max_inputs < 64 else 0
+            self._steps.append((n, opdef.reference, _has_sym(n.attrs), pad))
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         g = self.graph
@@ -48,9 +51,9 @@ class Interpreter:
                            list(g.input_names or [v.name for v in g.inputs]))
         vals: dict[str, torch.Tensor] = {v.name: t for v, t in zip(g.inputs, tensors)}
         vals.update(g.weights)
-        for n, ref, has_sym in self._steps:
+        for n, ref, has_sym, pad in self._steps:
             attrs = {k: concretize(a, env) for k, a in n.attrs.items()} if has_sym else n.attrs
-            ins = [None if v is None else vals[v.name] for v in n.inputs]
+            ins = [None if v is None else vals[v.name] for v in n.inputs] + [None] * pad
             try:
                 out = ref(ins, attrs)
             except Exception as e:  # name the node: the user sees which op broke
