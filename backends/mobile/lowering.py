@@ -49,8 +49,14 @@ def _concrete(g: Graph, example: Sequence[torch.Tensor]) -> list[TensorType]:
 
 def _ir_origin(gm: torch.fx.GraphModule) -> dict[str, tuple[str, str]]:
     """fx node name -> (ember op, source location) for the lowered module's calls."""
-    return {n.name: (n.meta["ember_op"], n.meta.get("ember_loc", ""))
-            for n in gm.graph.nodes if "ember_op" in n.meta}
+    out = {}
+    for n in gm.graph.nodes:
+        if "ember_op" in n.meta:
+            loc = n.meta.get("ember_loc", "")
+            where = f"IR node %{n.name}"
+            out[n.name] = (n.meta["ember_op"],
+                           where if loc in ("", "<unknown location>") else f"{loc} ({where})")
+    return out
 
 
 def _origin_of(node: torch.fx.Node, origin: Mapping[str, tuple[str, str]]) -> tuple[str, str]:
