@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ember.ir import Graph, Node, Value, bind_symbols, evaluate, get_op, to_torch_dtype
-from ember.ir.shapes import Dim, dims_equal
+from ember.ir.shapes import Dim, dims_equal, simplify
 
 __all__ = ["Block", "BlockReport", "find_blocks", "evaluate_values", "MATMUL_OPS", "NORM_OPS"]
 
@@ -474,6 +474,9 @@ class _Rebuild:
         self.axes: dict[str, dict[int, int]] = {}
         self.stages: list[Stage] = []
         self.new_nodes: dict[str, Node] = {}
+        # token axes merged with inner axes (MultiheadAttention's [N*B, D] out-projection):
+        # (value name, axis) -> inner factor; the axis size is tokens * factor
+        self.factor: dict[tuple[str, int], Dim] = {}
         self._lifted: dict[tuple[str, tuple[int, ...], int], Value] = {}
         self._bias: dict[int, Value] = {}
         self._neg_inf: Value | None = None
@@ -529,7 +532,6 @@ class _Rebuild:
             return
         s = stage_max
         n0 = self.stages[0].n
-        rank_out = n.outputs[0].type.rank
         # bring every input with a token axis up to stage s
         for i, v in enumerate(ins):
             if v is None:
@@ -572,7 +574,23 @@ class _Rebuild:
         if out_axes is not None:
             for v in outs[:1]:
                 self.axes[v.name] = {a: s for a in out_axes}
-        del rank_out
+                self._carry_factor(n, ins, v, out_axes, attrs)
+
+    def _carry_factor(self, n: Node, ins: Sequence[Value | None], out: Value,
+                      out_axes: set[int], attrs: Mapping[str, Any]) -> None:
+        x0 = ins[0]
+        if x0 is None or n.op == "reshape":
+            return
+        if n.op == "permute":
+            perm = [p % out.type.rank for p in attrs["perm"]]
+            for i, p in enumerate(perm):
+                if (x0.name, p) in self.factor and i in out_axes:
+                    self.factor[(out.name, i)] = self.factor[(x0.name, p)]
+            return
+        if x0.type.rank == out.type.rank:
+            for a in out_axes:
+                if (x0.name, a) in self.factor:
+                    self.factor[(out.name, a)] = self.factor[(x0.name, a)]
 
     def _emit_plain(self, n2: Node, tracked: list[dict[int, int] | None]) -> None:
         self.b.nodes.append(n2)
@@ -702,21 +720,40 @@ class _Rebuild:
         so = self.old_values[n.outputs[0].name].type.shape
         shape = list(attrs["shape"])
         out = set()
+        new_in = self._m(x0)
+        assert new_in is not None
         for a in t0:
             pre = numel(si[:a])
-            hit = None
+            f_in = self.factor.get((new_in.name, a), 1)
+            n_old = _ratio(si[a], f_in)
+            hit, f_out = None, None
             for j in range(len(so)):
-                if dims_equal(numel(so[:j]), pre) and dims_equal(so[j], si[a]):
-                    hit = j
+                if not dims_equal(numel(so[:j]), pre):
+                    continue
+                f = _ratio(so[j], n_old)
+                if f is not None:
+                    hit, f_out = j, f
                     break
             if hit is None:
                 raise TokenRewriteError(f"reshape %{n.outputs[0].name} {tuple(si)} -> "
-                                        f"{tuple(so)} splits or merges the token axis")
+                                        f"{tuple(so)} splits the token axis")
             out.add(hit)
+            if f_out != 1:
+                self.factor[(n.outputs[0].name, hit)] = f_out
             if n_s is not None and not (isinstance(shape[hit], int) and shape[hit] == -1):
-                shape[hit] = n_s
+                shape[hit] = simplify(n_s * f_out)
         attrs["shape"] = tuple(shape)
         return out
+
+
+def _ratio(a: Dim, b: Dim) -> Dim | None:
+    """a / b when it is a whole number (or an integer expression), else None."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b if b and a % b == 0 else None
+    if dims_equal(a, b):
+        return 1
+    r = simplify(a / b)
+    return r if isinstance(r, int) or getattr(r, "is_integer", False) else None
 
 
 def reduce_tokens(g: Graph, report: BlockReport, reducers: Mapping[int, Reducer],
