@@ -249,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip", default="", help="runners to skip: inductor,ort,ember")
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
+    ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
     args = ap.parse_args(argv)
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())))
+        return 0
     torch.set_num_threads(THREADS)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in CASES]
@@ -265,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + "  | rel err: " + ", ".join(f"{n} {v:.1e}" for n, v in r["error"].items()),
                   flush=True)
             results.append(r)
+            if args.json_out:  # after every case: a long run that is cut short keeps its data
+                Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     print()
     print(f"torch {torch.__version__}, {THREADS} threads, median of {args.repeats} interleaved "
           f"runs after {args.warmup} warm-up rounds")

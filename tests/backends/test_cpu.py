@@ -265,3 +265,44 @@ def test_auto_mode_measures_both_and_ships_the_faster(tmp_path: Path) -> None:
     for shp in [(2, 9, 8), (1, 4, 8), (5, 13, 8)]:
         x = torch.randn(*shp)
         close(prog(x), run_graph(g, x))
+
+
+# ----------------------------------------------------------------------------- zoo models
+def _zoo_graph(name: str, **kw: object) -> tuple[object, Graph]:
+    import zoo
+
+    from ember.frontends.fx import import_module
+    from ember.passmanager import PassContext, PassManager
+
+    zm = zoo.get(name, **kw)
+    g0 = import_module(zm.model, tuple(zm.example_inputs), dynamic_dims=zm.dynamic_dims,
+                       input_names=zm.input_names)
+    g = PassManager("O2", verify_each=True).run(g0, PassContext(target="cpu"))
+    return zm, g
+
+
+def _check_zoo(name: str, sizes: list[dict[str, int]], tmp_path: Path) -> CpuProgram:
+    zm, g = _zoo_graph(name)
+    prog = compile_graph(g, list(zm.example_inputs), mode="aoti", workdir=tmp_path)
+    for dims in sizes:
+        xs = zm.make_inputs(**dims)
+        close(prog(*xs), run_graph(g, *xs))
+        with torch.no_grad():
+            want = zm.model(*xs)
+        want_t = want if isinstance(want, torch.Tensor) else want[0]
+        close(prog(*xs)[:1], [want_t])
+    return prog
+
+
+def test_zoo_mlp_aoti_matches_reference_and_eager_model(tmp_path: Path) -> None:
+    _check_zoo("mlp", [{}, {"batch": 7}], tmp_path)
+
+
+@pytest.mark.slow
+def test_zoo_bert_small_aoti_dynamic(tmp_path: Path) -> None:
+    _check_zoo("bert", [{}, {"batch": 3, "seq": 13}], tmp_path)
+
+
+@pytest.mark.slow
+def test_zoo_resnet_small_aoti(tmp_path: Path) -> None:
+    _check_zoo("resnet", [{}, {"batch": 3}], tmp_path)
