@@ -367,6 +367,13 @@ class _Importer:
             if isinstance(val, torch.Tensor):
                 for d, s in self.dyn.get(name, {}).items():
                     self.syms.bind(val.shape[d % val.dim()], s)
+        for (n, _), name in zip(user, self.names):
+            val = n.meta.get("val")
+            for d, s in self.dyn.get(name, {}).items():
+                if isinstance(val, torch.Tensor) and isinstance(val.shape[d % val.dim()], int):
+                    log.warning("input '%s' dim %d ('%s') was specialized to %d by torch.export "
+                                "(an example size of 0 or 1, or a model guard); it is static",
+                                name, d, s, val.shape[d % val.dim()])
         for n, spec in zip(placeholders, specs):
             kind = spec.kind.name
             if kind == "USER_INPUT":
@@ -388,6 +395,7 @@ class _Importer:
         self.b.meta["frontend"] = "fx"
         self.b.meta["dynamic_dims"] = {k: {str(d): s for d, s in v.items()}
                                        for k, v in self.dyn.items()}
+        self.b.meta["dim_ranges"] = self._dim_ranges()
         outputs_node = None
         for n in gm.graph.nodes:
             if n.op == "call_function":
@@ -401,6 +409,18 @@ class _Importer:
         assert outputs_node is not None
         self._set_outputs(outputs_node)
         return self.b.build()
+
+    def _dim_ranges(self) -> dict[str, list[int | None]]:
+        """symbol -> [min, max] (max None when unbounded), from torch's range constraints."""
+        out: dict[str, list[int | None]] = {}
+        for s, vr in self.ep.range_constraints.items():
+            named = self.syms.map.get(s)
+            if named is None:
+                continue
+            lo, hi = vr.lower, vr.upper
+            out[named.name] = [int(lo) if isinstance(lo, sympy.Integer) else None,
+                               int(hi) if isinstance(hi, sympy.Integer) else None]
+        return out
 
     def _set_outputs(self, out_node: torch.fx.Node) -> None:
         flat = list(out_node.args[0])

@@ -58,6 +58,7 @@ def test_dynamic_dims_run_at_two_shapes(name: str) -> None:
     for v, n in zip(g.inputs, g.input_names):
         for d, s in z.dynamic_dims.get(n, {}).items():
             assert v.type.shape[d] == sym(s), f"{n} dim {d} is {v.type.shape[d]}, not {s}"
+            assert s in g.meta["dim_ranges"]
     for dims in ({"batch": 3, "seq": 5}, {"batch": 1, "seq": 11}):
         ins = z.make_inputs(**dims)
         assert_matches(run_graph(g, *ins), eager_outputs(z.model, ins))
@@ -152,3 +153,15 @@ def test_indexing_split_and_views() -> None:
     g = fx.import_module(_Indexing(), (x, i))
     verify(g)
     assert_matches(run_graph(g, x, i), eager_outputs(_Indexing(), (x, i)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("resnet", "50"), ("bert", "base"), ("vit", "base"),
+                                       ("gpt2", "base"), ("mobilenet_v2", "base")])
+def test_full_size_models(name: str, size: str) -> None:
+    z = zoo.get(name, size=size, batch=1)
+    g = fx.import_module(z.model, z.example_inputs, z.dynamic_dims, z.input_names)
+    verify(g)
+    n_params = sum(p.numel() for p in z.model.parameters())
+    assert sum(t.numel() for t in g.weights.values()) >= 0.9 * n_params
+    assert_matches(run_graph(g, *z.example_inputs), eager_outputs(z.model, z.example_inputs))
