@@ -15,6 +15,7 @@ than eager. The measurements and the reason go into ``program.info``.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import statistics
 import tempfile
@@ -159,12 +160,42 @@ def _trace_inputs(g: Graph, inputs: Sequence[torch.Tensor], dynamic: bool) -> li
     return out
 
 
-def _dynamic_shapes(g: Graph, auto: bool) -> list[dict[int, Any]]:
+_FIX_RE = re.compile(r"^\s*(\w+) = (?:Dim\('(\w+)'(.*)\)|(\d+))\s*$")
+_BOUND_RE = re.compile(r"(min|max)=(\d+)")
+
+
+def _suggested_fixes(msg: str) -> dict[str, dict[str, int] | int] | None:
+    """Parses torch.export's "Suggested fixes" (``seq = Dim('seq', max=512)``, ``batch = 1``).
+
+    Returns symbol -> bounds or a static value; None when a fix is not of those forms.
+    """
+    if "Suggested fixes" not in msg:
+        return None
+    fixes: dict[str, dict[str, int] | int] = {}
+    for line in msg.split("Suggested fixes", 1)[1].splitlines()[1:]:
+        if not line.strip():
+            continue
+        m = _FIX_RE.match(line)
+        if m is None:
+            if "=" in line:
+                return None  # a derived-dim fix (seq = 2*_seq): not handled here
+            break
+        if m.group(4) is not None:
+            fixes[m.group(1)] = int(m.group(4))
+        else:
+            fixes[m.group(1)] = {k: int(v) for k, v in _BOUND_RE.findall(m.group(3))}
+    return fixes or None
+
+
+def _dynamic_shapes(g: Graph, auto: bool,
+                    fixes: Mapping[str, Mapping[str, int] | int] | None = None,
+                    ) -> list[dict[int, Any]]:
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
     specs: list[dict[int, Any]] = []
     sources = symbol_sources(g)
+    fixes = fixes or {}
     for v in g.inputs:
         spec: dict[int, Any] = {}
         for d, dim in enumerate(v.type.shape):
@@ -173,8 +204,12 @@ def _dynamic_shapes(g: Graph, auto: bool) -> list[dict[int, Any]]:
             if auto:
                 spec[d] = Dim.AUTO
             elif getattr(dim, "is_Symbol", False) and dim.name in sources:
+                fix = fixes.get(dim.name)
+                if isinstance(fix, int):
+                    continue  # export proved this dim static
                 if dim.name not in dims:
-                    dims[dim.name] = Dim(dim.name, min=1)
+                    bounds = {"min": 1, **(fix or {})}
+                    dims[dim.name] = Dim(dim.name, **bounds)
                 spec[d] = dims[dim.name]
             else:  # a derived dim (2*seq): let export relate it to the others
                 spec[d] = Dim.AUTO
@@ -186,13 +221,19 @@ def _export(gm: torch.fx.GraphModule, g: Graph, trace: Sequence[torch.Tensor],
             dynamic: bool) -> tuple[Any, str]:
     if not dynamic or all(v.type.is_static for v in g.inputs):
         return torch.export.export(gm, tuple(trace), strict=False), "static"
-    try:
-        ep = torch.export.export(gm, tuple(trace), dynamic_shapes=_dynamic_shapes(g, False),
-                                 strict=False)
-        return ep, "named"
-    except Exception as e:  # a guard narrowed a named dim (e.g. seq <= max positions)
-        log.info("export with named dims failed (%s); retrying with Dim.AUTO",
-                 str(e).splitlines()[0][:200])
+    fixes: dict[str, Any] = {}
+    for attempt in range(3):  # named dims, then named dims with export's suggested bounds
+        try:
+            ep = torch.export.export(gm, tuple(trace), strict=False,
+                                     dynamic_shapes=_dynamic_shapes(g, False, fixes))
+            return ep, "named" + (f" {fixes}" if fixes else "")
+        except Exception as e:  # a guard narrowed a named dim (e.g. seq <= max positions)
+            new = _suggested_fixes(str(e))
+            log.info("export with named dims failed (%s)%s", str(e).splitlines()[0][:200],
+                     f"; retrying with {new}" if new else "")
+            if not new or attempt == 2:
+                break
+            fixes.update(new)
     ep = torch.export.export(gm, tuple(trace), dynamic_shapes=_dynamic_shapes(g, True),
                              strict=False)
     return ep, "auto"

@@ -306,3 +306,22 @@ def test_zoo_bert_small_aoti_dynamic(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_zoo_resnet_small_aoti(tmp_path: Path) -> None:
     _check_zoo("resnet", [{}, {"batch": 3}], tmp_path)
+
+
+def test_export_narrows_named_dims_with_export_suggested_bounds() -> None:
+    """Slicing a 16-row table by seq forces seq <= 16: the dims stay named, min stays 1."""
+    from ember.backends.cpu.program import _export, _trace_inputs
+
+    b = GraphBuilder("pos")
+    x = b.add_input("x", TensorType("float32", (B, S, 4)))
+    pe = b.op("slice", [b.add_param("pe", torch.randn(16, 4))], {"dim": 0, "end": S})
+    b.set_outputs([b.op("add", [x, pe])])
+    g = b.build()
+    ep, how = _export(lower_graph(g), g, _trace_inputs(g, [torch.randn(1, 5, 4)], True), True)
+    assert how.startswith("named") and "'max': 16" in how
+    ranges = sorted((r.lower, r.upper) for r in ep.range_constraints.values())
+    assert (1, 16) in ranges
+    mod = ep.module()
+    for shp in [(1, 1, 4), (3, 16, 4)]:
+        xx = torch.randn(*shp)
+        close([mod(xx)[0]], run_graph(g, xx))
