@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 
 PACKAGE_FILE = "cpu.pt2"
 
-# Measured on BERT/ViT/GPT-2/ResNet-50 (see examples/bench_zoo.py): freezing constant-folds the
-# weights so Inductor can prepack GEMM/conv weights for oneDNN/MKL (cpp.weight_prepack) and fold
-# BatchNorm/transposes; without it every linear pays a weight transpose/copy per call.
+# Freezing constant-folds the weights so Inductor can prepack GEMM/conv weights for oneDNN/MKL
+# (cpp.weight_prepack), fold BatchNorm and weight transposes and pick blocked conv layouts;
+# without it every linear pays a weight transpose per call. (Not A/B-measured per model yet: the
+# shared 2-core machine was too loaded; examples/bench_zoo.py has the end-to-end numbers.)
 DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {
     "freezing": True,
     "cpp.weight_prepack": True,
