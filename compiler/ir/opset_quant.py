@@ -135,9 +135,14 @@ def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 @torch.library.custom_op("ember::qgemm_static", mutates_args=())
 def qgemm_static(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, x_scale: float, x_zp: int) -> torch.Tensor:
-    """fp32 x -> u7 quant with a fixed (scale, zero point) -> int8 GEMM -> fp32."""
+    """fp32 x -> u7 quant with a fixed (scale, zero point) -> int8 GEMM -> fp32.
+
+    The fbgemm op quantizes to the full u8 range, whose u8 x s8 pair sums can saturate int16 on
+    AVX2; clamping x to the u7 range first keeps every code in [0, 127] and the GEMM exact.
+    """
     p = _packed(w_q, w_scale, bias)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    lo, hi = (0 - x_zp) * x_scale, (U7_QMAX - x_zp) * x_scale
+    x2 = torch.clamp(x.reshape(-1, x.shape[-1]), lo, hi).contiguous()
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, x_scale, x_zp, p)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 

@@ -1,0 +1,329 @@
+"""Quantized linear ops vs naive fake-quant code, the quantize pass on real graphs, gating
+records, and artifact round trips that keep the weights compressed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ember
+from ember.backends.reference.interpreter import run_graph
+from ember.errors import CompilerError
+from ember.ir import GraphBuilder, TensorType, get_op, verify
+from ember.ir.opset_quant import (
+    choose_u7_qparams,
+    dequantize_weight_groups,
+    fit_hlq,
+    hlq_levels,
+    pack_bits,
+    quantize_weight_groups,
+    quantize_weight_per_channel,
+    unpack_bits,
+)
+from ember.passes import _qkernels
+from ember.passes.quantize import parse_scheme
+from ember.passmanager import PassContext, PassManager
+
+
+@pytest.fixture(autouse=True)
+def _private_gate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    _qkernels.clear_cache()
+
+
+def _ref(op: str, ins: list, **attrs: object) -> torch.Tensor:
+    d = get_op(op)
+    return d.reference(ins, d.normalize_attrs(dict(attrs)))
+
+
+def _naive_u7(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """Fake-quantized activations as exact integers (q - zp), float64."""
+    q = torch.clamp(torch.round(x.double() / scale) + zp, 0, 127)
+    return q - zp
+
+
+# ----------------------------------------------------------------------------- op references
+@pytest.mark.parametrize("shape", [(5, 48), (2, 7, 64)])
+def test_qlinear_dynamic_is_int32_exact(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape) * 3
+    w = torch.randn(40, shape[-1]) * 0.1
+    b = torch.randn(40)
+    wq, ws = quantize_weight_per_channel(w)
+    y = _ref("qlinear_dynamic", [x, wq, ws, b])
+    scale, zp = choose_u7_qparams(float(x.min()), float(x.max()))
+    acc = _naive_u7(x, scale, zp) @ wq.double().T  # exact integers
+    got_acc = (y.double() - b.double()) / (scale * ws.double())
+    # the kernel accumulates exactly in int32: its result recovers the naive integers
+    assert torch.equal(torch.round(got_acc), acc)
+    want = (acc * scale * ws.double() + b.double()).float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qlinear_static_matches_fake_quant_with_clipping() -> None:
+    x = torch.randn(6, 32) * 2
+    w = torch.randn(24, 32) * 0.1
+    wq, ws = quantize_weight_per_channel(w)
+    scale, zp = choose_u7_qparams(-1.0, 1.0)  # narrower than x: values clip
+    y = _ref("qlinear_static", [x, wq, ws], x_scale=scale, x_zero_point=zp)
+    acc = _naive_u7(x, scale, zp) @ wq.double().T
+    torch.testing.assert_close(y, (acc * scale * ws.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_qlinear_outlier_channels_are_exact_fp32() -> None:
+    x = torch.randn(8, 32)
+    x[:, 3] *= 100  # a massive-activation channel
+    w = torch.randn(16, 32) * 0.1
+    idx = torch.tensor([3])
+    wq, ws = quantize_weight_per_channel(w.index_fill(1, idx, 0.0))
+    y = _ref("qlinear_dynamic", [x, wq, ws, None, None, idx, w[:, idx].contiguous()])
+    xr = x.index_fill(1, idx, 0.0)
+    scale, zp = choose_u7_qparams(float(xr.min()), float(xr.max()))
+    acc = _naive_u7(xr, scale, zp) @ wq.double().T
+    want = acc * scale * ws.double() + x[:, 3:4].double() @ w[:, 3:4].double().T
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-4)
+    plain = _ref("qlinear_dynamic", [x, *quantize_weight_per_channel(w)])
+    exact = F.linear(x, w)
+    assert (y - exact).abs().max() < 0.2 * (plain - exact).abs().max()
+
+
+def test_qlinear_epilogue_matches_fused_linear() -> None:
+    x, r = torch.randn(4, 32), torch.randn(4, 16)
+    w, b = torch.randn(16, 32) * 0.1, torch.randn(16)
+    wq, ws = quantize_weight_per_channel(w)
+    wd = wq.float() * ws[:, None]
+    epi = {"activation": "gelu", "residual": "after_act"}
+    y = _ref("qlinear_static", [x, wq, ws, b, r], x_scale=0.05, x_zero_point=64, **epi)
+    base = _ref("qlinear_static", [x, wq, ws, b], x_scale=0.05, x_zero_point=64)
+    torch.testing.assert_close(y, F.gelu(base) + r)
+    # the dequantized weight is what w8a8 approximates
+    assert (F.linear(x, wd, b) - F.linear(x, w, b)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 64), (4, 16), (4, 32)])
+def test_linear_woq_matches_naive_dequant(bits: int, group: int) -> None:
+    w = torch.randn(12, 64)
+    x = torch.randn(3, 64)
+    q, s = quantize_weight_groups(w, bits, group)
+    # naive: per element, its group's scale, int4 unpacked nibble by nibble
+    wd = torch.empty(12, 64, dtype=torch.float64)
+    for i in range(12):
+        for j in range(64):
+            if bits == 8:
+                v = int(q[i, j])
+            else:
+                byte = int(q[i, j // 2])
+                v = ((byte >> 4) if j % 2 else (byte & 0xF)) - 8
+            wd[i, j] = v * float(s[i, j // group])
+    qmax = 2 ** (bits - 1) - 1
+    assert (wd - w.double()).abs().max() <= float(s.max()) / 2 + 1e-6
+    assert wd.abs().max() <= (qmax + (bits == 4)) * float(s.max()) + 1e-6
+    y = _ref("linear_woq", [x, q, s], bits=bits, group_size=group)
+    torch.testing.assert_close(y, (x.double() @ wd.T).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dequantize_weight_groups(q, s, bits, group), wd.float())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_pack_bits_round_trip_and_layout(bits: int) -> None:
+    codes = torch.randint(0, 2 ** bits, (3, 16), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (3, 16 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, 16), codes)
+    # little-endian bit stream: code j occupies bits [j*bits, (j+1)*bits) of each row
+    stream = int.from_bytes(bytes(packed[0].tolist()), "little")
+    assert [(stream >> (j * bits)) & ((1 << bits) - 1) for j in range(16)] == codes[0].tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lut_linear_matches_naive_codebook(bits: int) -> None:
+    w = torch.randn(8, 64)
+    x = torch.randn(5, 64)
+    codes, coef = fit_hlq(w, bits, 32)
+    levels = hlq_levels(coef, bits)
+    wd = torch.empty(8, 64, dtype=torch.float64)
+    for i in range(8):
+        for j in range(64):
+            c, gi = int(codes[i, j]), j // 32
+            signs = [1.0 if (c >> t) & 1 else -1.0 for t in range(bits)]
+            wd[i, j] = float(coef[i, gi, 0]) + sum(float(coef[i, gi, t + 1]) * signs[t]
+                                                   for t in range(bits))
+            assert abs(wd[i, j] - float(levels[i, gi, c])) < 1e-5
+    y = _ref("lut_linear", [x, pack_bits(codes, bits), coef], bits=bits, group_size=32,
+             shape=(8, 64))
+    torch.testing.assert_close(y, (x.double() @ wd.T).float(), rtol=1e-5, atol=1e-5)
+    # HLQ codebooks fit better than a uniform grid with the same number of levels
+    err = ((wd - w.double()) ** 2).mean()
+    qs = w.reshape(8, 2, 32)
+    lo, hi = qs.amin(-1, keepdim=True), qs.amax(-1, keepdim=True)
+    step = (hi - lo) / (2 ** bits - 1)
+    uni = (torch.round((qs - lo) / step) * step + lo).reshape(8, 64)
+    assert err < ((uni.double() - w.double()) ** 2).mean()
+
+
+def test_linear_bf16_reference() -> None:
+    x, w, b = torch.randn(4, 32), torch.randn(8, 32), torch.randn(8)
+    y = _ref("linear_bf16", [x, w.bfloat16(), b])
+    want = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).float()
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+
+
+def test_type_inference_rejects_bad_operands() -> None:
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (4, 32)))
+    wq = b.add_param("wq", torch.zeros(8, 16, dtype=torch.int8))
+    ws = b.add_param("ws", torch.ones(8))
+    with pytest.raises(TypeError, match="in-features"):
+        b.op("qlinear_dynamic", [x, wq, ws])
+    wf = b.add_param("wf", torch.zeros(8, 32))
+    with pytest.raises(TypeError, match="int8"):
+        b.op("qlinear_dynamic", [x, wf, ws])
+
+
+# ----------------------------------------------------------------------------- the pass
+def _bert() -> tuple:
+    import zoo
+
+    from ember.frontends.fx import import_module
+
+    z = zoo.bert(seq=16)
+    g = import_module(z.model, z.example_inputs, dynamic_dims=z.dynamic_dims,
+                      input_names=z.input_names)
+    g = PassManager("O2").run(g, PassContext())
+    return z, g
+
+
+@pytest.fixture(scope="module")
+def bert() -> tuple:
+    return _bert()
+
+
+def _ctx(z: object, calib: bool = True) -> PassContext:
+    ctx = PassContext(calib=[z.make_inputs(seq=16) for _ in range(2)] if calib else None)
+    ctx.options["example_inputs"] = list(z.example_inputs)
+    return ctx
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
+                                     dim=-1).mean())
+
+
+# declared per-scheme fidelity budgets (cosine of hidden states vs fp32)
+BUDGET = {"w8a8-dynamic": 0.999, "w8a8-static": 0.995, "w8": 0.9999, "w4g32": 0.995,
+          "lut3g32": 0.995, "lut2g32": 0.98, "bf16": 0.999}
+
+
+@pytest.mark.parametrize("scheme", list(BUDGET))
+def test_quantize_within_budget_on_bert(bert: tuple, scheme: str) -> None:
+    z, g = bert
+    ctx = _ctx(z)
+    q = PassManager(f"quantize{{scheme={scheme},gate=always}}", verify_each=True).run(g, ctx)
+    verify(q)
+    rec = ctx.records["quantize"]
+    n_lin = sum(g.op_counts().get(o, 0) for o in ("linear", "fused_linear"))
+    assert rec["quantized"] == rec["candidates"] == n_lin > 0
+    assert all(layer["decision"] == scheme for layer in rec["layers"])
+    assert not any(n.op in ("linear", "fused_linear") for n in q.nodes)
+    ins = z.make_inputs(batch=3, seq=11)  # other symbol values than the examples
+    a, b = run_graph(g, *ins)[0], run_graph(q, *ins)[0]
+    assert _cos(a, b) >= BUDGET[scheme], _cos(a, b)
+    if scheme != "bf16":
+        assert rec["param_bytes_after"] < rec["param_bytes_before"]
+
+
+def test_static_without_calibration_is_an_error(bert: tuple) -> None:
+    z, g = bert
+    with pytest.raises(CompilerError, match="calibration"):
+        PassManager("quantize{scheme=w8a8-static,gate=always}").run(g, _ctx(z, calib=False))
+
+
+def test_unknown_scheme_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        parse_scheme("w3a3")
+    with pytest.raises(CompilerError):
+        PassManager("quantize{scheme=int3}")
+
+
+def test_sensitivity_falls_back_per_layer(bert: tuple) -> None:
+    z, g = bert
+    ctx = _ctx(z)
+    q = PassManager("quantize{scheme=w4g32,gate=always,sensitivity=true,max_layer_drop=-1}"
+                    ).run(g, ctx)
+    layers = ctx.records["quantize"]["layers"]
+    # a negative budget rejects every scheme: the chain w4g32 -> w8 was tried, then fp32
+    for layer in layers:
+        assert [t["scheme"] for t in layer["sensitivity"]] == ["w4g32", "w8"]
+        assert layer["decision"] == "fp32"
+    assert q.op_counts() == g.op_counts()
+    ctx = _ctx(z)
+    PassManager("quantize{scheme=w4g32,gate=always,sensitivity=true,max_layer_drop=1}"
+                ).run(g, ctx)
+    assert all(la["decision"] == "w4g32" and len(la["sensitivity"]) == 1
+               for la in ctx.records["quantize"]["layers"])
+
+
+def _mlp(k: int = 256, h: int = 1024) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(k, h), torch.nn.GELU(),
+                               torch.nn.Linear(h, k)).eval()
+
+
+def test_gate_measures_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.frontends.fx import import_module
+
+    m = _mlp()
+    x = torch.randn(256, 256)
+    g = import_module(m, (x,))
+    ctx = PassContext()
+    ctx.options["example_inputs"] = [x]
+    PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0}").run(g, ctx)
+    layers = ctx.records["quantize"]["layers"]
+    assert len(layers) == 2
+    for la in layers:
+        assert (la["M"], la["K"] * la["N"]) == (256, 256 * 1024)
+        gr = la["gate"]
+        assert gr["predicted"] > 0
+        if gr["predicted"] >= 1:  # measured: both medians recorded, speedup consistent
+            assert gr["fp32_ms"] > 0 and gr["kernel_ms"] > 0 and gr["measured"] > 0
+            assert la["decision"] == "w8a8-dynamic"
+        else:
+            assert gr["measured"] is None and la["decision"] == "fp32"
+    # an unreachable threshold keeps everything fp32, with the measurement as the reason
+    ctx2 = PassContext()
+    ctx2.options["example_inputs"] = [x]
+    q = PassManager("quantize{scheme=w8a8-dynamic,min_speedup=1000}").run(g, ctx2)
+    assert q.op_counts() == g.op_counts()
+    assert all(la["decision"] == "fp32" for la in ctx2.records["quantize"]["layers"])
+    # measurements are cached per (M, K, N, scheme): the second run did not re-measure
+    calls: list[int] = []
+    monkeypatch.setattr(_qkernels, "measure_speedup",
+                        lambda *a, **k: calls.append(1) or {})  # type: ignore[func-returns-value]
+    PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0}").run(g, ctx2)
+    assert calls == []
+
+
+def test_predicted_slower_is_not_measured() -> None:
+    r = _qkernels.gate(1, 64, 64, "bf16", lambda x: (lambda: None))
+    assert not r.apply and r.measured is None and "predicted" in r.reason
+
+
+def test_artifact_keeps_weights_compressed(tmp_path: Path) -> None:
+    m = _mlp(256, 1024)
+    x = torch.randn(4, 32, 256)
+    common = {"target": "cpu", "backend_options": {"mode": "eager"}, "check_fidelity": False}
+    fp = ember.compile(m, (x,), passes="O2", **common)
+    results = {}
+    for scheme, ratio in (("w8a8-dynamic", 0.30), ("w4g64", 0.20), ("lut3", 0.2)):
+        cm = ember.compile(m, (x,), passes=f"O2,quantize{{scheme={scheme},gate=always}}",
+                           **common)
+        p_fp = fp.save(tmp_path / "fp.ember")
+        p_q = cm.save(tmp_path / f"{scheme}.ember")
+        size_fp, size_q = p_fp.stat().st_size, p_q.stat().st_size
+        assert size_q < ratio * size_fp, (scheme, size_q, size_fp)
+        loaded = ember.load(p_q)
+        assert torch.equal(loaded(x), cm(x))
+        assert loaded.records["quantize"]["quantized"] == 2
+        results[scheme] = _cos(cm(x), m(x))
+    assert results["w8a8-dynamic"] > 0.999 and results["w4g64"] > 0.99
