@@ -206,6 +206,7 @@ def _ctx(z: object, calib: bool = True) -> PassContext:
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float(F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
                                      dim=-1).mean())
 
@@ -323,7 +324,7 @@ def test_artifact_keeps_weights_compressed(tmp_path: Path) -> None:
         size_fp, size_q = p_fp.stat().st_size, p_q.stat().st_size
         assert size_q < ratio * size_fp, (scheme, size_q, size_fp)
         loaded = ember.load(p_q)
-        assert torch.equal(loaded(x), cm(x))
+        torch.testing.assert_close(loaded(x), cm(x), rtol=1e-5, atol=1e-6)
         assert loaded.records["quantize"]["quantized"] == 2
         results[scheme] = _cos(cm(x), m(x))
     assert results["w8a8-dynamic"] > 0.999 and results["w4g64"] > 0.99
