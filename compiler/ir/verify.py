@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..errors import VerificationError
 from .graph import Graph, Node
-from .opset import check_types_equal
 from .ops import OpTypeError, get_op
+from .opset import check_types_equal
 from .printer import format_node
 from .shapes import ShapeError
 from .types import from_torch_dtype
