@@ -235,8 +235,8 @@ class _TokenSelect(KernelLowering):
         idx = torch.cat([head, p + kept], dim=1)
         y = ops.gather_rows(x, idx)
         s = ops.gather_rows(size, idx)
-        if not fuse:
-            return y, s, torch.cat([head, p + rest_map], dim=1), idx
+        if not fuse:  # dropped tokens map to -1 (the op's documented contract)
+            return y, s, torch.cat([head, torch.where(rest_map < 0, -1, p + rest_map)], 1), idx
         # the dropped tokens pool into one extra token
         dropped = torch.cat([torch.full((b, p), -1, dtype=torch.int64, device=dev),
                              torch.where(rest_map < 0, 0, -1)], dim=1)
