@@ -272,8 +272,21 @@ def describe(cm: CompiledModel) -> str:
     prog = (cm.placement or {}).get("program") or getattr(cm.program, "info", {}) or {}
     if prog:
         chosen = prog.get("chosen") or prog.get("kind")
-        why = prog.get("reason", "")
+        why = prog.get("why") or prog.get("reason", "")
         lines.append(f"program: {chosen}" + (f"  ({why})" if why else ""))
+        plan = prog.get("plan") or []
+        if plan:
+            lines.append(f"kernel plan ({len(plan)} nodes"
+                         + (f", predicted {prog['predicted_h100_us']:.1f} us on H100"
+                            if prog.get("predicted_h100_us") is not None else "") + "):")
+            for p in plan[:40]:
+                kern = p.get("kernels") or p.get("kernel") or ""
+                us = p.get("h100_us")
+                lines.append(f"  {p.get('op', '?')} -> {p.get('impl', '?')}"
+                             + (f" {kern}" if kern else "")
+                             + (f"  {us:.2f} us" if isinstance(us, int | float) else ""))
+            if len(plan) > 40:
+                lines.append(f"  ... {len(plan) - 40} more")
     fb = (cm.placement or {}).get("fallback")
     if fb:
         lines.append(f"fallback: {fb['from']} -> {fb['to']}: {fb['reason']}")

@@ -292,10 +292,14 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     backend_name = target
     be = get_backend(target)
     avail = be.available()
-    if not avail.ok:
-        if strict:
-            raise BackendUnavailableError(f"backend '{target}' unavailable: {avail.reason}")
-        raise BackendUnavailableError(f"backend '{target}' cannot compile here: {avail.reason}")
+    # a backend may build artifacts on a machine that cannot run them (CUDA without a GPU)
+    build = getattr(be, "available_for_compile", be.available)()
+    if not build.ok:
+        raise BackendUnavailableError(f"backend '{target}' cannot compile here: {build.reason}")
+    runnable = avail.ok
+    if not runnable:
+        warnings.warn(f"ember: building a '{target}' artifact that cannot run on this machine "
+                      f"({avail.reason})", stacklevel=2)
     with pr.stage(f"backend {target}: codegen"):
         try:
             program = be.compile(g, example, **dict(backend_options or {}))
@@ -313,7 +317,9 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     if cost:
         placement["cost_model"] = cost
     fidelity: dict[str, Any] = {}
-    if check_fidelity:
+    if check_fidelity and not runnable:
+        fidelity = {"skipped": f"cannot run here: {avail.reason}"}
+    elif check_fidelity:
         with pr.stage("fidelity check vs reference"):
             from ember.backends.reference import run_graph
 
