@@ -557,6 +557,8 @@ def _sparse_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
     ``compute="sparse"``: sparse x dense product (CSR/BSR formats only)."""
     assert x[0] is not None and x[1] is not None and x[2] is not None
     if a["compute"] == "sparse":
+        if a["format"] == "nm":
+            raise ValueError("sparse_linear: N:M storage has no sparse compute path on CPU")
         bh, bw = a["block"] if a["format"] == "block" else (1, 1)
         out_f, in_f = a["shape"]
         y = spmm_linear(x[0], x[1], x[2], _opt(x, 3), a["format"], out_f, in_f, bh, bw)
