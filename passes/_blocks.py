@@ -164,11 +164,31 @@ def _is_stream(t: Any) -> bool:
     return t.rank == 3 and t.dtype in ("float32", "float16", "bfloat16", "float64")
 
 
-def _residual_nodes(ix: _Index) -> list[tuple[int, str, str]]:
-    """(node index, skip value, branch value) for every residual node, in graph order."""
+def _unflatten(ix: _Index, v: Value) -> Value:
+    """The [B, N, D] value a [B*N, D] reshape was made from (fused epilogues flatten)."""
+    n = ix.node(v.name)
+    if n is not None and n.op == "reshape" and v.type.rank == 2 and n.inputs[0] is not None \
+            and _is_stream(n.inputs[0].type):
+        return n.inputs[0]
+    return v
+
+
+def _refold(ix: _Index, out: Value) -> Value:
+    """The reshape back to [B, N, D] of a flattened residual output, when there is one."""
+    us = ix.users.get(out.name, [])
+    if out.type.rank == 2 and len(us) == 1:
+        n = ix.g.nodes[us[0]]
+        if n.op == "reshape" and _is_stream(n.output.type):
+            return n.output
+    return out
+
+
+def _residual_nodes(ix: _Index) -> list[tuple[int, str, str, str]]:
+    """(node index, skip, branch, stream output) of every residual node, in graph order."""
     out = []
     for i, n in enumerate(ix.g.nodes):
         cands: list[tuple[Value, Value]] = []
+        res = n.outputs[0]
         if n.op == "add" and len(n.inputs) == 2 and all(v is not None for v in n.inputs):
             a, b = n.inputs
             assert a is not None and b is not None
@@ -176,14 +196,15 @@ def _residual_nodes(ix: _Index) -> list[tuple[int, str, str]]:
                 cands = [(a, b), (b, a)]
         elif (n.op in _RESIDUAL_FUSED and n.attrs.get("residual", "none") != "none"
               and len(n.inputs) > 3 and n.inputs[3] is not None and n.inputs[0] is not None):
-            if _is_stream(n.output.type):
-                cands = [(n.inputs[3], n.inputs[0])]
+            res = _refold(ix, n.outputs[0])
+            if _is_stream(res.type):
+                cands = [(_unflatten(ix, n.inputs[3]), n.inputs[0])]
         for skip, branch in cands:
             path = ix.between(skip.name, branch.name)
             if n.op in _RESIDUAL_FUSED:
                 path = (path or set()) | {i} if path is not None else None
             if path and any(ix.g.nodes[j].op in MATMUL_OPS for j in path):
-                out.append((i, skip.name, branch.name))
+                out.append((i, skip.name, branch.name, res.name))
                 break
     return out
 
@@ -252,29 +273,29 @@ def find_blocks(g: Graph) -> BlockReport:
                            "float stream) found")
         return rep
     kinds = []
-    for i, skip, branch in res:
+    for i, skip, branch, res_out in res:
         path = ix.between(skip, branch) or set()
         att = _attention_in(ix, path)
-        kinds.append((i, skip, branch, path, att))
+        if res_out != ix.g.nodes[i].outputs[0].name:
+            path = path | {ix.prod[res_out]}
+        kinds.append((i, skip, branch, path, att, res_out))
     blocks: list[Block] = []
     k = 0
     skipped: list[str] = []
     while k < len(kinds):
-        i, skip, branch, path, att = kinds[k]
+        i, skip, branch, path, att, a_out = kinds[k]
         if att is None:
-            skipped.append(f"residual at %{g.nodes[i].output.name} has no attention before it")
+            skipped.append(f"residual at %{a_out} has no attention before it")
             k += 1
             continue
         if k + 1 >= len(kinds) or kinds[k + 1][4] is not None:
-            skipped.append(f"attention residual %{g.nodes[i].output.name} is not followed by "
-                           f"an MLP residual")
+            skipped.append(f"attention residual %{a_out} is not followed by an MLP residual")
             k += 1
             continue
-        i2, skip2, branch2, path2, _ = kinds[k + 1]
-        a_out = g.nodes[i].output.name
+        i2, skip2, branch2, path2, _, m_out = kinds[k + 1]
         if skip2 != a_out and _follow_norm(ix, a_out) != skip2:
-            skipped.append(f"MLP residual %{g.nodes[i2].output.name} does not read the "
-                           f"attention residual %{a_out} (parallel blocks are not supported)")
+            skipped.append(f"MLP residual %{m_out} does not read the attention residual "
+                           f"%{a_out} (parallel blocks are not supported)")
             k += 1
             continue
         j, fused = att
@@ -289,13 +310,13 @@ def find_blocks(g: Graph) -> BlockReport:
             mm = _scores_matmul(ix, an)
             if mm is not None:
                 q = mm.inputs[0]
-        stream_t = g.nodes[i].output.type
+        stream_t = g.values()[a_out].type
         if k_ is not None and (k_.type.rank != 4 or not dims_equal(k_.type.shape[2],
                                                                     stream_t.shape[1])):
             k_ = None
         blocks.append(Block(
-            index=len(blocks), input=skip, mid=skip2, output=g.nodes[i2].output.name,
-            attn_residual=a_out, mlp_residual=g.nodes[i2].output.name, attn_branch=branch,
+            index=len(blocks), input=skip, mid=skip2, output=m_out,
+            attn_residual=a_out, mlp_residual=m_out, attn_branch=branch,
             attention=an.output.name if fused else an.output.name, fused_attention=fused,
             q=None if q is None else q.name, k=None if k_ is None else k_.name,
             mask=None if mask is None else mask.name, scale=scale,
@@ -475,8 +496,8 @@ class _Rebuild:
         self.stages: list[Stage] = []
         self.new_nodes: dict[str, Node] = {}
         # token axes merged with inner axes (MultiheadAttention's [N*B, D] out-projection):
-        # (value name, axis) -> inner factor; the axis size is tokens * factor
-        self.factor: dict[tuple[str, int], Dim] = {}
+        # (value name, axis) -> (outer, inner); the axis size is outer * tokens * inner
+        self.factor: dict[tuple[str, int], tuple[Dim, Dim]] = {}
         self._lifted: dict[tuple[str, tuple[int, ...], int], Value] = {}
         self._bias: dict[int, Value] = {}
         self._neg_inf: Value | None = None
@@ -723,25 +744,26 @@ class _Rebuild:
         new_in = self._m(x0)
         assert new_in is not None
         for a in t0:
-            pre = numel(si[:a])
-            f_in = self.factor.get((new_in.name, a), 1)
-            n_old = _ratio(si[a], f_in)
-            hit, f_out = None, None
+            # the token axis may be fused with outer/inner axes: size = outer * tokens * inner
+            fo_in, fi_in = self.factor.get((new_in.name, a), (1, 1))
+            n_old = _ratio(si[a], simplify(fo_in * fi_in))
+            before = simplify(numel(si[:a]) * fo_in)  # elements (rows) before the token axis
+            hit = None
             for j in range(len(so)):
-                if not dims_equal(numel(so[:j]), pre):
-                    continue
-                f = _ratio(so[j], n_old)
-                if f is not None:
-                    hit, f_out = j, f
+                fo = _ratio(before, numel(so[:j]))
+                fi = None if fo is None or n_old is None else _ratio(so[j], simplify(fo * n_old))
+                if fo is not None and fi is not None:
+                    hit = (j, fo, fi)
                     break
             if hit is None:
                 raise TokenRewriteError(f"reshape %{n.outputs[0].name} {tuple(si)} -> "
                                         f"{tuple(so)} splits the token axis")
-            out.add(hit)
-            if f_out != 1:
-                self.factor[(n.outputs[0].name, hit)] = f_out
-            if n_s is not None and not (isinstance(shape[hit], int) and shape[hit] == -1):
-                shape[hit] = simplify(n_s * f_out)
+            j, fo, fi = hit
+            out.add(j)
+            if not (fo == 1 and fi == 1):
+                self.factor[(n.outputs[0].name, j)] = (fo, fi)
+            if n_s is not None and not (isinstance(shape[j], int) and shape[j] == -1):
+                shape[j] = simplify(fo * n_s * fi)
         attrs["shape"] = tuple(shape)
         return out
 

@@ -16,7 +16,7 @@ Scores (none needs the attention probabilities materialized, so fused attention 
 - ``repshift`` (Representation Shift): ``||mid - input||``, how much the block's attention
   changed each token.
 
-``keep`` < 1 is the fraction of unprotected tokens kept at each pruning block, >= 1 a count.
+``keep`` <= 1 is the fraction of unprotected tokens kept at each pruning block, > 1 a count.
 Pruning happens at the blocks listed in ``layers`` ("3|6|9"; default: every ``every``-th block
 from ``start``), so the token count is static (symbolic for symbolic sequence lengths).
 """
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 class PruneTokensConfig:
     """Attributes:
     method: "attention" (EViT/ATF), "dart" or "repshift".
-    keep: fraction (< 1) of unprotected tokens kept at each pruning block, or a count (>= 1).
+    keep: fraction (0 < keep <= 1; 1 keeps all) of unprotected tokens kept at each pruning
+        block, or a count (> 1).
     layers: blocks that prune, "|"-separated indices; empty: start, start+every, ...
     start / every: default pruning blocks when ``layers`` is empty.
     fuse: fuse the pruned tokens into one extra token (EViT); keeps output sizes for
@@ -79,7 +80,9 @@ def prune_plan(cfg: PruneTokensConfig, rep: BlockReport) -> dict[int, Dim]:
     p = rep.protect
     for i in idx:
         rest = simplify(n - p)
-        if cfg.keep >= 1:
+        if cfg.keep == 1.0:
+            continue  # keep everything
+        if cfg.keep > 1:
             k: Dim = int(cfg.keep)
             if isinstance(rest, int):
                 k = min(k, rest)

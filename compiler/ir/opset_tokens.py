@@ -172,7 +172,7 @@ def select_reference(x: torch.Tensor, score: torch.Tensor, size: torch.Tensor | 
     if fuse:
         rest_map = torch.where(rest_map < 0, keep, rest_map)
     head = torch.arange(protect, device=dev).expand(b, protect)
-    mp = torch.cat([head, protect + rest_map], dim=1)
+    mp = torch.cat([head, torch.where(rest_map < 0, -1, protect + rest_map)], dim=1)
     n_out = protect + keep + int(fuse)
     if not fuse:  # a pure gather: exact, and no pooling arithmetic
         idx = torch.cat([head, protect + kept], dim=1)
