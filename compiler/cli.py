@@ -64,11 +64,20 @@ def cmd_compile(a: argparse.Namespace) -> int:
     elif a.symbol:
         g = import_model(a.model)
         example = make_example_inputs(g, _parse_symbols(a.symbol))
-    calib = None
+    calib: Any = None
     if a.calib:
         calib = [tuple(__import__("torch").from_numpy(x) for x in _load_inputs([a.calib]))]
+    max_drop = _parse_drop(a.max_drop) if a.max_drop is not None else None
+    if max_drop is not None:
+        if calib is None:
+            raise CompilerError("--max-drop needs calibration data: --calib DATA.npz")
+        labels = _load_inputs([a.labels])[0] if a.labels else None
+        calib = (calib[0], labels)
+    elif a.labels:
+        raise CompilerError("--labels is used by the planner only: add --max-drop")
     cm = ember.compile(a.model, example, target=a.target, passes=passes, strict=a.strict,
-                       verify=a.debug, progress=not a.quiet, calib=calib)
+                       verify=a.debug, progress=not a.quiet, calib=calib, max_drop=max_drop,
+                       metric=a.metric)
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
     cm.save(out)
     if a.emit == "onnx":
@@ -80,7 +89,26 @@ def cmd_compile(a: argparse.Namespace) -> int:
           f"backend={cm.backend} nodes={len(cm.graph.nodes)}")
     if cm.fidelity:
         print(f"fidelity vs reference: max rel error {cm.fidelity['example_max_rel_error']:.2e}")
+    if "planner" in cm.records:
+        pl = cm.records["planner"]
+        sp = f"{pl['speedup']:.2f}x measured" if pl.get("speedup") else "speedup not measured"
+        print(f"planner: {pl['pipeline']}\n  held-out {pl['metric']} drop "
+              f"{pl['heldout_drop']:+.4f} (budget {pl['max_drop']}), {sp}, predicted "
+              f"{pl['predicted_speedup']:.2f}x, {pl['candidates']} candidates")
     return 0
+
+
+def _parse_drop(text: str) -> float:
+    """``"1%"`` -> 0.01, ``"0.01"`` -> 0.01."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise CompilerError(f"--max-drop '{text}': give a percent (1%) or a fraction (0.01)") \
+            from None
+    if not 0 <= v < 1:
+        raise CompilerError(f"--max-drop '{text}': must be in [0, 1) as a fraction, or a percent")
+    return v
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -145,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--symbol", nargs="+", help="values for symbolic dims of generated "
                    "example inputs, e.g. batch=1 seq=128")
     c.add_argument("--calib", help="calibration inputs (.npz)")
+    c.add_argument("--max-drop", help="accuracy budget for the planner: 1%% or 0.01 (needs "
+                   "--calib)")
+    c.add_argument("--labels", help="labels for --calib (.npy): task accuracy as the metric")
+    c.add_argument("--metric", choices=["accuracy", "top1_agreement", "cosine"],
+                   help="planner metric (default: accuracy with labels, else by output shape)")
     c.add_argument("--emit", choices=["onnx"], help="also write the optimized IR as ONNX")
     c.add_argument("--strict", action="store_true", help="fallbacks are errors")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

@@ -244,6 +244,8 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     progress: bool = False,
     backend_options: Mapping[str, Any] | None = None,
     check_fidelity: bool = True,
+    max_drop: float | None = None,
+    metric: Any = None,
 ) -> CompiledModel:
     """Compiles a model for a target.
 
@@ -265,6 +267,11 @@ def compile(  # noqa: A001  (the public name is ember.compile)
         backend_options: passed to the backend's compile.
         check_fidelity: compare the compiled model with the reference on the example inputs
             and record the error in the manifest.
+        max_drop: run the accuracy-budget planner (`ember.planner.plan`) on ``calib =
+            (inputs, labels_or_None)`` and compile the fastest pipeline (``passes`` plus
+            approximate passes) whose measured drop stays within this fraction; the plan goes
+            to ``records["planner"]``.
+        metric: the planner's metric: "accuracy", "top1_agreement", "cosine" or a callable.
 
     Returns:
         A `CompiledModel`.
@@ -280,6 +287,13 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     else:
         example = [torch.from_numpy(np.asarray(a)) if isinstance(a, np.ndarray) else a
                    for a in example_inputs]
+    plan = None
+    if max_drop is not None:  # the planner picks the pipeline; passes see its calib batches
+        from .planner import plan as _plan
+
+        plan = _plan(g0, example, max_drop=max_drop, calib=calib, metric=metric, target=target,
+                     base=passes, progress=progress, backend_options=backend_options)
+        steps, calib = parse_pipeline(plan.pipeline), plan.pass_calib
     calib_inputs, labels = _split_calib(calib)
     ctx = PassContext(target=target, calib=calib_inputs, labels=labels)
     ctx.options["example_inputs"] = example
@@ -330,6 +344,8 @@ def compile(  # noqa: A001  (the public name is ember.compile)
             fidelity = {"example_max_rel_error": err, "reference": "unoptimized IR"}
             if not math.isfinite(err):
                 raise CompilerError("compiled model outputs differ in shape from the reference")
+    if plan is not None:
+        ctx.records["planner"] = plan.to_json()
     return CompiledModel(g, program, target=target, backend=backend_name,
                          pipeline=format_pipeline(steps), records=ctx.records, source_graph=g0,
                          fidelity=fidelity, placement=placement)

@@ -99,7 +99,9 @@ def _r(v: float | None, nd: int = 4) -> float | None:
 class Plan:
     """The planner's result: the chosen pipeline, its verified drop and speed, every candidate.
 
-    ``graph`` is the chosen pipeline's rewritten graph (not serialized).
+    ``graph`` is the chosen pipeline's rewritten graph and ``pass_calib`` the calibration
+    batches its passes saw (compile with them to rebuild the same graph); neither is
+    serialized.
     """
 
     pipeline: str
@@ -126,6 +128,7 @@ class Plan:
     records: list[CandidateRecord] = field(default_factory=list)
     graph: Graph | None = None
     stopped_early: str = ""
+    pass_calib: list[Batch] = field(default_factory=list)
 
     @property
     def within_budget(self) -> bool:
@@ -421,7 +424,8 @@ class _Search:
 
     def __init__(self, g0: Graph, base: str, search: _Split, held: _Split, metric: MetricFn,
                  target: str, device: Any, runtime: str, seed: int, pr: Progress,
-                 deadline: float | None, calib_batches: int) -> None:
+                 deadline: float | None, calib_batches: int,
+                 example: Sequence[torch.Tensor] | None) -> None:
         from ember import cost_models
         from ember.backends.reference import run_graph
 
@@ -436,7 +440,10 @@ class _Search:
         self.deadline = deadline
         self.records: list[CandidateRecord] = []
         self.graphs: dict[tuple[str, ...], Graph | Exception] = {}
+        # shapes for the predictions: the calibration batch; for the passes (quantize gates
+        # on the GEMM rows): the compile's example inputs, as ember.compile will use them
         self.example = list(search.batches[0])
+        self.pass_example = list(example) if example else self.example
         self.pass_calib = list(search.batches[:calib_batches])
         self.pass_labels = search.labels[:calib_batches] if search.labels else None
         self.ref_search = self._outputs(g0, search)
@@ -448,7 +455,7 @@ class _Search:
     def _run_passes(self, g: Graph, steps: Sequence[PassStep]) -> Graph:
         ctx = PassContext(target=self.target, calib=self.pass_calib, labels=self.pass_labels,
                           seed=self.seed)
-        ctx.options["example_inputs"] = self.example
+        ctx.options["example_inputs"] = self.pass_example
         torch.manual_seed(self.seed)
         return PassManager(list(steps)).run(g, ctx)
 
@@ -567,8 +574,9 @@ def plan(
     deadline = t_start + time_budget_s if time_budget_s is not None else None
     pr.note(f"planner: {search.n} search / {held.n} held-out samples, metric {name}, "
             f"max drop {max_drop}, device {device}")
+    example = [_to_tensor(a) for a in example_inputs] if example_inputs is not None else None
     st = _Search(g0, base, search, held, fn, target, device, runtime, seed, pr, deadline,
-                 calib_batches)
+                 calib_batches, example)
     ref_score = st.score(g0, search, outs=st.ref_search)
     t0 = time.perf_counter()
     base_pred = st.predict(st.g_base)
@@ -616,7 +624,8 @@ def plan(
         heldout_drop=held_drop, predicted_ms=chosen.pred, baseline_predicted_ms=base_pred,
         measured_ms=measured, baseline_measured_ms=base_measured, latency_backend=lat_backend,
         n_search=search.n, n_heldout=held.n, search_s=search_s, verify_s=verify_s,
-        records=st.records, graph=g_chosen, stopped_early=st.stopped)
+        records=st.records, graph=g_chosen, stopped_early=st.stopped,
+        pass_calib=st.pass_calib)
     pr.note("planner: " + result.summary().splitlines()[0])
     log.info("planner:\n%s", result.summary())
     return result
