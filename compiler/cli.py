@@ -1,4 +1,4 @@
-"""The ``ember`` command line: compile, run, inspect, bench.
+"""The ``ember`` command line: compile, run, inspect, report, bench.
 
 Errors exit non-zero with one clear line (no traceback unless ``--debug``).
 """
@@ -148,6 +148,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from ember.report import write_report
+
+    out = write_report(a.artifact, a.output or Path(a.artifact).with_suffix(".html").name,
+                       measure=not a.no_measure)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from ember.bench import bench_model_file
 
@@ -196,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ir", action="store_true", help="print the whole IR")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(fn=cmd_inspect)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report on an artifact")
+    rp.add_argument("artifact")
+    rp.add_argument("-o", "--output", help="HTML path (default: ARTIFACT.html)")
+    rp.add_argument("--no-measure", action="store_true",
+                    help="skip timing the reference interpreter node by node")
+    rp.set_defaults(fn=cmd_report)
 
     b = sub.add_parser("bench", help="time eager, Inductor, ONNX Runtime and Ember side by side")
     b.add_argument("model", help=".onnx or .pt2 file")
