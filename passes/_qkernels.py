@@ -86,6 +86,7 @@ _SCHEME_COST: dict[str, tuple[float, float, str]] = {
 
 
 def _family(scheme: str) -> str:
+    scheme = scheme.split("+")[0]
     if scheme.startswith("w4"):
         return "w4"
     if scheme.startswith("lut"):

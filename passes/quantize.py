@@ -9,7 +9,9 @@ Before -> After (scheme w8a8-dynamic)::
 Schemes (``quantize{scheme=...}``):
 
 - ``w8a8-dynamic``: int8 per-channel weights, activations quantized per call (u7 per tensor);
-  with ``outliers=true`` (needs calibration) the few massive-activation input channels stay fp32.
+  with outliers on (default when calibration inputs are given; ``outliers=false`` disables)
+  the few massive-activation input channels (abs-max >= ``outlier_ratio`` x the median
+  channel's, at most 2%) are computed in fp32: MiniLM cosine 0.973 -> 0.994.
 - ``w8a8-static``: activation range calibrated on ``ctx.calib`` (``calib_method`` minmax or
   percentile).
 - ``w8``, ``w4g32|w4g64|w4g128``: weight-only, group-wise symmetric scales.
@@ -70,8 +72,8 @@ class QuantizeConfig:
     min_speedup: float = 1.05
     calib_method: str = "minmax"  # minmax | percentile (static scheme)
     percentile: float = 99.99
-    outliers: bool = False
-    outlier_ratio: float = 8.0
+    outliers: bool | None = None  # None: on for w8a8 schemes when calibration data is given
+    outlier_ratio: float = 4.0
     sensitivity: bool = False
     max_layer_drop: float = 0.002  # 1 - cosine, per layer quantized alone
     skip: str = ""  # "|"-separated substrings of weight names left in fp32
@@ -263,7 +265,9 @@ def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor],
     """``x -> (() -> y)`` running the scheme's op reference on random weights of [n, k]."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen) * 0.05
-    prep = prepare(spec, w, x_range=(-4.0, 4.0))
+    # with outliers, time the worst case the calibration may pick (2% of the channels)
+    idx = list(range(0, k, 50)) if spec.outliers else []
+    prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx)
     opdef = get_op(prep.op)
     attrs = opdef.normalize_attrs(dict(prep.attrs))
     bias = torch.zeros(n)
@@ -271,6 +275,8 @@ def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor],
     def make(x: torch.Tensor) -> Callable[[], Any]:
         ops: list[torch.Tensor | None] = [x] + [t for _, t in prep.tensors]
         ops += [bias.to(torch.bfloat16) if spec.kind == "bf16" else bias]
+        if prep.outlier is not None:
+            ops += [None, prep.outlier[0], prep.outlier[1]]
         return lambda: opdef.reference(ops, attrs)
     return make
 
@@ -280,12 +286,13 @@ def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor],
 def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
     """Quantizes linear layers to the chosen scheme where it is measured faster on this CPU."""
     spec = parse_scheme(cfg.scheme)
-    if cfg.outliers:
-        spec = SchemeSpec(spec.name, spec.kind, spec.bits, spec.group, outliers=True)
     calib = _calib.as_input_tuples(ctx.calib) if ctx.calib else None
-    if (spec.kind == "static" or spec.outliers) and not calib:
+    want_outliers = cfg.outliers if cfg.outliers is not None else bool(calib)
+    if want_outliers and spec.kind in ("dynamic", "static"):
+        spec = SchemeSpec(spec.name, spec.kind, spec.bits, spec.group, outliers=True)
+    if (spec.kind == "static" or cfg.outliers) and not calib:
         raise CompilerError(f"quantize{{scheme={cfg.scheme}"
-                            f"{',outliers=true' if spec.outliers else ''}}} needs calibration "
+                            f"{',outliers=true' if cfg.outliers else ''}}} needs calibration "
                             f"inputs: ember.compile(..., calib=[input tuples])")
     cands = linear_candidates(g, cfg.skip, cfg.min_features)
     env = example_env(g, ctx)
@@ -323,7 +330,8 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             rec.update(decision="fp32", reason=why)
             layers.append(rec)
             continue
-        gr = gate(m, k, nn_, cfg.scheme, kernel_factory(spec, nn_, k), mode=cfg.gate,
+        tag = cfg.scheme + ("+outliers" if spec.outliers else "")
+        gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k), mode=cfg.gate,
                   min_speedup=cfg.min_speedup)
         rec["gate"] = gr.to_json()
         if not gr.apply:
