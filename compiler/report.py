@@ -175,10 +175,11 @@ def _plot_planner(pl: Mapping[str, Any]) -> str | None:
         ax.axvline(pl["baseline_predicted_ms"], color="#888", ls=":", lw=1, label="base pipeline")
     ax.set_xlabel("predicted latency (ms, cost model)")
     ax.set_ylabel(f"measured drop ({pl.get('metric', '')})")
-    ax.set_yscale("symlog", linthresh=max(pl["max_drop"], 1e-3))
+    top = max([r["drop"] for r in recs] + [pl["max_drop"]])
+    ax.set_ylim(min(0.0, min(r["drop"] for r in recs)) - 0.05 * top, top * 1.12)
     ax.set_title("planner candidates")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
