@@ -3,6 +3,7 @@ records, and artifact round trips that keep the weights compressed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ from ember.ir.opset_quant import (
 from ember.passes import _qkernels
 from ember.passes.quantize import parse_scheme
 from ember.passmanager import PassContext, PassManager
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Small graphs: one thread avoids OpenMP barrier stalls on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ from ember.ir.opset_quant import decode_sparse, encode_sparse
 from ember.passes import _qkernels
 from ember.passes.sparsify import parse_pattern, prune_mask
 from ember.passmanager import PassContext, PassManager
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Small graphs: one thread avoids OpenMP barrier stalls on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
