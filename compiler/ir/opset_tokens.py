@@ -141,10 +141,11 @@ def _merge_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     metric = _req(types, 1, "token_merge")
     if metric.rank != 3:
         raise OpTypeError(f"token_merge: metric must be [B, N, C], got {metric}")
-    if attrs["r"] < 0 or attrs["protect"] < 0:
+    r = attrs["r"]
+    if (isinstance(r, int) and r < 0) or attrs["protect"] < 0:
         raise OpTypeError("token_merge: r and protect must be >= 0")
     n = x.shape[1]
-    if isinstance(n, int) and attrs["r"] > (n - attrs["protect"]) // 2:
+    if isinstance(n, int) and isinstance(r, int) and r > (n - attrs["protect"]) // 2:
         raise OpTypeError(f"token_merge: r={attrs['r']} too large for {n} tokens")
     return _reduced_types(x, simplify(n - attrs["r"]))
 

@@ -145,7 +145,7 @@ def test_no_reduction_is_identity(name: str, passes: str) -> None:
 
 
 @pytest.mark.parametrize("passes", [
-    "merge_tokens{r=2}", "merge_tokens{r=4,schedule=decreasing}", "merge_tokens{ratio=0.3}",
+    "merge_tokens{r=2}", "merge_tokens{r=1,schedule=decreasing}", "merge_tokens{ratio=0.3}",
     "prune_tokens{method=attention,keep=0.5,start=0}",
     "prune_tokens{method=dart,keep=0.5,start=0}",
     "prune_tokens{method=repshift,keep=0.5,start=0,fuse=false}",
