@@ -9,7 +9,8 @@ by the same epilogue as ``fused_linear`` (optional residual before/after an acti
         u8 x s8 pair products cannot saturate int16 on AVX2), int32 accumulation, fp32 dequant.
         ``outlier_idx`` lists input channels computed in fp32 instead (``w_outlier`` [N, k]):
         their activations are zeroed before quantization and added back exactly.
-    qlinear_static(x, w_q, w_scale, b?, residual?)    as above with a calibrated (x_scale, x_zp)
+    qlinear_static(x, w_q, w_scale, b?, residual?, outlier_idx?, w_outlier?)
+        as above with a calibrated (x_scale, x_zp)
     linear_woq(x, w_q, w_scale, b?, residual?)        weight-only int8 / int4 (packed 2 per
         uint8), symmetric, one scale per group of ``group_size`` input channels; fp32 compute
     lut_linear(x, codes, coef, b?, residual?)         non-uniform ``bits``-bit weights: per group
@@ -421,13 +422,20 @@ _reg("qlinear_dynamic", _qlinear_infer("qlinear_dynamic"), _qlinear_dynamic_ref,
 
 
 def _qlinear_static_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
-    assert x[0] is not None and x[1] is not None and x[2] is not None
-    y = qgemm_static(x[0], x[1], x[2], _opt(x, 3), float(a["x_scale"]), int(a["x_zero_point"]))
+    inp, wq, ws = x[0], x[1], x[2]
+    assert inp is not None and wq is not None and ws is not None
+    idx, wo = _opt(x, 5), _opt(x, 6)
+    sc, zp = float(a["x_scale"]), int(a["x_zero_point"])
+    if idx is not None and wo is not None:
+        y = qgemm_static(inp.index_fill(-1, idx, 0.0), wq, ws, _opt(x, 3), sc, zp)
+        y = y + F.linear(inp.index_select(-1, idx), wo)
+    else:
+        y = qgemm_static(inp, wq, ws, _opt(x, 3), sc, zp)
     return _epilogue(y, x, a)
 
 
 _reg("qlinear_static", _qlinear_infer("qlinear_static"), _qlinear_static_ref,
-     {"x_scale": REQUIRED, "x_zero_point": REQUIRED}, 3, 5,
+     {"x_scale": REQUIRED, "x_zero_point": REQUIRED}, 3, 7,
      "int8 W (per-channel) x calibrated u7 per-tensor activations, int32 acc, fp32 epilogue")
 
 
