@@ -64,6 +64,13 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _no_grad(model: torch.nn.Module, *args: torch.Tensor) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return model(*args)
+    return run
+
+
 def ort_session(model: torch.nn.Module, inputs: tuple, names: Sequence[str]) -> Callable[..., Any]:
     import onnxruntime as ort
 
@@ -103,7 +110,8 @@ def run_vit(repeats: int, quick: bool) -> None:
         rep = find_blocks(g0)
         print(f"\n== {name}: fp32 top-1 {acc32:.4f}; {rep.explain()}")
 
-        def score(g: Any) -> tuple[float, float, float]:
+        def score(g: Any, fp32: torch.Tensor = fp32,
+                  fp32_c: torch.Tensor = fp32_c) -> tuple[float, float, float]:
             out = run_graph(g, xte)[0]
             oc = run_graph(g, calib)[0]
             return (float((out.argmax(-1) == yte).float().mean()),
@@ -138,10 +146,9 @@ def run_vit(repeats: int, quick: bool) -> None:
         for label, pipe in variants.items():
             cm = compile_cpu(model, (xb,), pipe, ["x"])
             graphs[label] = cm
-            fns[label] = (lambda cm=cm: cm(xb))
+            fns[label] = (lambda cm=cm, xb=xb: cm(xb))
         fns["ORT"] = ort_session(model, (xb,), ["x"])
-        with torch.no_grad():
-            fns["torch eager"] = lambda: model(xb)
+        fns["torch eager"] = _no_grad(model, xb)
         ms = interleaved_medians(fns, repeats)
         base = ms["O2"]
         for label in variants:
@@ -213,8 +220,7 @@ def run_text(repeats: int, quick: bool) -> None:
         cms[label] = cm
         fns[label] = (lambda cm=cm: cm(ib, mb))
     fns["ORT"] = ort_session(enc, (ib, mb), names)
-    with torch.no_grad():
-        fns["torch eager"] = lambda: enc(ib, mb)
+    fns["torch eager"] = _no_grad(enc, ib, mb)
     ms = interleaved_medians(fns, repeats)
     base = ms["O2"]
     env = {"batch": bs}
