@@ -6,15 +6,19 @@
   GEMMs, weights frozen and prepacked, compiled into a shared library). No Python at run time.
 - ``"eager"``: the generated fx module run by eager PyTorch (the IR interpreted with torch ops,
   with the backend's fast lowerings). Its payload is the artifact's ir.json + weights.
+- ``"onnxruntime"``: the optimized IR exported to ONNX (``model.onnx``) and run by ONNX Runtime's
+  CPU execution provider (its MLAS kernels), when every op has an ONNX form.
 
-``mode="auto"`` builds the AOTI package, times it against the eager kind on the example inputs
-(median of several runs after warm-up) and ships the faster one: a CPU artifact is never slower
-than eager. The measurements and the reason go into ``program.info``.
+``mode="auto"`` builds every candidate, times each on the example inputs (median of several runs
+after warm-up) and ships the fastest: a CPU artifact is never slower than eager, nor than ONNX
+Runtime on Ember's own optimized graph. The measurements and the reason go into
+``program.info``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import statistics
@@ -109,16 +113,73 @@ class CpuProgram:
         """Writes the payload; the eager kind's payload is the artifact's IR (nothing extra)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        if self.kind != "aoti":
+        name = {"aoti": PACKAGE_FILE, "onnxruntime": ORT_FILE}.get(self.kind)
+        if name is None:
             return []
         assert self._package is not None
-        dst = d / PACKAGE_FILE
+        dst = d / name
         if self._package.resolve() != dst.resolve():
             shutil.copyfile(self._package, dst)
-        return [PACKAGE_FILE]
+        return [name]
 
     def __repr__(self) -> str:
         return f"CpuProgram(kind={self.kind!r})"
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+ORT_FILE = "model.onnx"
+
+
+class _OrtRunner:
+    """Runs an ONNX export of the optimized IR in ONNX Runtime (CPU EP), torch in and out."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only: unused-initializer notes are not for users
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        feeds = {n: a.detach().contiguous().numpy() for n, a in zip(self.names, args)}
+        return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+
+
+def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict[str, Any],
+                   reference: Sequence[torch.Tensor]) -> CpuProgram | None:
+    """The optimized IR exported to ONNX and run by ONNX Runtime, when every op has an ONNX
+    form and its outputs match; None (with the reason in ``info``) otherwise."""
+    # the ONNX exporter lives with the frontends; imported lazily (backends stay light)
+    from ember.export_onnx import export_onnx
+
+    path = work / ORT_FILE
+    try:
+        rep = export_onnx(g, path)
+        if rep.custom:
+            info["onnxruntime"] = {"skipped": f"ops without an ONNX form: {sorted(rep.custom)}"}
+            return None
+        runner = _OrtRunner(path, torch.get_num_threads())
+        got = runner(*ins)
+    except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
+        info["onnxruntime"] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
+        return None
+    err = 0.0
+    for a, b in zip(got, reference):
+        scale = max(1.0, float(b.detach().float().abs().max())) if b.numel() else 1.0
+        if a.shape != b.shape:
+            err = math.inf
+            break
+        if a.numel():
+            err = max(err, float((a.float() - b.detach().float()).abs().max()) / scale)
+    if not err <= 1e-4:
+        info["onnxruntime"] = {"skipped": f"outputs differ from the eager program ({err:.2e})"}
+        return None
+    info["onnxruntime"] = {"max_rel_error": err}
+    return CpuProgram("onnxruntime", runner, g, info, package=path)
 
 
 # ----------------------------------------------------------------------------- pickle check
@@ -326,18 +387,22 @@ def compile_graph(
         return aoti
 
     eager = eager_program()
+    programs = {"aoti": aoti, "eager": eager}
+    ort_prog = _ort_candidate(g, ins, work, info, eager(*ins))
+    if ort_prog is not None:
+        programs["onnxruntime"] = ort_prog
     repeats = max(5, repeats)
     cand = info["candidates"]
-    cand["aoti"] = round(median_ms(lambda: aoti(*ins), repeats), 4)
-    cand["eager"] = round(median_ms(lambda: eager(*ins), repeats), 4)
+    for name, prog in programs.items():
+        cand[name] = round(median_ms(lambda prog=prog: prog(*ins), repeats), 4)
     info["timed_on"] = [list(t.shape) for t in ins]
-    chosen = "aoti" if cand["aoti"] <= cand["eager"] else "eager"
+    chosen = min(cand, key=lambda k: cand[k])
     info.update(kind=chosen, chosen=chosen,
-                why=f"median of {repeats} runs: aoti {cand['aoti']:.3f} ms, "
-                    f"eager {cand['eager']:.3f} ms",
+                why=f"median of {repeats} runs: "
+                    + ", ".join(f"{k} {v:.3f} ms" for k, v in cand.items()),
                 compile_s=round(time.perf_counter() - t_start, 3))
     log.info("cpu backend chose %s (%s)", chosen, info["why"])
-    return aoti if chosen == "aoti" else eager
+    return programs[chosen]
 
 
 def load_program(directory: str | Path, info: Mapping[str, Any],
@@ -349,6 +414,12 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
     if kind == "eager":
         g = graph if graph is not None else read_artifact_graph(d)
         return CpuProgram("eager", lower_graph(g), g, info)
+    if kind == "onnxruntime":
+        path = d / ORT_FILE
+        if not path.is_file():
+            raise ArtifactError(f"cpu payload missing: {path}")
+        runner = _OrtRunner(path, torch.get_num_threads())
+        return CpuProgram("onnxruntime", runner, graph, info, package=path)
     if kind != "aoti":
         raise ArtifactError(f"cpu payload in {d}: unknown kind {kind!r}")
     pkg = d / PACKAGE_FILE
