@@ -333,7 +333,8 @@ def compile_graph(
         example_inputs: one input per graph input (used to trace and, in auto mode, to time).
         dynamic: keep the graph's symbolic input dims dynamic in the AOTI program.
         workdir: where the package is built (a temporary directory when None).
-        mode: "aoti", "eager", or "auto" (measure both, ship the faster).
+        mode: "aoti", "eager", "onnxruntime", or "auto" (measure every candidate, ship the
+            fastest).
         inductor_configs: overrides of `DEFAULT_INDUCTOR_CONFIGS`.
         repeats: timed runs per candidate in auto mode (median; at least 5).
 
@@ -341,8 +342,9 @@ def compile_graph(
         UnsupportedOpError: a node has no lowering (lists every one, with its location).
         CompilerError: mode="aoti" and export/AOTI compilation failed.
     """
-    if mode not in ("auto", "aoti", "eager"):
-        raise CompilerError(f"cpu backend: unknown mode '{mode}' (auto, aoti, eager)")
+    if mode not in ("auto", "aoti", "eager", "onnxruntime"):
+        raise CompilerError(f"cpu backend: unknown mode '{mode}' "
+                            f"(auto, aoti, eager, onnxruntime)")
     t_start = time.perf_counter()
     gm = lower_graph(g)
     ins = cast_inputs(g, example_inputs)
@@ -360,6 +362,14 @@ def compile_graph(
     configs = {**DEFAULT_INDUCTOR_CONFIGS, **(inductor_configs or {})}
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ember_cpu_"))
     work.mkdir(parents=True, exist_ok=True)
+    if mode == "onnxruntime":
+        ort_prog = _ort_candidate(g, ins, work, info, eager_program()(*ins))
+        if ort_prog is None:
+            raise CompilerError(f"cpu backend: ONNX Runtime path unavailable: "
+                                f"{info['onnxruntime']['skipped']}")
+        info.update(kind="onnxruntime", chosen="onnxruntime", why="mode=onnxruntime",
+                    compile_s=round(time.perf_counter() - t_start, 3))
+        return ort_prog
     pkg = work / PACKAGE_FILE
     try:
         stats = _aoti_compile(gm, g, _trace_inputs(g, ins, dynamic), dynamic, pkg, configs)
