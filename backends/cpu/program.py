@@ -370,34 +370,17 @@ def compile_graph(
         info.update(kind="onnxruntime", chosen="onnxruntime", why="mode=onnxruntime",
                     compile_s=round(time.perf_counter() - t_start, 3))
         return ort_prog
-    pkg = work / PACKAGE_FILE
-    try:
-        stats = _aoti_compile(gm, g, _trace_inputs(g, ins, dynamic), dynamic, pkg, configs)
-        runner = torch._inductor.aoti_load_package(str(pkg))
-    except Exception as e:
-        if mode == "aoti":
-            raise CompilerError(f"cpu backend: AOTInductor compilation failed: {e}") from e
-        log.warning("AOTInductor compilation failed, shipping the eager program: %s", e)
-        info.update(kind="eager", chosen="eager", why=f"AOTI failed: {str(e)[:300]}",
-                    compile_s=round(time.perf_counter() - t_start, 3))
-        return eager_program()
-    info["aoti"] = {**stats, "inductor_configs": configs}
-    pickles = find_pickles(pkg)
-    if pickles:  # loading must never unpickle: refuse such a package
-        if mode == "aoti":
-            raise CompilerError(f"cpu backend: the AOTI package contains pickles: {pickles}")
-        log.warning("AOTI package holds pickles %s; shipping the eager program", pickles)
-        info.update(kind="eager", chosen="eager", why=f"AOTI package has pickles {pickles}",
-                    compile_s=round(time.perf_counter() - t_start, 3))
-        return eager_program()
-    aoti = CpuProgram("aoti", runner, g, info, package=pkg)
+    eager = eager_program()
+    programs: dict[str, CpuProgram] = {"eager": eager}
+    aoti = _aoti_candidate(gm, g, ins, dynamic, work / PACKAGE_FILE, configs, info,
+                           strict=mode == "aoti")
     if mode == "aoti":
+        assert aoti is not None  # strict: failures raised
         info.update(kind="aoti", chosen="aoti", why="mode=aoti",
                     compile_s=round(time.perf_counter() - t_start, 3))
         return aoti
-
-    eager = eager_program()
-    programs = {"aoti": aoti, "eager": eager}
+    if aoti is not None:
+        programs["aoti"] = aoti
     ort_prog = _ort_candidate(g, ins, work, info, eager(*ins))
     if ort_prog is not None:
         programs["onnxruntime"] = ort_prog
@@ -413,6 +396,32 @@ def compile_graph(
                 compile_s=round(time.perf_counter() - t_start, 3))
     log.info("cpu backend chose %s (%s)", chosen, info["why"])
     return programs[chosen]
+
+
+def _aoti_candidate(gm: torch.fx.GraphModule, g: Graph, ins: Sequence[torch.Tensor],
+                    dynamic: bool, pkg: Path, configs: Mapping[str, Any], info: dict[str, Any],
+                    strict: bool) -> CpuProgram | None:
+    """Builds the AOTInductor package; None (reason in ``info``) when it fails or would hold a
+    pickle, or a CompilerError when ``strict``."""
+    try:
+        stats = _aoti_compile(gm, g, _trace_inputs(g, ins, dynamic), dynamic, pkg, configs)
+        runner = torch._inductor.aoti_load_package(str(pkg))
+    except Exception as e:
+        if strict:
+            raise CompilerError(f"cpu backend: AOTInductor compilation failed: {e}") from e
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        log.warning("AOTInductor compilation failed (other candidates remain): %s", first)
+        info["aoti"] = {"skipped": f"compilation failed: {first}"}
+        return None
+    info["aoti"] = {**stats, "inductor_configs": dict(configs)}
+    pickles = find_pickles(pkg)
+    if pickles:  # loading must never unpickle: refuse such a package
+        if strict:
+            raise CompilerError(f"cpu backend: the AOTI package contains pickles: {pickles}")
+        log.warning("AOTI package holds pickles %s; not a candidate", pickles)
+        info["aoti"]["skipped"] = f"package holds pickles {pickles}"
+        return None
+    return CpuProgram("aoti", runner, g, info, package=pkg)
 
 
 def load_program(directory: str | Path, info: Mapping[str, Any],
