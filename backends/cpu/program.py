@@ -451,6 +451,10 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
     pickles = find_pickles(pkg)
     if pickles:
         raise ArtifactError(f"cpu payload {pkg} contains pickled members {pickles}; refusing")
+    # op modules register Ember's custom torch ops (ember::qgemm_*) that packages may call
+    from ember.ir import all_ops
+
+    all_ops()
     runner = torch._inductor.aoti_load_package(str(pkg))
     dtypes = None
     if graph is not None:
