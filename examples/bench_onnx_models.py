@@ -42,10 +42,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated substrings of model titles")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for title, (fname, name, shape) in MODELS.items():
+        if args.only and not any(k.strip().lower() in title.lower() for k in args.only.split(",")):
+            continue
         path = model_dir() / fname
         x = np.random.default_rng(0).random([args.batch, *shape[1:]], dtype=np.float32)
         cm = ember.compile(str(path), [torch.from_numpy(x)], dynamic_dims={name: shape})
