@@ -317,6 +317,12 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     with pr.stage(f"backend {target}: codegen"):
         try:
             program = be.compile(g, example, **dict(backend_options or {}))
+        except RuntimeError as e:  # torch refusing the example inputs (e.g. too small an image)
+            shapes = ", ".join(str(tuple(t.shape)) for t in example)
+            raise CompilerError(
+                f"running the model on example inputs of shape {shapes} failed: "
+                f"{str(e).splitlines()[0][:200]}; pass example inputs, or concrete sizes for "
+                f"its symbolic dims (CLI: --symbol NAME=VALUE)") from e
         except CompilerError as e:
             if strict or target == "reference":
                 raise
