@@ -34,6 +34,21 @@ def _parse_symbols(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
+def _parse_input_shapes(items: Sequence[str]) -> dict[str, list[int | str]] | None:
+    """``x=batch,3,224,224`` -> {"x": ["batch", 3, 224, 224]} (ints fixed, names symbolic)."""
+    if not items:
+        return None
+    out: dict[str, list[int | str]] = {}
+    for it in items:
+        if "=" not in it:
+            raise CompilerError(f"--input-shape '{it}' must be NAME=D0,D1,... "
+                                f"(e.g. x=batch,3,224,224)")
+        k, v = it.split("=", 1)
+        out[k.strip()] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip()
+                          for d in v.split(",")]
+    return out
+
+
 def _load_inputs(paths: Sequence[str]) -> list[np.ndarray]:
     arrays: list[np.ndarray] = []
     for p in paths:
@@ -58,11 +73,14 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if not Path(a.model).exists():
         raise CompilerError(f"{a.model}: no such file")
     passes = a.passes or f"O{a.opt}"
+    shapes = _parse_input_shapes(a.input_shape)
+    if shapes and not str(a.model).lower().endswith(".onnx"):
+        raise CompilerError("--input-shape applies to .onnx models (a .pt2 carries its shapes)")
     example = None
     if a.example:
         example = [__import__("torch").from_numpy(x) for x in _load_inputs(a.example)]
     elif a.symbol:
-        g = import_model(a.model)
+        g = import_model(a.model, dynamic_dims=shapes)
         example = make_example_inputs(g, _parse_symbols(a.symbol))
     calib: Any = None
     if a.calib:
@@ -75,7 +93,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         calib = (calib[0], labels)
     elif a.labels:
         raise CompilerError("--labels is used by the planner only: add --max-drop")
-    cm = ember.compile(a.model, example, target=a.target, passes=passes, strict=a.strict,
+    cm = ember.compile(a.model, example, dynamic_dims=shapes, target=a.target, passes=passes,
+                       strict=a.strict,
                        verify=a.debug, progress=not a.quiet, calib=calib, max_drop=max_drop,
                        metric=a.metric)
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
@@ -179,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-O", dest="opt", type=int, default=2, choices=[0, 1, 2, 3])
     c.add_argument("--passes", help='pipeline text, e.g. "O2,quantize{scheme=w8a8-dynamic}"')
     c.add_argument("--example", nargs="+", help="example inputs (.npy each, or one .npz)")
+    c.add_argument("--input-shape", nargs="+", help="ONNX input shapes, NAME=D0,D1,... with "
+                   "ints fixed and names symbolic, e.g. x=batch,3,224,224")
     c.add_argument("--symbol", nargs="+", help="values for symbolic dims of generated "
                    "example inputs, e.g. batch=1 seq=128")
     c.add_argument("--calib", help="calibration inputs (.npz)")

@@ -61,3 +61,28 @@ def test_errors_are_one_line(pt2):
     (d / "junk.pt2").write_bytes(b"garbage")
     r = ember_cli("compile", "junk.pt2", cwd=d)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_compile_and_run_a_packaged_onnx_model(tmp_path: Path):
+    """`ember compile model.onnx --input-shape ...` on a paddle2onnx file; output matches ORT."""
+    import importlib.util
+
+    ort = pytest.importorskip("onnxruntime")
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None:
+        pytest.skip("rapidocr-onnxruntime is not installed (make venv installs it)")
+    model = Path(spec.submodule_search_locations[0]) / "models" / \
+        "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    r = ember_cli("compile", str(model), "-o", "cls.ember", "--input-shape",
+                  "x=batch,3,48,192", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).random((2, 3, 48, 192), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = ember_cli("run", "cls.ember", "--input", "x.npy", "--output", "y.npy", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    assert np.abs(np.load(tmp_path / "y.npy") - want).max() <= 1e-4
+    r = ember_cli("compile", str(model), "--input-shape", "x:bad", cwd=tmp_path)
+    assert r.returncode == 1 and "--input-shape" in r.stderr
