@@ -38,8 +38,9 @@ class Interpreter:
         self._steps = []
         for n in graph.nodes:
             opdef = get_op(n.op)
-            # trailing optional inputs absent from the node reach the reference as None
-            pad = max(0, opdef.max_inputs - len(n.inputs)) if opdef.max_inputs < 64 else 0
+            # trailing optional inputs absent from the node reach the reference as None;
+            # variadic ops (concat, einsum, ...: more than 8 inputs allowed) are not padded
+            pad = max(0, opdef.max_inputs - len(n.inputs)) if opdef.max_inputs <= 8 else 0
             self._steps.append((n, opdef.reference, _has_sym(n.attrs), pad))
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
