@@ -23,7 +23,7 @@ from torch import nn
 from ember.errors import UnsupportedOp, UnsupportedOpError
 from ember.ir import Graph, Node, get_op, has_op, to_torch_dtype
 
-from .symdims import DimEvalError, FxArith, eval_attr, is_symbolic
+from .symdims import DimEvalError, FxArith, eval_attr, free_symbol_names, fx_attr_name
 
 __all__ = ["LOWERINGS", "register_lowering", "lower_graph", "unsupported_nodes", "symbol_sources"]
 
@@ -140,24 +140,6 @@ def symbol_sources(g: Graph) -> dict[str, tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- graph building
-def _attr_name(prefix: str, name: str, taken: set[str]) -> str:
-    base = prefix + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    cand, i = base, 0
-    while cand in taken:
-        i += 1
-        cand = f"{base}_{i}"
-    taken.add(cand)
-    return cand
-
-
-def _free_symbol_names(v: Any) -> set[str]:
-    if isinstance(v, tuple | list):
-        return set().union(*(_free_symbol_names(x) for x in v)) if v else set()
-    if isinstance(v, Mapping):
-        return _free_symbol_names(list(v.values()))
-    if is_symbolic(v):
-        return {s.name for s in v.free_symbols}
-    return set()
 
 
 def lower_graph(g: Graph) -> torch.fx.GraphModule:
@@ -172,7 +154,7 @@ def lower_graph(g: Graph) -> torch.fx.GraphModule:
 
     placeholders = []
     for v in g.inputs:
-        ph = fx.placeholder(_attr_name("", v.name, taken))
+        ph = fx.placeholder(fx_attr_name("", v.name, taken))
         env[v.name] = ph
         placeholders.append(ph)
 
@@ -182,7 +164,7 @@ def lower_graph(g: Graph) -> torch.fx.GraphModule:
         t = g.weights[v.name]
         attr = by_id.get(id(t))
         if attr is None:
-            attr = _attr_name("w_", v.name, taken)
+            attr = fx_attr_name("w_", v.name, taken)
             by_id[id(t)] = attr
             if t.is_floating_point():
                 root.register_parameter(attr, nn.Parameter(t.detach(), requires_grad=False))
@@ -209,7 +191,7 @@ def lower_graph(g: Graph) -> torch.fx.GraphModule:
     arith = FxArith(fx)
     for n in g.nodes:
         attrs: dict[str, Any] = dict(n.attrs)
-        names = _free_symbol_names(attrs)
+        names = free_symbol_names(attrs)
         if names:
             try:
                 attrs = eval_attr(attrs, sym_env(names, n), arith)
@@ -220,7 +202,7 @@ def lower_graph(g: Graph) -> torch.fx.GraphModule:
         # absent trailing optional inputs are passed as None (x[2] of a bias-less linear)
         ins += [None] * (_arity(n.op) - len(ins))
         call = fx.create_node("call_function", node_fn(n), (ins, attrs),
-                              name=_attr_name("", n.outputs[0].name, taken))
+                              name=fx_attr_name("", n.outputs[0].name, taken))
         call.meta["ember_op"] = n.op
         call.meta["ember_loc"] = str(n.loc)
         if len(n.outputs) == 1:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Arith", "PyArith", "FxArith", "eval_dim", "eval_attr", "is_symbolic", "DimEvalError"]
+__all__ = ["Arith", "PyArith", "FxArith", "eval_dim", "eval_attr", "is_symbolic", "DimEvalError",
+           "fx_attr_name", "free_symbol_names"]
 
 
 class DimEvalError(ValueError):
@@ -240,3 +241,26 @@ def eval_attr(v: Any, env: Mapping[str, Any], ar: Arith | None = None) -> Any:
     if is_symbolic(v):
         return eval_dim(v, env, ar)
     return v
+
+
+# shared by the CPU and CUDA fx lowerings
+def fx_attr_name(prefix: str, name: str, taken: set[str]) -> str:
+    """A fresh attribute/placeholder name (``prefix`` + sanitized ``name``) not in ``taken``."""
+    base = prefix + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    cand, i = base, 0
+    while cand in taken:
+        i += 1
+        cand = f"{base}_{i}"
+    taken.add(cand)
+    return cand
+
+
+def free_symbol_names(v: Any) -> set[str]:
+    """Names of the symbols in an attribute value (nested lists, tuples, mappings)."""
+    if isinstance(v, tuple | list):
+        return set().union(*(free_symbol_names(x) for x in v)) if v else set()
+    if isinstance(v, Mapping):
+        return free_symbol_names(list(v.values()))
+    if is_symbolic(v):
+        return {s.name for s in v.free_symbols}
+    return set()

@@ -27,7 +27,13 @@ from torch import nn
 from ember.errors import UnsupportedOp, UnsupportedOpError
 from ember.ir import Graph, Node, get_op, has_op
 
-from ..cpu.symdims import DimEvalError, FxArith, eval_attr, is_symbolic
+from ..cpu.symdims import (
+    DimEvalError,
+    FxArith,
+    eval_attr,
+    free_symbol_names,
+    fx_attr_name,
+)
 from . import ops
 
 __all__ = ["NodePlan", "plan_graph", "lower_graph", "KERNEL_OPS", "norm_fusions"]
@@ -386,24 +392,6 @@ def plan_graph(g: Graph) -> list[NodePlan]:
 
 
 # ----------------------------------------------------------------------------- module
-def _attr_name(prefix: str, name: str, taken: set[str]) -> str:
-    base = prefix + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    cand, i = base, 0
-    while cand in taken:
-        i += 1
-        cand = f"{base}_{i}"
-    taken.add(cand)
-    return cand
-
-
-def _free_symbol_names(v: Any) -> set[str]:
-    if isinstance(v, tuple | list):
-        return set().union(*(_free_symbol_names(x) for x in v)) if v else set()
-    if isinstance(v, Mapping):
-        return _free_symbol_names(list(v.values()))
-    if is_symbolic(v):
-        return {s.name for s in v.free_symbols}
-    return set()
 
 
 def _torch_fn(op: str) -> Callable[..., Any]:
@@ -457,7 +445,7 @@ def lower_graph(g: Graph, plans: Sequence[NodePlan] | None = None,
     taken: set[str] = set()
     placeholders = []
     for v in g.inputs:
-        ph = fx.placeholder(_attr_name("", v.name, taken))
+        ph = fx.placeholder(fx_attr_name("", v.name, taken))
         env[v.name] = ph
         placeholders.append(ph)
     by_id: dict[int, str] = {}
@@ -465,7 +453,7 @@ def lower_graph(g: Graph, plans: Sequence[NodePlan] | None = None,
         t = g.weights[v.name]
         attr = by_id.get(id(t))
         if attr is None:
-            attr = _attr_name("w_", v.name, taken)
+            attr = fx_attr_name("w_", v.name, taken)
             by_id[id(t)] = attr
             root.register_buffer(attr, t.detach())
         env[v.name] = fx.get_attr(attr)
@@ -480,7 +468,7 @@ def lower_graph(g: Graph, plans: Sequence[NodePlan] | None = None,
 
     def attrs_of(n: Node) -> dict[str, Any]:
         attrs = dict(n.attrs)
-        names = _free_symbol_names(attrs)
+        names = free_symbol_names(attrs)
         if not names:
             return attrs
         for s in names:
@@ -504,7 +492,7 @@ def lower_graph(g: Graph, plans: Sequence[NodePlan] | None = None,
     for idx, (n, plan) in enumerate(zip(g.nodes, plans)):
         if idx in fused_norms:
             continue  # emitted with its add
-        name = _attr_name("", n.outputs[0].name, taken)
+        name = fx_attr_name("", n.outputs[0].name, taken)
         ins = [None if v is None else env[v.name] for v in n.inputs]
         if idx in fused:
             norm = g.nodes[fused[idx]]
@@ -525,7 +513,7 @@ def lower_graph(g: Graph, plans: Sequence[NodePlan] | None = None,
             low = KERNEL_OPS[n.op]
             ex_nodes = {}
             for key, t in low.prepare(n, g).items():
-                attr = _attr_name(f"ex_{key}_", n.outputs[0].name, taken)
+                attr = fx_attr_name(f"ex_{key}_", n.outputs[0].name, taken)
                 root.register_buffer(attr, t)
                 ex_nodes[key] = fx.get_attr(attr)
             hi = get_op(n.op).max_inputs
