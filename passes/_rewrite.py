@@ -186,17 +186,7 @@ def rebuild(g: Graph, plan: Mapping[Node, EmitFn],
     replaced values that something read (through their replacement).
     """
     used = used if used is not None else set()
-    b = GraphBuilder(g.name)
-    b.meta = dict(g.meta)
-    for v, name in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
-        b.reserve(v.name)
-        b.inputs.append(v)
-        b.input_names.append(name)
-    for v in g.params:
-        b.add_existing_param(v, g.weights[v.name])
-    for n in g.nodes:
-        for v in n.outputs:
-            b.reserve(v.name)
+    b = GraphBuilder.seeded_from(g)
     env: dict[str, Value] = {}
 
     def m(v: Value | None) -> Value | None:

@@ -179,6 +179,23 @@ class GraphBuilder:
         self._taken: set[str] = set()
         self._counter = itertools.count()
 
+    @classmethod
+    def seeded_from(cls, g: Graph) -> GraphBuilder:
+        """A builder holding ``g``'s inputs, params and meta, with every value name of ``g``
+        reserved: the start of a rewrite of ``g`` that keeps its names."""
+        b = cls(g.name)
+        b.meta = dict(g.meta)
+        for v, name in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
+            b.reserve(v.name)
+            b.inputs.append(v)
+            b.input_names.append(name)
+        for v in g.params:
+            b.add_existing_param(v, g.weights[v.name])
+        for n in g.nodes:
+            for v in n.outputs:
+                b.reserve(v.name)
+        return b
+
     def fresh(self, hint: str = "v") -> str:
         base = _clean(hint)
         if base not in self._taken:
@@ -263,17 +280,7 @@ def rewrite(g: Graph, fn: RewriteFn) -> Graph:
 
     Input and param values keep their names. Unused params are kept (run DCE to drop them).
     """
-    b = GraphBuilder(g.name)
-    b.meta = dict(g.meta)
-    for v, name in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
-        b.reserve(v.name)
-        b.inputs.append(v)
-        b.input_names.append(name)
-    for v in g.params:
-        b.add_existing_param(v, g.weights[v.name])
-    for n in g.nodes:
-        for v in n.outputs:
-            b.reserve(v.name)
+    b = GraphBuilder.seeded_from(g)
     env: dict[str, Value] = {}
 
     def m(v: Value | None) -> Value | None:
