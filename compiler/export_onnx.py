@@ -276,6 +276,9 @@ class _NoMapping(Exception):
     pass
 
 
+NoMapping = _NoMapping  # public names for the emitter modules below
+
+
 _BASE_ATTRS = {"linear": (), "conv": ("stride", "padding", "dilation", "groups"),
                "matmul": ()}
 
@@ -301,6 +304,8 @@ _EMIT: dict[str, Emit] = {}
 
 
 def _e(*ops: str) -> Any:
+    """Registers an emitter ``fn(exporter, node, input_names) -> output_names`` for IR ops;
+    raising `NoMapping` inside it writes the node to the custom domain instead."""
     def deco(fn: Any) -> Any:
         for o in ops:
             _EMIT[o] = fn
@@ -790,3 +795,9 @@ def _resize(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   nearest_mode=a["nearest_mode"], cubic_coeff_a=float(a["cubic_coeff_a"]),
                   exclude_outside=int(a["exclude_outside"]),
                   extrapolation_value=float(a["extrapolation_value"]), **extra)]
+
+
+# emitters for the approximate passes' ops live in their own modules and register here
+register_emitter = _e
+from ember import export_onnx_quant as _quant_emitters  # noqa: E402,F401
+from ember import export_onnx_tokens as _token_emitters  # noqa: E402,F401
