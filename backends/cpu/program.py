@@ -149,6 +149,18 @@ class _OrtRunner:
         return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
 
 
+# Ops whose ONNX form may round differently from their eager kernel (a requantization tie, a
+# different accumulation order before a rounding step): the ORT candidate of a graph holding
+# them is accepted within one quantization step rather than fp32 noise.
+ROUNDING_OPS = frozenset({"qlinear_dynamic", "qlinear_static", "linear_woq", "lut_linear",
+                          "linear_bf16"})
+
+
+def ort_tolerance(g: Graph) -> float:
+    """Max relative error allowed between the ORT candidate and the eager program of ``g``."""
+    return 2e-2 if any(n.op in ROUNDING_OPS for n in g.nodes) else 1e-4
+
+
 def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict[str, Any],
                    reference: Sequence[torch.Tensor]) -> CpuProgram | None:
     """The optimized IR exported to ONNX and run by ONNX Runtime, when every op has an ONNX
@@ -175,10 +187,12 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
             break
         if a.numel():
             err = max(err, float((a.float() - b.detach().float()).abs().max()) / scale)
-    if not err <= 1e-4:
-        info["onnxruntime"] = {"skipped": f"outputs differ from the eager program ({err:.2e})"}
+    tol = ort_tolerance(g)
+    if not err <= tol:
+        info["onnxruntime"] = {"skipped": f"outputs differ from the eager program ({err:.2e} "
+                                          f"> {tol:.0e})"}
         return None
-    info["onnxruntime"] = {"max_rel_error": err}
+    info["onnxruntime"] = {"max_rel_error": err, "tolerance": tol}
     return CpuProgram("onnxruntime", runner, g, info, package=path)
 
 
