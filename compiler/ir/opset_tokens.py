@@ -167,7 +167,9 @@ def select_reference(x: torch.Tensor, score: torch.Tensor, size: torch.Tensor | 
     rest = n - protect
     if not 0 <= keep <= rest:
         raise ValueError(f"token_select: keep={keep} out of range for {rest} unprotected tokens")
-    kept = score[:, protect:].float().topk(keep, dim=-1, sorted=False).indices.sort(-1).values
+    # stable: on ties the lower position wins (as ONNX TopK), so every backend keeps the same
+    kept = score[:, protect:].float().argsort(dim=-1, descending=True, stable=True)[:, :keep]
+    kept = kept.sort(-1).values
     rest_map = torch.full((b, rest), -1, dtype=torch.int64, device=dev)
     rest_map.scatter_(1, kept, torch.arange(keep, device=dev).expand(b, keep))
     if fuse:
