@@ -200,6 +200,8 @@ class _Exporter:
         opsets = [helper.make_opsetid("", self.opset)]
         if self.report.custom:
             opsets.append(helper.make_opsetid(EMBER_DOMAIN, 1))
+        if any(nd.domain == "com.microsoft" for nd in self.nodes):  # ORT contrib ops
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="ember")
         model.ir_version = min(model.ir_version, 10)
         return model

@@ -3,6 +3,220 @@
 Registered into `ember.export_onnx` with `register_emitter`; each writes standard ONNX (or
 ONNX Runtime ``com.microsoft``) nodes so that Ember's CPU backend can run the rewritten graph in
 ONNX Runtime. Ops without an emitter here still export to the ``ai.ember`` custom domain.
+
+Forms (each matches the op's reference within one quantization step; weights stay the IR
+params, reshaped or transposed by nodes that ONNX Runtime constant-folds at session start)::
+
+    qlinear_dynamic  act_quant=tensor:  ReduceMin/Max -> u7 (scale, zp) -> QuantizeLinear
+                                        -> MatMulIntegerToFloat (com.microsoft, bias fused)
+                     act_quant=token:   |x| ReduceMax per row / 63 -> QuantizeLinear (axis 0,
+                                        zp 64) -> MatMulIntegerToFloat (column scales)
+                                        -> Mul row scales -> Add bias
+    qlinear_static   Clip to the u7 range -> QuantizeLinear -> MatMulIntegerToFloat
+    linear_woq       int4, power-of-two groups: MatMulNBits (com.microsoft, zero point 8);
+                     otherwise dequantized in the graph (Cast, Mul) + MatMul
+    lut_linear       codes unpacked and looked up in the HLQ codebooks in the graph + MatMul
+
+u7 activations (codes 0..127) keep MLAS's AVX2 u8 x s8 kernel exact: its int16 pair sums
+(vpmaddubsw) cannot saturate, as full-range u8 codes can.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto
+
+from ember.export_onnx import NoMapping, _reduce_node, register_emitter
+from ember.ir import Node
+from ember.ir.opset_quant import TOKEN_MIN_SCALE, TOKEN_QMAX, TOKEN_ZP, U7_QMAX, _sign_matrix
+
+MS = "com.microsoft"
+X = Any  # the exporter (`ember.export_onnx._Exporter`)
+
+
+def _in(ins: list[str], i: int) -> str:
+    return ins[i] if len(ins) > i and ins[i] else ""
+
+
+def _const_param(x: X, n: Node, i: int) -> bool:
+    v = n.inputs[i] if len(n.inputs) > i else None
+    return v is not None and v.name in x.g.weights
+
+
+def _flatten(x: X, n: Node, inp: str) -> str:
+    """x [..., K] as [M, K]."""
+    if n.inputs[0].type.rank == 2:
+        return inp
+    return x.one("Reshape", [inp, x.const([-1, n.inputs[0].type.shape[-1]])])
+
+
+def _unflatten(x: X, n: Node, y: str) -> str:
+    if n.inputs[0].type.rank == 2:
+        return y
+    return x.one("Reshape", [y, x.shape(n.outputs[0].type.shape)])
+
+
+def _epilogue(x: X, n: Node, ins: list[str], y: str, res_pos: int = 4) -> str:
+    a = n.attrs
+    res = _in(ins, res_pos)
+    if res and a.get("residual") == "before_act":
+        y = x.one("Add", [y, res])
+    y = x._activation(y, a.get("activation", "none"), a)
+    if res and a.get("residual") == "after_act":
+        y = x.one("Add", [y, res])
+    return y
+
+
+def _outliers(x: X, ins: list[str], x2: str) -> str | None:
+    """x[:, idx] @ w_outlier.T (fp32) when the node carries outlier channels."""
+    idx, wo = _in(ins, 5), _in(ins, 6)
+    if not (idx and wo):
+        return None
+    xo = x.one("Gather", [x2, idx], axis=1)
+    return x.one("MatMul", [xo, x.one("Transpose", [wo], perm=[1, 0])])
+
+
+def _outlier_mask(x: X, n: Node) -> str | None:
+    """[K] fp32 mask with zeros at the outlier channels (row scales leave them out)."""
+    if not (_const_param(x, n, 5) and _const_param(x, n, 6)):
+        return None
+    k = n.inputs[0].type.shape[-1]
+    m = np.ones(k, dtype=np.float32)
+    m[x.g.weights[n.inputs[5].name].numpy()] = 0.0
+    return x.const(m, "float32")
+
+
+# ----------------------------------------------------------------------------- int8 GEMMs
+@register_emitter("qlinear_dynamic", "qlinear_static")
+def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
+    if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
+        raise NoMapping
+    if (_in(ins, 5) or _in(ins, 6)) and not (_const_param(x, n, 5) and _const_param(x, n, 6)):
+        raise NoMapping
+    a = n.attrs
+    x2 = _flatten(x, n, ins[0])
+    wt = x.one("Transpose", [ins[1]], perm=[1, 0])  # [K, N] int8, folded by ORT at load
+    bias = _in(ins, 3)
+    u8 = "uint8"
+    if n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "token":
+        mask = _outlier_mask(x, n)
+        ax = x.one("Abs", [x2])
+        if mask is not None:
+            ax = x.one("Mul", [ax, mask])
+        am = _reduce_node(x, "ReduceMax", ax, [1], False)  # [M]
+        s = x.one("Max", [x.one("Div", [am, x.const(float(TOKEN_QMAX), "float32")]),
+                          x.const(TOKEN_MIN_SCALE, "float32")])
+        zp_rows = x.one("Expand", [x.const([TOKEN_ZP], u8), x.one("Shape", [s])])
+        xq = x.one("QuantizeLinear", [x2, s, zp_rows], axis=0)
+        # not MatMulInteger -> Cast -> Mul -> Add: ORT 1.32 fuses that chain into a
+        # MatMulIntegerToFloat that gets per-row scales with a bias wrong
+        acc = x.one("MatMulIntegerToFloat", [xq, wt, x.const(1.0, "float32"), ins[2],
+                                              x.const(TOKEN_ZP, u8)], domain=MS)
+        y = x.one("Mul", [acc, x.one("Unsqueeze", [s, x.const([1])])])
+        if bias:
+            y = x.one("Add", [y, bias])
+    else:
+        if n.op == "qlinear_static":
+            sc, zp = float(a["x_scale"]), int(a["x_zero_point"])
+            xs, xz = x.const(sc, "float32"), x.const(zp, u8)
+            xq = x.one("QuantizeLinear", [x2, xs, xz])
+            xq = x.one("Clip", [xq, x.const(0, u8), x.const(U7_QMAX, u8)])
+        else:
+            xs, xz = _u7_qparams(x, x2, ins, n)
+            xq = x.one("QuantizeLinear", [x2, xs, xz])
+        y = x.one("MatMulIntegerToFloat", [xq, wt, xs, ins[2], xz, "", bias] if bias
+                  else [xq, wt, xs, ins[2], xz], domain=MS)
+    o = _outliers(x, ins, x2)
+    if o is not None:
+        y = x.one("Add", [y, o])
+    return [_epilogue(x, n, ins, _unflatten(x, n, y))]
+
+
+def _u7_qparams(x: X, x2: str, ins: list[str], n: Node) -> tuple[str, str]:
+    """fbgemm's ChooseQuantizationParams(min(x, 0), max(x, 0)) for u7, in the graph."""
+    src = x2
+    if _in(ins, 5):  # outlier channels are zeroed before quantization in the reference
+        mask = _outlier_mask(x, n)
+        if mask is not None:
+            src = x.one("Mul", [x2, mask])
+    f = "float32"
+    zero = x.const(0.0, f)
+    lo = x.one("Min", [_reduce_node(x, "ReduceMin", src, [0, 1], False), zero])
+    hi = x.one("Max", [_reduce_node(x, "ReduceMax", src, [0, 1], False), zero])
+    scale = x.one("Div", [x.one("Sub", [hi, lo]), x.const(float(U7_QMAX), f)])
+    # an all-zero tensor: fbgemm uses scale 0.1
+    is0 = x.one("Equal", [scale, zero])
+    scale = x.one("Where", [is0, x.const(0.1, f), scale])
+    zp = x.one("Round", [x.one("Neg", [x.one("Div", [lo, scale])])])
+    zp = x.one("Clip", [zp, zero, x.const(float(U7_QMAX), f)])
+    return scale, x.one("Cast", [zp], to=TensorProto.UINT8)
+
+
+# ----------------------------------------------------------------------------- weight-only
+@register_emitter("linear_woq")
+def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
+    if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
+        raise NoMapping
+    a = n.attrs
+    bits, g = int(a["bits"]), int(a["group_size"])
+    wq = x.g.weights[n.inputs[1].name]
+    nn_ = wq.shape[0]
+    k = wq.shape[1] * (2 if bits == 4 else 1)
+    bias = _in(ins, 3)
+    if bits == 4 and g >= 16 and g & (g - 1) == 0:
+        # our packing (q + 8, low nibble first along K) is MatMulNBits' [N, K/g, g/2] blob with
+        # the default zero point 8
+        b = x.one("Reshape", [ins[1], x.const([nn_, k // g, g // 2])])
+        y = x.one("MatMulNBits", [ins[0], b, ins[2]], domain=MS, K=k, N=nn_, bits=4,
+                  block_size=g)
+        if bias:
+            y = x.one("Add", [y, bias])
+        return [_epilogue(x, n, ins, y)]
+    w = _dequant_groups(x, ins[1], ins[2], bits, g, nn_, k)
+    y = x.one("MatMul", [ins[0], x.one("Transpose", [w], perm=[1, 0])])
+    if bias:
+        y = x.one("Add", [y, bias])
+    return [_epilogue(x, n, ins, y)]
+
+
+def _unpack(x: X, packed: str, bits: int, rows: int, k: int) -> str:
+    """`unpack_bits` in the graph: uint8 [rows, k * bits / 8] -> int64 codes [rows, k]."""
+    b = x.one("Cast", [x.one("Reshape", [packed, x.const([rows, k // 8, bits])])],
+              to=TensorProto.INT64)
+    word = x.one("ReduceSum", [x.one("Mul", [b, x.const([256 ** j for j in range(bits)])]),
+                               x.const([2])], keepdims=1)  # [rows, k/8, 1]
+    c = x.one("Div", [word, x.const([2 ** (bits * i) for i in range(8)])])
+    c = x.one("Mod", [c, x.const(2 ** bits)])
+    return x.one("Reshape", [c, x.const([rows, k])])
+
+
+def _dequant_groups(x: X, wq: str, scale: str, bits: int, g: int, nn_: int, k: int) -> str:
+    if bits == 4:
+        q = x.one("Sub", [_unpack(x, wq, 4, nn_, k), x.const(8)])
+    else:
+        q = wq
+    qf = x.one("Reshape", [x.one("Cast", [q], to=TensorProto.FLOAT),
+                           x.const([nn_, k // g, g])])
+    w = x.one("Mul", [qf, x.one("Unsqueeze", [scale, x.const([2])])])
+    return x.one("Reshape", [w, x.const([nn_, k])])
+
+
+# ----------------------------------------------------------------------------- lookup tables
+@register_emitter("lut_linear")
+def _lut(x: X, n: Node, ins: list[str]) -> list[str]:
+    if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
+        raise NoMapping
+    a = n.attrs
+    out_f, in_f = a["shape"]
+    bits, g = int(a["bits"]), int(a["group_size"])
+    codes = x.one("Reshape", [_unpack(x, ins[1], bits, out_f, in_f),
+                              x.const([out_f, in_f // g, g])])
+    levels = x.one("MatMul", [ins[2], x.const(_sign_matrix(bits).T.numpy(), "float32")])
+    w = x.one("GatherElements", [levels, codes], axis=2)  # [N, G, g]
+    w = x.one("Reshape", [w, x.const([out_f, in_f])])
+    y = x.one("MatMul", [ins[0], x.one("Transpose", [w], perm=[1, 0])])
+    if _in(ins, 3):
+        y = x.one("Add", [y, ins[3]])
+    return [_epilogue(x, n, ins, y)]

@@ -221,7 +221,8 @@ def clear_cache(disk: bool = False) -> None:
 
 def gate(m: int, k: int, n: int, scheme: str, kernel_factory: Callable[[torch.Tensor], Callable],
          *, mode: str = "measure", min_speedup: float = 1.05, cache_tag: str = "",
-         weight: torch.Tensor | None = None) -> GateResult:
+         weight: torch.Tensor | None = None,
+         fp32_factory: Callable[[torch.Tensor], Callable] | None = None) -> GateResult:
     """Decides whether ``scheme`` should replace an fp32 linear of shape (M, K, N).
 
     Args:
@@ -229,6 +230,8 @@ def gate(m: int, k: int, n: int, scheme: str, kernel_factory: Callable[[torch.Te
         mode: "measure" (predict, then measure), "predict" (roofline only), "always".
         cache_tag: distinguishes kernels whose speed depends on the weights (sparsity pattern).
         weight: the fp32 weight for the fp32 contender (random of the right shape otherwise).
+        fp32_factory: ``x -> (() -> output)`` for the fp32 contender when it is not torch's
+            ``F.linear`` (e.g. the layer's fp32 form in ONNX Runtime); give a ``cache_tag``.
     """
     pred = predict_speedup(m, k, n, scheme)
     if mode == "always":
@@ -247,7 +250,8 @@ def gate(m: int, k: int, n: int, scheme: str, kernel_factory: Callable[[torch.Te
         x = torch.randn(m, k, generator=gen)
         w = weight if weight is not None else torch.randn(n, k, generator=gen) * 0.05
         b = torch.zeros(n)
-        hit = measure_speedup(lambda: F.linear(x, w, b), kernel_factory(x))
+        fp32 = fp32_factory(x) if fp32_factory is not None else (lambda: F.linear(x, w, b))
+        hit = measure_speedup(fp32, kernel_factory(x))
         with _LOCK:
             _MEM[key] = hit
             _save_disk()

@@ -41,7 +41,18 @@ from typing import Any
 import torch
 
 from ember.errors import CompilerError
-from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, evaluate, get_op, rewrite
+from ember.ir import (
+    Graph,
+    GraphBuilder,
+    Node,
+    TensorType,
+    Value,
+    bind_symbols,
+    evaluate,
+    get_op,
+    rewrite,
+    sym,
+)
 from ember.ir.opset_quant import (
     EPILOGUE_ATTRS,
     choose_u7_qparams,
@@ -79,6 +90,8 @@ class QuantizeConfig:
     max_layer_drop: float = 0.002  # 1 - cosine, per layer quantized alone
     skip: str = ""  # "|"-separated substrings of weight names left in fp32
     min_features: int = 32
+    act_quant: str = "token"  # w8a8-dynamic activations: one scale per token, or per tensor
+    gate_runtime: str = "auto"  # auto | onnxruntime | torch: whose kernels the gate times
 
     def __post_init__(self) -> None:
         parse_scheme(self.scheme)
@@ -86,6 +99,10 @@ class QuantizeConfig:
             raise ValueError(f"gate must be measure, predict or always, got '{self.gate}'")
         if self.calib_method not in ("minmax", "percentile"):
             raise ValueError("calib_method must be minmax or percentile")
+        if self.act_quant not in ("token", "tensor"):
+            raise ValueError(f"act_quant must be token or tensor, got '{self.act_quant}'")
+        if self.gate_runtime not in ("auto", "onnxruntime", "torch"):
+            raise ValueError("gate_runtime must be auto, onnxruntime or torch")
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,7 @@ class _Prepared:
 
 
 def prepare(spec: SchemeSpec, w: torch.Tensor, x_range: tuple[float, float] | None = None,
-            outlier_idx: Sequence[int] = ()) -> _Prepared:
+            outlier_idx: Sequence[int] = (), act_quant: str = "tensor") -> _Prepared:
     """Quantized operands of one weight under ``spec``."""
     w = w.detach().float()
     n, k = w.shape
@@ -197,7 +214,7 @@ def prepare(spec: SchemeSpec, w: torch.Tensor, x_range: tuple[float, float] | No
             outlier = (idx, w[:, idx].contiguous())
             w = w.index_fill(1, idx, 0.0)
         q, s = quantize_weight_per_channel(w)
-        attrs: dict[str, Any] = {}
+        attrs: dict[str, Any] = {"act_quant": act_quant} if spec.kind == "dynamic" else {}
         if spec.kind == "static":
             if x_range is None:
                 raise CompilerError("quantize{scheme=w8a8-static} needs calibration inputs "
@@ -262,13 +279,14 @@ def apply(g: Graph, plan: dict[str, _Prepared]) -> Graph:
     return eliminate_dead(rewrite(g, fn))
 
 
-def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor], Callable]:
+def kernel_factory(spec: SchemeSpec, n: int, k: int,
+                   act_quant: str = "tensor") -> Callable[[torch.Tensor], Callable]:
     """``x -> (() -> y)`` running the scheme's op reference on random weights of [n, k]."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen) * 0.05
     # with outliers, time the worst case the calibration may pick (2% of the channels)
     idx = list(range(0, k, 50)) if spec.outliers else []
-    prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx)
+    prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx, act_quant=act_quant)
     opdef = get_op(prep.op)
     attrs = opdef.normalize_attrs(dict(prep.attrs))
     bias = torch.zeros(n)
@@ -280,6 +298,77 @@ def kernel_factory(spec: SchemeSpec, n: int, k: int) -> Callable[[torch.Tensor],
             ops += [None, prep.outlier[0], prep.outlier[1]]
         return lambda: opdef.reference(ops, attrs)
     return make
+
+
+def _one_linear_graph(k: int, prep: _Prepared | None, w: torch.Tensor,
+                      bias: torch.Tensor) -> Graph:
+    """``y = linear(x, w, b)`` over x [m, k] (symbolic m), or its quantized form ``prep``."""
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("m"), k)))
+    if prep is None:
+        y = b.op("linear", [x, b.add_param("w", w), b.add_param("b", bias)])
+    else:
+        ins: list[Value | None] = [x] + [b.add_param(f"w_{s}", t) for s, t in prep.tensors]
+        ins.append(b.add_param("b", bias))
+        if prep.outlier is not None:
+            ins += [None, b.add_param("oidx", prep.outlier[0]),
+                    b.add_param("ow", prep.outlier[1])]
+        y = b.op(prep.op, ins, prep.attrs)
+    assert isinstance(y, Value)
+    b.set_outputs([y])
+    return b.build()
+
+
+def ort_factories(spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
+                  ) -> tuple[Callable[[torch.Tensor], Callable], Callable[[torch.Tensor], Callable]]:
+    """(fp32, quantized) ``x -> (() -> y)`` factories running the layer's ONNX export in ONNX
+    Runtime: the form the CPU backend's ``onnxruntime`` program runs (one layer, same
+    threads). Raises ImportError without onnxruntime, CompilerError without an ONNX form."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from ember.export_onnx import export_onnx
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    bias = torch.zeros(n)
+    idx = list(range(0, k, 50)) if spec.outliers else []
+    prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx, act_quant=act_quant)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    sessions = []
+    with tempfile.TemporaryDirectory() as d:
+        for i, p in enumerate((None, prep)):
+            path = Path(d) / f"l{i}.onnx"
+            rep = export_onnx(_one_linear_graph(k, p, w, bias), path)
+            if rep.custom:
+                raise CompilerError(f"no ONNX form for {sorted(rep.custom)}")
+            sessions.append(ort.InferenceSession(str(path), so,
+                                                 providers=["CPUExecutionProvider"]))
+
+    def factory(sess: Any) -> Callable[[torch.Tensor], Callable]:
+        def make(x: torch.Tensor) -> Callable[[], Any]:
+            feed = {"x": x.contiguous().numpy()}
+            return lambda: sess.run(None, feed)
+        return make
+    return factory(sessions[0]), factory(sessions[1])
+
+
+def _gate_runtime(cfg: QuantizeConfig, ctx: PassContext) -> str:
+    if cfg.gate_runtime != "auto":
+        return cfg.gate_runtime
+    if ctx.target != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -316,10 +405,11 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         if s.outliers and st is not None:
             idx = _calib.outlier_channels(st, cfg.outlier_ratio)
             info["outlier_channels"] = idx
-        return prepare(s, w, rng, idx), info
+        return prepare(s, w, rng, idx, cfg.act_quant), info
 
     layers: list[dict[str, Any]] = []
     plan: dict[str, tuple[SchemeSpec, Node, torch.Tensor, GateResult]] = {}
+    runtime = _gate_runtime(cfg, ctx)
     for n, w in cands:
         nn_, k = w.shape
         x = n.inputs[0]
@@ -333,8 +423,19 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             layers.append(rec)
             continue
         tag = cfg.scheme + ("+outliers" if spec.outliers else "")
-        gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k), mode=cfg.gate,
-                  min_speedup=cfg.min_speedup)
+        if spec.kind == "dynamic":
+            tag += f"+{cfg.act_quant}"
+        gr = None
+        if runtime == "onnxruntime" and cfg.gate == "measure":
+            try:
+                fp32_f, q_f = ort_factories(spec, nn_, k, cfg.act_quant)
+                gr = gate(m, k, nn_, tag, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
+                          cache_tag="ort", fp32_factory=fp32_f)
+            except (ImportError, CompilerError) as e:
+                log.info("ORT gate unavailable for %s (%s): timing torch kernels", tag, e)
+        if gr is None:
+            gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k, cfg.act_quant),
+                      mode=cfg.gate, min_speedup=cfg.min_speedup)
         rec["gate"] = gr.to_json()
         if not gr.apply:
             rec.update(decision="fp32", reason=gr.reason)
@@ -375,6 +476,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
 
     out = apply(g, final) if final else g
     ctx.record("quantize", scheme=cfg.scheme, gate=cfg.gate, min_speedup=cfg.min_speedup,
+               gate_runtime=runtime, act_quant=cfg.act_quant,
                candidates=len(cands), quantized=len(final),
                param_bytes_before=g.param_bytes(), param_bytes_after=out.param_bytes(),
                layers=layers)

@@ -7,6 +7,9 @@ by the same epilogue as ``fused_linear`` (optional residual before/after an acti
         int8 weights (per output channel, symmetric), activations quantized per call:
         per tensor, asymmetric, 7-bit (u7: [0, 127]; the fbgemm "reduce_range" scheme, whose
         u8 x s8 pair products cannot saturate int16 on AVX2), int32 accumulation, fp32 dequant.
+        ``act_quant="token"``: one symmetric scale per row instead (|x|max / 63, codes -63..63
+        stored as u7 with zero point 64: the form ONNX Runtime runs as QuantizeLinear +
+        MatMulIntegerToFloat without int16 saturation on AVX2).
         ``outlier_idx`` lists input channels computed in fp32 instead (``w_outlier`` [N, k]):
         their activations are zeroed before quantization and added back exactly.
     qlinear_static(x, w_q, w_scale, b?, residual?, outlier_idx?, w_outlier?)
@@ -61,11 +64,16 @@ __all__ = [
     "decode_sparse",
     "qgemm_dynamic",
     "qgemm_static",
+    "qgemm_token",
+    "token_u7_scale",
     "spmm_linear",
     "encode_sparse",
 ]
 
 U7_QMAX = 127  # 7-bit unsigned activations (reduce_range): exact int16 pair sums on AVX2
+TOKEN_QMAX = 63  # act_quant="token": symmetric codes -63..63 stored as u7 with zero point 64
+TOKEN_ZP = 64
+TOKEN_MIN_SCALE = 1e-12
 
 EPILOGUE_ATTRS: dict[str, Any] = {
     "activation": "none",
@@ -391,6 +399,9 @@ def _qlinear_infer(op: str) -> Any:
             raise OpTypeError(f"{op}: w_scale must be float32 [out], got {ws}")
         y = _linear_out(op, x, wq.shape[0], wq.shape[1])
         _check_epilogue(op, y, types, attrs)
+        if attrs.get("act_quant", "tensor") not in ("tensor", "token"):
+            raise OpTypeError(f"{op}: act_quant must be tensor or token, got "
+                              f"'{attrs['act_quant']}'")
         idx = types[5] if len(types) > 5 else None
         wo = types[6] if len(types) > 6 else None
         if (idx is None) != (wo is None):
@@ -404,10 +415,62 @@ def _qlinear_infer(op: str) -> Any:
     return infer
 
 
+def token_u7_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-row scale of ``act_quant="token"``: |x|max / 63, so codes q + 64 fit u7 [1, 127]."""
+    return (x.abs().amax(-1, keepdim=True) / TOKEN_QMAX).clamp_min(TOKEN_MIN_SCALE)
+
+
+def token_u7_codes(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Signed codes round(x / s) in [-63, 63] (stored as u7 with zero point 64)."""
+    return torch.clamp(torch.round(x / s), -TOKEN_ZP, TOKEN_QMAX)
+
+
+def qgemm_token(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, scale_x: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token symmetric u7 activations x int8 weights, fp32 out.
+
+    The integer products are summed in fp32: exact while ``63 * 127 * K < 2**24`` (K <= 2096),
+    within fp32 rounding of the exact int32 sum above. ``scale_x`` overrides the row scales
+    (outlier channels excluded from the abs-max).
+    """
+    s = token_u7_scale(x) if scale_x is None else scale_x
+    acc = F.linear(token_u7_codes(x, s), _float_weight(w_q))
+    y = acc * s * w_scale
+    return y if bias is None else y + bias
+
+
+_FLOATW: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _float_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """The int8 weight as fp32 (cached per weight, as the fbgemm packs are)."""
+    key = _pack_key(w_q, w_q.new_zeros(1, dtype=torch.float32), None)
+    with _PACK_LOCK:
+        t = _FLOATW.get(key)
+        if t is not None:
+            return t
+    t = w_q.float()
+    with _PACK_LOCK:
+        _FLOATW[key] = t
+        while len(_FLOATW) > _PACK_CAP // 16:
+            _FLOATW.popitem(last=False)
+    return t
+
+
 def _qlinear_dynamic_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
     inp, wq, ws = x[0], x[1], x[2]
     idx, wo = _opt(x, 5), _opt(x, 6)
     assert inp is not None and wq is not None and ws is not None
+    if a["act_quant"] == "token":
+        # outlier channels: left out of the row scales; their int8 weight columns are zero, so
+        # their (clamped) codes contribute nothing and the fp32 part carries them exactly
+        s = None
+        if idx is not None and wo is not None:
+            s = token_u7_scale(inp.index_fill(-1, idx, 0.0))
+        y = qgemm_token(inp, wq, ws, _opt(x, 3), s)
+        if idx is not None and wo is not None:
+            y = y + F.linear(inp.index_select(-1, idx), wo)
+        return _epilogue(y, x, a)
     if idx is not None and wo is not None:
         xo = inp.index_select(-1, idx)
         y = qgemm_dynamic(inp.index_fill(-1, idx, 0.0), wq, ws, _opt(x, 3))
@@ -417,8 +480,9 @@ def _qlinear_dynamic_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Te
     return _epilogue(y, x, a)
 
 
-_reg("qlinear_dynamic", _qlinear_infer("qlinear_dynamic"), _qlinear_dynamic_ref, {}, 3, 7,
-     "int8 W (per-channel) x dynamic u7 per-tensor activations, int32 acc, fp32 epilogue")
+_reg("qlinear_dynamic", _qlinear_infer("qlinear_dynamic"), _qlinear_dynamic_ref,
+     {"act_quant": "tensor"}, 3, 7,
+     "int8 W (per-channel) x dynamic u7 activations (per tensor or per token), fp32 epilogue")
 
 
 def _qlinear_static_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
