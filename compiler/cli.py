@@ -66,6 +66,33 @@ def _load_inputs(paths: Sequence[str]) -> list[np.ndarray]:
     return arrays
 
 
+def _require_static_onnx(model: str, shapes: dict[str, list[int | str]] | None) -> None:
+    """Mobile artifacts are static-shape: every ONNX input dim must be fixed, by the file or by
+    ``--input-shape``; otherwise one line says which input and what to pass."""
+    import onnx
+
+    from ember.driver import _default_symbol_value
+
+    proto = onnx.load(model, load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name in inits or not i.type.HasField("tensor_type"):
+            continue
+        dims: list[int | str] = list((shapes or {}).get(i.name) or [])
+        if not dims:
+            for k, d in enumerate(i.type.tensor_type.shape.dim):
+                fixed = d.HasField("dim_value") and d.dim_value > 0
+                dims.append(int(d.dim_value) if fixed else (d.dim_param or f"dim{k}"))
+        syms = [d for d in dims if isinstance(d, str)]
+        if syms:
+            fix = ",".join(str(_default_symbol_value(d)) if isinstance(d, str) else str(d)
+                           for d in dims)
+            raise CompilerError(
+                f"--target mobile compiles static shapes, but input '{i.name}' has symbolic "
+                f"dim(s) {', '.join(syms)}: fix them with --input-shape {i.name}={fix} "
+                f"(or --symbol {syms[0]}=N)")
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     import ember
     from ember.driver import import_model, make_example_inputs
@@ -76,6 +103,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     shapes = _parse_input_shapes(a.input_shape)
     if shapes and not str(a.model).lower().endswith(".onnx"):
         raise CompilerError("--input-shape applies to .onnx models (a .pt2 carries its shapes)")
+    if a.target == "mobile" and str(a.model).lower().endswith(".onnx") and not (
+            a.example or a.symbol):
+        _require_static_onnx(a.model, shapes)
     example = None
     if a.example:
         example = [__import__("torch").from_numpy(x) for x in _load_inputs(a.example)]

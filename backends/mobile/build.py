@@ -93,7 +93,10 @@ def make_target(opts: BuildOptions) -> Any:
 def _to_tvm(t: torch.Tensor) -> Any:
     import tvm
 
-    return tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy()))
+    a = t.detach().cpu().numpy()
+    # np.ascontiguousarray returns at least 1-d: a 0-d weight (an ONNX scalar constant) would
+    # reach the VM as shape (1,) and fail its ndim check
+    return tvm.runtime.tensor(np.ascontiguousarray(a).reshape(a.shape))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -85,12 +85,67 @@ def export_graph(g: Graph, example: Sequence[torch.Tensor]) -> torch.export.Expo
         gm = lower_graph(g)
     except UnsupportedOpError as e:
         raise UnsupportedOpError(e.ops, backend=BACKEND) from e
+    _use_mobile_lowerings(gm)
     args = tuple(cast_inputs(g, example))
     with torch.no_grad():
         ep = torch.export.export(gm, args, strict=False)
         ep = ep.run_decompositions()
     _check_convertible(ep, _ir_origin(gm))
     return ep
+
+
+# ----------------------------------------------------------------------------- int8 linears
+def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
+    """``qlinear_dynamic`` in plain ATen ops that TVM converts (the CPU lowering calls fbgemm).
+
+    Same arithmetic as the op's reference: activations quantized per call (per tensor: u7
+    asymmetric, fbgemm's reduce_range choice of scale and zero point; per token: |x|max / 63,
+    codes -64..63), integer products with the int8 weight summed in fp32 (exact while the sum
+    stays below 2**24), dequantized by the two scales, outlier channels added back in fp32.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    from ember.backends.cpu.lowering import _epilogue
+
+    inp, wq, ws = x[0], x[1], x[2]
+    assert inp is not None and wq is not None and ws is not None
+    bias = x[3] if len(x) > 3 else None
+    res = x[4] if len(x) > 4 else None
+    idx = x[5] if len(x) > 5 else None
+    wo = x[6] if len(x) > 6 else None
+    xs = inp
+    if idx is not None:  # outlier channels zeroed (TVM has index_put, not index_fill)
+        keep = torch.ones(inp.shape[-1], dtype=inp.dtype, device=inp.device)
+        xs = inp * keep.index_put((idx,), torch.zeros((), dtype=inp.dtype))
+    w = wq.to(torch.float32)
+    if a.get("act_quant", "tensor") == "token":
+        k = xs.shape[-1]  # row |x|max as a max-pool: TVM lowers max.dim to a topk it cannot build
+        amax = F.max_pool1d(xs.abs().reshape(-1, 1, k), k).reshape(*xs.shape[:-1], 1)
+        s = (amax / 63.0).clamp_min(1e-12)
+        acc = F.linear(torch.clamp(torch.round(inp / s), -64.0, 63.0), w)
+    else:
+        lo, hi = torch.min(xs).clamp(max=0.0), torch.max(xs).clamp(min=0.0)
+        s = ((hi - lo) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
+        zp = torch.clamp(torch.round(0.0 - lo / s), 0.0, 127.0)
+        acc = F.linear(torch.clamp(torch.round(xs / s) + zp, 0.0, 127.0) - zp, w)
+    y = acc * s * ws
+    if bias is not None:
+        y = y + bias
+    if idx is not None and wo is not None:
+        y = y + F.linear(inp.index_select(-1, idx), wo)
+    return _epilogue(y, (None, None, None, res), a)
+
+
+# IR op -> the mobile lowering that replaces the CPU backend's (whose kernel TVM cannot take)
+MOBILE_LOWERINGS = {"qlinear_dynamic": _qlinear_dynamic}
+
+
+def _use_mobile_lowerings(gm: torch.fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        fn = MOBILE_LOWERINGS.get(n.meta.get("ember_op", ""))
+        if fn is not None and n.op == "call_function":
+            n.target = fn
+    gm.recompile()
 
 
 @functools.cache
