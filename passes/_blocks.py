@@ -38,6 +38,7 @@ MATMUL_OPS = frozenset({"linear", "matmul", "fused_linear", "attention", "conv",
                         "qlinear", "sparse_matmul", "lut_matmul"})
 NORM_OPS = frozenset({"layer_norm", "rms_norm", "cast", "group_norm"})
 _RESIDUAL_FUSED = frozenset({"fused_linear", "fused_conv"})
+REDUCE_OPS = frozenset({"token_merge", "token_select"})
 _COMPARE = frozenset({"lt", "le", "gt", "ge"})
 
 
@@ -55,6 +56,8 @@ class Block:
         q / k / mask: operands of that attention (k is [B, H, N, d]; None when not known).
         scale: attention scale when known.
         nodes: indices of the graph nodes inside the block (both branches and residuals).
+        tokens: token count of ``mid`` (after a reduction an earlier pass put there).
+        reduced: ``mid`` is the output of a token reduction already in the graph.
     """
 
     index: int
@@ -72,6 +75,8 @@ class Block:
     scale: float | None
     causal: bool
     nodes: frozenset[int]
+    tokens: Dim | None = None
+    reduced: bool = False
 
 
 @dataclass
@@ -254,6 +259,24 @@ def _is_causal(ix: _Index, attn: Node, mask: Value | None) -> bool:
     return False
 
 
+def _reduced(ix: _Index, name: str) -> str | None:
+    """The reduced stream when a token op already reduces ``name`` (an earlier pass)."""
+    for j in ix.users.get(name, []):
+        n = ix.g.nodes[j]
+        if n.op in REDUCE_OPS and n.inputs[0] is not None and n.inputs[0].name == name:
+            return n.outputs[0].name
+    return None
+
+
+def _unreduced(ix: _Index, name: str) -> str:
+    """The stream a token op reduced into ``name``, or ``name``."""
+    n = ix.node(name)
+    if n is not None and n.op in REDUCE_OPS and n.outputs[0].name == name \
+            and n.inputs[0] is not None:
+        return n.inputs[0].name
+    return name
+
+
 def _follow_norm(ix: _Index, name: str) -> str:
     """``name`` or its normalized form when its only user is a norm (post-norm models)."""
     us = ix.users.get(name, [])
@@ -293,7 +316,8 @@ def find_blocks(g: Graph) -> BlockReport:
             k += 1
             continue
         i2, skip2, branch2, path2, _, m_out = kinds[k + 1]
-        if skip2 != a_out and _follow_norm(ix, a_out) != skip2:
+        if skip2 not in (a_out, _follow_norm(ix, a_out), _reduced(ix, a_out),
+                         _reduced(ix, _follow_norm(ix, a_out))):
             skipped.append(f"MLP residual %{m_out} does not read the attention residual "
                            f"%{a_out} (parallel blocks are not supported)")
             k += 1
@@ -320,13 +344,15 @@ def find_blocks(g: Graph) -> BlockReport:
             attention=an.output.name if fused else an.output.name, fused_attention=fused,
             q=None if q is None else q.name, k=None if k_ is None else k_.name,
             mask=None if mask is None else mask.name, scale=scale,
-            causal=_is_causal(ix, an, mask), nodes=frozenset(path | path2 | {i, i2})))
+            causal=_is_causal(ix, an, mask), nodes=frozenset(path | path2 | {i, i2}),
+            tokens=g.values()[skip2].type.shape[1], reduced=_unreduced(ix, skip2) != skip2))
         k += 2
     if not blocks:
         rep.reasons.extend(skipped or ["no (attention, MLP) residual pair found"])
         return rep
     # block outputs: the next block's input; post-norm models normalize the last one too
-    post = ix.node(blocks[0].mid) is not None and ix.node(blocks[0].mid).op in NORM_OPS  # type: ignore[union-attr]
+    mid0 = ix.node(_unreduced(ix, blocks[0].mid))
+    post = mid0 is not None and mid0.op in NORM_OPS
     out_blocks = []
     for b, nxt in zip(blocks, blocks[1:] + [None]):
         out = nxt.input if nxt is not None else (_follow_norm(ix, b.output) if post else b.output)
@@ -375,7 +401,8 @@ def _readers(g: Graph, ix: _Index, last: str) -> tuple[int, bool, list[str]]:
                     protect = max(protect, e)
                 else:
                     stack.extend(v.name for v in n.outputs)
-            elif n.output.type.rank == 3 and dims_equal(n.output.type.shape[1], t.shape[1]):
+            elif n.output.type.rank == 3 and (dims_equal(n.output.type.shape[1], t.shape[1])
+                                              or n.op == "token_unmerge"):
                 stack.extend(v.name for v in n.outputs)
     return protect, all_tokens, notes
 
@@ -441,6 +468,7 @@ class Stage:
     size: Value | None = None
     before: Value | None = None  # the stream value that was reduced (fallback for unmerge)
     drops: bool = False  # some tokens map to -1 (pruned without fusion)
+    old_size: str | None = None  # an earlier pass's reduction: its size output (old name)
 
 
 class Emitter:
@@ -501,6 +529,7 @@ class _Rebuild:
         self._lifted: dict[tuple[str, tuple[int, ...], int], Value] = {}
         self._bias: dict[int, Value] = {}
         self._neg_inf: Value | None = None
+        self._ix: _Index | None = None
 
     # ----- helpers
     def _m(self, v: Value | None) -> Value | None:
@@ -542,8 +571,106 @@ class _Rebuild:
             self._neg_inf = self.b.add_param("neg_inf", torch.tensor(float("-inf")))
         return self._neg_inf
 
+    def stage_bias(self, s: int, batch: Dim, old_in: Value | None) -> Value | None:
+        """log(size) bias for an attention at stage ``s`` whose old mask/logits is ``old_in``.
+
+        None when the stage is an earlier pass's reduction (the old graph has its bias).
+        When the old mask already holds an earlier pass's bias log(size_k), the difference
+        log(size_s) - log(size_k) (lifted to stage s) is returned instead."""
+        st = self.stages[s]
+        if st.size is None or st.old_size is not None:
+            return None
+        bias = self.bias(s, batch)
+        if old_in is None or old_in.name not in self._index().prod:
+            return bias
+        anc = self._index().ancestors(old_in.name, limit=2000)
+        prod = self._index().prod
+        for k in range(s - 1, 0, -1):
+            ok = self.stages[k].old_size
+            if ok is not None and prod.get(ok) in anc:
+                old = self.bias(k, batch)
+                self.axes.setdefault(old.name, {3: k})
+                old = self.lift(old, [3], {3: k}, s)
+                return self.b.op("sub", [bias, old], name="size_bias_delta")
+        return bias
+
+    def _index(self) -> _Index:
+        if self._ix is None:
+            self._ix = _Index(self.g)
+        return self._ix
+
+    def existing(self, n: Node) -> None:
+        """A token op an earlier pass put in the graph: it becomes a stage of its own."""
+        ins = [self._m(v) for v in n.inputs]
+        tracked = [self.axes.get(v.name) if v is not None else None for v in ins]
+        attrs = dict(n.attrs)
+        if n.op in REDUCE_OPS:
+            x = ins[0]
+            assert x is not None
+            s = (tracked[0] or {}).get(1, 0)
+            if ins[1] is not None and (tracked[1] or {}).get(1, 0) < s:
+                ins[1] = self.lift(ins[1], [1], tracked[1] or {1: 0}, s)
+            if s > 0 and self.stages[s].size is not None:
+                ins = [*ins[:2], self.stages[s].size]
+            n_s = self.stages[s].n
+            if isinstance(n_s, int):
+                room = n_s - attrs["protect"]
+                if n.op == "token_merge" and isinstance(attrs["r"], int):
+                    attrs["r"] = max(0, min(attrs["r"], room // 2))
+                if n.op == "token_select" and isinstance(attrs["keep"], int):
+                    attrs["keep"] = max(1, min(attrs["keep"], room))
+            outs = self.b.op(n.op, ins, attrs, name=n.outputs[0].name)
+            for old, new in zip(n.outputs, outs):
+                self.env[old.name] = new
+            self.new_nodes[n.outputs[0].name] = self.b.nodes[-1]
+            y, size, mp, rp = outs
+            drops = n.op == "token_select" and not attrs["fuse"]
+            self.stages.append(Stage(y.type.shape[1], mp, rp, size, x, drops,
+                                     old_size=n.outputs[1].name))
+            k = len(self.stages) - 1
+            self.axes[y.name] = {1: k}
+            self.axes[size.name] = {1: k}
+            self.axes[rp.name] = {1: k}
+            return
+        k = next((i for i, st in enumerate(self.stages)
+                  if ins[1] is not None and ins[1] in (st.rep, st.map)), None)
+        if k is None:
+            raise TokenRewriteError(f"{n.op} %{n.outputs[0].name} reads a token map that is "
+                                    f"not a reduction of this graph")
+        v = ins[0]
+        assert v is not None
+        if n.op == "token_gather":
+            d = attrs["dim"] % v.type.rank
+            frm = tracked[0] or {d: self._prev_existing(k)}
+            if frm.get(d, 0) < k - 1:
+                v = self.lift(v, [d], frm, k - 1)
+            out = self.b.op("token_gather", [v, ins[1]], attrs, name=n.outputs[0].name)
+            ax = dict(self.axes.get(v.name, {}))
+            ax[d] = k
+            self.axes[out.name] = ax
+        else:  # token_unmerge: undo the later reductions first
+            st = (tracked[0] or {}).get(1, k)
+            for j in range(st, k, -1):
+                stg = self.stages[j]
+                assert stg.map is not None
+                fb = stg.before if stg.drops else None
+                v = self.b.op("token_unmerge", [v, stg.map, fb], name=f"{v.name}_full")
+            fb = self._m(n.inputs[2]) if len(n.inputs) > 2 else None
+            out = self.b.op("token_unmerge", [v, ins[1], fb], name=n.outputs[0].name)
+            if k - 1 > 0:
+                self.axes[out.name] = {1: k - 1}
+        self.env[n.outputs[0].name] = out
+        self.new_nodes[n.outputs[0].name] = self.b.nodes[-1]
+
+    def _prev_existing(self, k: int) -> int:
+        """The stage an earlier pass's side tensor sits at before its reduction ``k``."""
+        return max((i for i in range(k) if self.stages[i].old_size is not None), default=0)
+
     # ----- per node
     def node(self, n: Node) -> None:
+        if n.op in REDUCE_OPS | {"token_unmerge", "token_gather"}:
+            self.existing(n)
+            return
         ins = [self._m(v) for v in n.inputs]
         tracked = [self.axes.get(v.name) if v is not None else None for v in ins]
         stage_max = max((s for t in tracked if t for s in t.values()), default=-1)
@@ -570,9 +697,12 @@ class _Rebuild:
             if n.op == "attention":
                 q = ins[0]
                 assert q is not None
-                bias = self.bias(s, q.type.shape[0])
+                bias = self.stage_bias(s, q.type.shape[0],
+                                       n.inputs[3] if len(n.inputs) > 3 else None)
                 mask = ins[3] if len(ins) > 3 else None
-                if mask is None:
+                if bias is None:
+                    pass
+                elif mask is None:
                     ins = [*ins[:3], bias]
                 elif mask.type.dtype == "bool":
                     ins[3] = self.b.op("where", [mask, bias, self.neg_inf()], name="size_mask")
@@ -581,9 +711,10 @@ class _Rebuild:
             elif n.op == "softmax" and tracked[0] and (tracked[0].get(
                     ins[0].type.rank - 1) is not None) and (  # type: ignore[union-attr]
                     n.attrs.get("dim", -1) % ins[0].type.rank == ins[0].type.rank - 1):  # type: ignore[union-attr]
-                ins[0] = self.b.op("add", [ins[0], self.bias(s, ins[0].type.shape[0])],
-                                   name="size_logits")
-                self.axes[ins[0].name] = dict(tracked[0])  # type: ignore[union-attr]
+                bias = self.stage_bias(s, ins[0].type.shape[0], n.inputs[0])  # type: ignore[union-attr]
+                if bias is not None:
+                    ins[0] = self.b.op("add", [ins[0], bias], name="size_logits")
+                    self.axes[ins[0].name] = dict(tracked[0])  # type: ignore[union-attr]
         types = get_op(n.op).infer([None if v is None else v.type for v in ins], attrs)
         outs = tuple(Value(v.name, t) for v, t in zip(n.outputs, types))
         n2 = Node(n.op, tuple(ins), outs, attrs, n.loc)
@@ -630,7 +761,7 @@ class _Rebuild:
         """Token axes of an untracked operand (a mask, a position table) by alignment."""
         r = v.type.rank
         cand: set[int] = set()
-        if n.op == "attention" and i == 3:
+        if (n.op == "attention" and i == 3) or (n.op == "attention_score" and i == 2):
             cand = {r - 2, r - 1}
         elif get_op(n.op).elementwise or n.op in ("where", "add", "mul", "sub", "div"):
             for t, u in zip(tracked, ins):
@@ -648,8 +779,10 @@ class _Rebuild:
         t0 = tracked[0] or {}
         x0 = n.inputs[0]
         n_s = self.stages[s].n if self.stages else None
-        if op in ("token_merge", "token_select", "token_unmerge", "token_gather"):
-            raise TokenRewriteError(f"token op %{n.outputs[0].name} already in the graph")
+        if op == "attention_score":  # [B, Nk]: the keys' token axis
+            return {1} if 2 in (tracked[1] or {}) else set()
+        if op == "token_score":
+            return {1} if 1 in t0 else set()
         if op in ("linear", "fused_linear", "qlinear"):
             if x0 is not None and (x0.type.rank - 1) in t0:
                 raise TokenRewriteError(f"linear %{n.outputs[0].name} contracts the token axis")

@@ -203,6 +203,7 @@ def test_reduced_vit_ships_onnxruntime(tmp_path: Path, passes: str) -> None:
 
     z = zoo.get("vit")
     cm = ember.compile(z.model, z.example_inputs, passes=passes, target="cpu",
+                       dynamic_dims=z.dynamic_dims, input_names=z.input_names,
                        backend_options={"mode": "onnxruntime"})
     assert cm.program.kind == "onnxruntime"
     g = cm.graph
