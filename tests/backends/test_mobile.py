@@ -8,6 +8,7 @@ installed (``backends/mobile/setup_toolchain.sh`` installs it; ``make test`` run
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,122 @@ def test_neon_schedules_execute_10x_fewer_instructions() -> None:
     res = compare_schedules(g, [x], repeat=2)
     assert res["neon"]["neon"]["fmla_4s"] > 0
     assert res["ratio"] >= 10.0, res
+
+
+# ----------------------------------------------------------------------------- ONNX via the CLI
+# Issue #8: `ember compile m.onnx --target mobile -o m.ember` then `ember run m.ember` under qemu.
+# The ONNX files come from torch's TorchScript exporter (dynamo=False), not Ember's own.
+# case -> (zoo model, symbolic batch dim in the file?, extra compile arguments)
+ONNX_CASES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "mlp": ("mlp", False, ()),
+    "resnet_dynbatch": ("resnet", True, ()),
+    "mobilenet_v2": ("mobilenet_v2", False, ()),
+    "bert_dynbatch": ("bert", True, ()),
+    "mlp_int8": ("mlp", False, ("--passes", "O2,quantize{scheme=w8a8-dynamic,gate=always}", "--strict")),
+}
+INT8_TOL = 2e-2  # one quantization step: what the CPU backend allows a quantized graph (ORT)
+INT8_COSINE = 0.999  # the quantize pass's w8a8-dynamic budget (tests/passes/test_quantize.py)
+
+
+class _Positional(torch.nn.Module):
+    """Calls a zoo model with its inputs by name and returns a tuple of tensors (HF models
+    take keyword arguments and return ModelOutput objects, which the exporter does not)."""
+
+    def __init__(self, z: zoo.ZooModel) -> None:
+        super().__init__()
+        self.model, self.names = z.model, list(z.input_names)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.names, xs)))
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        return tuple(t for t in out.to_tuple() if isinstance(t, torch.Tensor))
+
+
+def _export_onnx(z: zoo.ZooModel, path: Path, dynamic: bool) -> int:
+    """Writes ``z`` as ONNX with torch's TorchScript exporter; returns its output count."""
+    m = _Positional(z).eval()
+    with torch.no_grad():
+        n_out = len(m(*z.example_inputs))
+        axes = {n: {0: "batch"} for n in z.input_names} if dynamic else None
+        torch.onnx.export(m, z.example_inputs, str(path), input_names=z.input_names,
+                          output_names=[f"y{i}" for i in range(n_out)], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+    return n_out
+
+
+def _cli(*args: str) -> None:
+    from ember.cli import main
+
+    assert main(list(args)) == 0, f"ember {' '.join(args)} failed (its error is above)"
+
+
+@pytest.fixture(scope="module", params=list(ONNX_CASES))
+def onnx_run(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One ONNX model compiled by the CLI for mobile and run by the CLI under qemu (once)."""
+    if not TOOLCHAIN.ok:
+        pytest.skip(f"mobile toolchain absent: {TOOLCHAIN.reason()}")
+    name, dynamic, extra = ONNX_CASES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    z = zoo.get(name, batch=1)
+    onnx_path = d / f"{name}.onnx"
+    n_out = _export_onnx(z, onnx_path, dynamic)
+    args = ["compile", str(onnx_path), "--target", "mobile", "-o", str(d / "m.ember"), "-q",
+            *extra]
+    if dynamic:  # the symbolic batch gets its concrete size on the command line
+        args += ["--input-shape", *(f"{n}={','.join(str(s) for s in x.shape)}"
+                                    for n, x in zip(z.input_names, z.example_inputs))]
+    _cli(*args)
+    xs = []
+    for i, x in enumerate(z.example_inputs):
+        xs.append(str(d / f"x{i}.npy"))
+        np.save(xs[-1], x.numpy())
+    ys = [str(d / f"y{i}.npy") for i in range(n_out)]
+    _cli("run", str(d / "m.ember"), "--input", *xs, "--output", *ys)
+    got = [torch.from_numpy(np.load(y)) for y in ys]
+    return {"case": request.param, "zoo": z, "onnx": onnx_path, "artifact": d / "m.ember",
+            "got": got, "int8": bool(extra)}
+
+
+@needs_toolchain
+def test_onnx_cli_artifact_is_aarch64_and_matches_reference(onnx_run: dict) -> None:
+    from ember.artifact import read_manifest
+
+    man = read_manifest(onnx_run["artifact"])
+    text = json.dumps(man)
+    assert '"backend": "mobile"' in text and '"fallback"' not in text, text[:2000]
+    cm = ember.load(onnx_run["artifact"])
+    assert cm.backend == "mobile" and isinstance(cm.program, mobile.MobileProgram)
+    res = subprocess.run([TOOLCHAIN.objdump or "aarch64-linux-gnu-objdump", "-f",
+                          str(cm.program.library)], capture_output=True, text=True)
+    assert "elf64-littleaarch64" in res.stdout, res.stdout + res.stderr
+    z, got = onnx_run["zoo"], onnx_run["got"]
+    src = import_model(str(onnx_run["onnx"]), dynamic_dims={
+        n: list(x.shape) for n, x in zip(z.input_names, z.example_inputs)})
+    want = run_graph(src, *z.example_inputs)  # the unoptimized ONNX graph on the interpreter
+    with torch.no_grad():
+        eager = list(_Positional(z).eval()(*z.example_inputs))
+    if not onnx_run["int8"]:
+        assert relative_error(got, want) <= TOL
+        assert relative_error(got, eager) <= TOL
+        return
+    assert cm.graph.op_counts().get("qlinear_dynamic", 0) >= 1, cm.graph.op_counts()
+    assert relative_error(got, run_graph(cm.graph, *z.example_inputs)) <= INT8_TOL
+    cos = torch.nn.functional.cosine_similarity(got[0].flatten(), want[0].flatten(), dim=0)
+    assert float(cos) >= INT8_COSINE, float(cos)
+
+
+@needs_toolchain
+def test_onnx_symbolic_batch_needs_a_shape(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from ember.cli import main
+
+    z = zoo.get("resnet", batch=1)
+    path = tmp_path / "resnet.onnx"
+    _export_onnx(z, path, dynamic=True)
+    rc = main(["compile", str(path), "--target", "mobile", "-o", str(tmp_path / "m.ember")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "static shapes" in err and "'x'" in err and "--input-shape x=1,3,32,32" in err, err
+    assert not (tmp_path / "m.ember").exists()
