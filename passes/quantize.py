@@ -8,8 +8,10 @@ Before -> After (scheme w8a8-dynamic)::
 
 Schemes (``quantize{scheme=...}``):
 
-- ``w8a8-dynamic``: int8 per-channel weights, activations quantized per call (u7 per tensor);
-  with ``outliers=true`` (needs calibration) the few massive-activation input channels
+- ``w8a8-dynamic``: int8 per-channel weights, activations quantized per call to u7, with one
+  scale per token (``act_quant=token``, the default when ONNX Runtime runs the graph: MiniLM
+  cosine 0.993 with every layer quantized) or per tensor (``act_quant=tensor``, fbgemm's
+  scheme: 0.973); with ``outliers=true`` (needs calibration) the few massive-activation input channels
   (abs-max >= ``outlier_ratio`` x the median channel's, at most 2%) are computed in fp32:
   MiniLM cosine 0.973 -> 0.994, at the cost of a copy of x per call (the gate times it).
   For ``w8a8-static`` outliers are on by default (no copy: the kernel clamps them away).
@@ -22,6 +24,10 @@ Schemes (``quantize{scheme=...}``):
 Gating (``gate=measure``, default): a layer is rewritten only where the roofline predicts the
 kernel is not slower and a cached interleaved micro-benchmark at its (M, K, N) measures it at
 least ``min_speedup`` faster than fp32 (`._qkernels.gate`); M comes from the example inputs.
+The micro-benchmark times what will run: with ``gate_runtime=onnxruntime`` (the default for the
+CPU target when onnxruntime is installed, as the CPU backend ships ORT on Ember's graph when it
+is fastest) the layer's ONNX export against the fp32 layer, both in ONNX Runtime; with
+``gate_runtime=torch`` the op's torch kernel (fbgemm) against ``F.linear``.
 ``gate=predict`` trusts the roofline, ``gate=always`` rewrites every eligible layer.
 With ``sensitivity=true`` and calibration data, each gated layer is quantized alone and the
 output cosine against fp32 is measured on the calibration inputs; a layer whose drop exceeds
@@ -90,7 +96,10 @@ class QuantizeConfig:
     max_layer_drop: float = 0.002  # 1 - cosine, per layer quantized alone
     skip: str = ""  # "|"-separated substrings of weight names left in fp32
     min_features: int = 32
-    act_quant: str = "token"  # w8a8-dynamic activations: one scale per token, or per tensor
+    # w8a8-dynamic activations: one u7 scale per token (ONNX Runtime form) or per tensor
+    # (fbgemm); auto: token when the gate times ONNX Runtime, else tensor
+    act_quant: str = "auto"
+    embeddings: str = "none"  # none | int8: embedding tables as int8 rows + fp32 row scales
     gate_runtime: str = "auto"  # auto | onnxruntime | torch: whose kernels the gate times
 
     def __post_init__(self) -> None:
@@ -99,8 +108,10 @@ class QuantizeConfig:
             raise ValueError(f"gate must be measure, predict or always, got '{self.gate}'")
         if self.calib_method not in ("minmax", "percentile"):
             raise ValueError("calib_method must be minmax or percentile")
-        if self.act_quant not in ("token", "tensor"):
-            raise ValueError(f"act_quant must be token or tensor, got '{self.act_quant}'")
+        if self.act_quant not in ("auto", "token", "tensor"):
+            raise ValueError(f"act_quant must be auto, token or tensor, got '{self.act_quant}'")
+        if self.embeddings not in ("none", "int8"):
+            raise ValueError(f"embeddings must be none or int8, got '{self.embeddings}'")
         if self.gate_runtime not in ("auto", "onnxruntime", "torch"):
             raise ValueError("gate_runtime must be auto, onnxruntime or torch")
 
@@ -271,6 +282,30 @@ def emit(node: Node, b: GraphBuilder, prep: _Prepared) -> Value:
     return out
 
 
+def quantize_embeddings(g: Graph) -> tuple[Graph, list[dict[str, Any]]]:
+    """``embedding(w, ids)`` with a constant fp32 table -> ``embedding(w_q, ids)`` (int8,
+    symmetric per row) times ``embedding(w_scale, ids)``: a quarter of the bytes for the tables
+    that dominate small LMs (SmolLM2-135M: 21% of its parameters)."""
+    recs: list[dict[str, Any]] = []
+
+    def fn(n: Node, b: GraphBuilder) -> list[Value] | None:
+        w = n.inputs[0]
+        t = g.weights.get(w.name) if n.op == "embedding" and w is not None else None
+        if t is None or t.dim() != 2 or t.dtype != torch.float32:
+            return None
+        q, s = quantize_weight_per_channel(t)
+        ids = n.inputs[1]
+        rows = b.op("embedding", [b.add_param(f"{w.name}_q", q), ids], {}, loc=n.loc)
+        scale = b.op("embedding", [b.add_param(f"{w.name}_scale", s[:, None].contiguous()),
+                                   ids], {}, loc=n.loc)
+        f = b.op("cast", [rows], {"dtype": "float32"}, loc=n.loc)
+        out = b.op("mul", [f, scale], {}, loc=n.loc, name=n.output.name)
+        assert isinstance(out, Value)
+        recs.append({"weight": w.name, "shape": list(t.shape), "decision": "int8-rows"})
+        return [out]
+    return eliminate_dead(rewrite(g, fn)), recs
+
+
 def apply(g: Graph, plan: dict[str, _Prepared]) -> Graph:
     """Rewrites the nodes named (by output) in ``plan``; drops the dead fp32 weights."""
     def fn(n: Node, b: GraphBuilder) -> list[Value] | None:
@@ -405,11 +440,13 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         if s.outliers and st is not None:
             idx = _calib.outlier_channels(st, cfg.outlier_ratio)
             info["outlier_channels"] = idx
-        return prepare(s, w, rng, idx, cfg.act_quant), info
+        return prepare(s, w, rng, idx, act_quant), info
 
     layers: list[dict[str, Any]] = []
     plan: dict[str, tuple[SchemeSpec, Node, torch.Tensor, GateResult]] = {}
     runtime = _gate_runtime(cfg, ctx)
+    act_quant = cfg.act_quant if cfg.act_quant != "auto" else \
+        "token" if runtime == "onnxruntime" else "tensor"
     for n, w in cands:
         nn_, k = w.shape
         x = n.inputs[0]
@@ -424,17 +461,17 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             continue
         tag = cfg.scheme + ("+outliers" if spec.outliers else "")
         if spec.kind == "dynamic":
-            tag += f"+{cfg.act_quant}"
+            tag += f"+{act_quant}"
         gr = None
         if runtime == "onnxruntime" and cfg.gate == "measure":
             try:
-                fp32_f, q_f = ort_factories(spec, nn_, k, cfg.act_quant)
+                fp32_f, q_f = ort_factories(spec, nn_, k, act_quant)
                 gr = gate(m, k, nn_, tag, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
                           cache_tag="ort", fp32_factory=fp32_f)
             except (ImportError, CompilerError) as e:
                 log.info("ORT gate unavailable for %s (%s): timing torch kernels", tag, e)
         if gr is None:
-            gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k, cfg.act_quant),
+            gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k, act_quant),
                       mode=cfg.gate, min_speedup=cfg.min_speedup)
         rec["gate"] = gr.to_json()
         if not gr.apply:
@@ -475,11 +512,14 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             by_node[name].update(info)
 
     out = apply(g, final) if final else g
+    emb: list[dict[str, Any]] = []
+    if cfg.embeddings == "int8":
+        out, emb = quantize_embeddings(out)
     ctx.record("quantize", scheme=cfg.scheme, gate=cfg.gate, min_speedup=cfg.min_speedup,
-               gate_runtime=runtime, act_quant=cfg.act_quant,
+               gate_runtime=runtime, act_quant=act_quant,
                candidates=len(cands), quantized=len(final),
                param_bytes_before=g.param_bytes(), param_bytes_after=out.param_bytes(),
-               layers=layers)
+               layers=layers, embeddings=emb)
     log.info("quantize %s: %d/%d linears rewritten, params %.1f -> %.1f MB", cfg.scheme,
              len(final), len(cands), g.param_bytes() / 1e6, out.param_bytes() / 1e6)
     return out

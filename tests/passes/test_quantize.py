@@ -99,6 +99,38 @@ def test_qlinear_outlier_channels_are_exact_fp32() -> None:
     assert (y - exact).abs().max() < 0.2 * (plain - exact).abs().max()
 
 
+@pytest.mark.parametrize("outlier", [False, True])
+def test_qlinear_dynamic_token_matches_naive_integers(outlier: bool) -> None:
+    """act_quant=token: per-row symmetric codes round(x / s) in [-64, 63], s = |x|max / 63
+    (outlier channels left out of |x|max and computed in fp32), exact integer products."""
+    k = 64
+    x = torch.randn(9, k) * 3
+    x[2] *= 50  # one token with huge values: only its own row scale grows
+    w = torch.randn(24, k) * 0.1
+    b = torch.randn(24)
+    idx = torch.tensor([5])
+    if outlier:
+        x[:, 5] *= 80
+        wq, ws = quantize_weight_per_channel(w.index_fill(1, idx, 0.0))
+        ins = [x, wq, ws, b, None, idx, w[:, idx].contiguous()]
+    else:
+        wq, ws = quantize_weight_per_channel(w)
+        ins = [x, wq, ws, b]
+    y = _ref("qlinear_dynamic", ins, act_quant="token")
+    xs = x.double().index_fill(1, idx, 0.0) if outlier else x.double()
+    s = xs.abs().amax(1, keepdim=True) / 63
+    q = torch.clamp(torch.round(x.double() / s), -64, 63)
+    acc = q @ wq.double().T  # exact integers
+    want = acc * s * ws.double() + b.double()
+    if outlier:
+        want = want + x[:, 5:6].double() @ w[:, 5:6].double().T
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-4)
+    plain = _ref("qlinear_dynamic", [x, *quantize_weight_per_channel(w), b])  # per tensor
+    exact = F.linear(x, w, b)
+    others = torch.arange(9) != 2
+    assert (y - exact)[others].abs().max() < 0.2 * (plain - exact)[others].abs().max()
+
+
 def test_qlinear_epilogue_matches_fused_linear() -> None:
     x, r = torch.randn(4, 32), torch.randn(4, 16)
     w, b = torch.randn(16, 32) * 0.1, torch.randn(16)
@@ -315,6 +347,29 @@ def test_gate_measures_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []
 
 
+def test_gate_times_the_onnxruntime_layer_form() -> None:
+    """gate_runtime=onnxruntime: each layer is timed as its ONNX export in ONNX Runtime against
+    the fp32 layer in ONNX Runtime (what the CPU backend's ORT program runs), and recorded."""
+    pytest.importorskip("onnxruntime")
+    from ember.frontends.fx import import_module
+
+    m = _mlp()
+    x = torch.randn(256, 256)
+    g = import_module(m, (x,))
+    ctx = PassContext()
+    ctx.options["example_inputs"] = [x]
+    PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0,gate_runtime=onnxruntime}").run(
+        g, ctx)
+    rec = ctx.records["quantize"]
+    assert rec["gate_runtime"] == "onnxruntime" and rec["act_quant"] == "token"
+    for la in rec["layers"]:
+        gr = la["gate"]
+        if gr["predicted"] >= 1:
+            assert gr["fp32_ms"] > 0 and gr["kernel_ms"] > 0 and la["decision"] != "fp32"
+    key = [k for k in _qkernels._MEM if k.endswith("|ort")]
+    assert key, list(_qkernels._MEM)  # cached apart from the torch-kernel measurements
+
+
 def test_predicted_slower_is_not_measured() -> None:
     r = _qkernels.gate(1, 64, 64, "bf16", lambda x: (lambda: None))
     assert not r.apply and r.measured is None and "predicted" in r.reason
@@ -338,3 +393,35 @@ def test_artifact_keeps_weights_compressed(tmp_path: Path) -> None:
         assert loaded.records["quantize"]["quantized"] == 2
         results[scheme] = _cos(cm(x), m(x))
     assert results["w8a8-dynamic"] > 0.999 and results["w4g64"] > 0.99
+
+
+def test_int8_embedding_tables(tmp_path: Path) -> None:
+    """embeddings=int8: a (tied) embedding table becomes int8 rows x fp32 row scales; the output
+    stays close, the params shrink, and the graph still exports to runnable ONNX."""
+    from ember.export_onnx import export_onnx
+    from ember.frontends.fx import import_module
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(512, 64)
+            self.fc = torch.nn.Linear(64, 64)
+            self.head = torch.nn.Linear(64, 512, bias=False)
+            self.head.weight = self.emb.weight  # tied, as in SmolLM2
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    m = TinyLM().eval()
+    ids = torch.randint(0, 512, (2, 9))
+    g = import_module(m, (ids,))
+    ctx = PassContext()
+    q = PassManager("quantize{scheme=w4g32,gate=always,embeddings=int8}").run(g, ctx)
+    rec = ctx.records["quantize"]
+    assert [e["weight"] for e in rec["embeddings"]] and rec["quantized"] == 2
+    assert all(t.dtype != torch.float32 or t.numel() < 512 * 64 for t in q.weights.values())
+    assert q.param_bytes() < 0.45 * g.param_bytes()  # tied: one fp32 table -> int8 + int4
+    (got,) = run_graph(q, ids)
+    assert _cos(got, m(ids)) > 0.99
+    rep = export_onnx(q, tmp_path / "m.onnx")
+    assert rep.runnable_by_onnxruntime, rep.custom
