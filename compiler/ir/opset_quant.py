@@ -425,18 +425,26 @@ def token_u7_codes(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / s), -TOKEN_ZP, TOKEN_QMAX)
 
 
+@torch.library.custom_op("ember::qgemm_token", mutates_args=())
 def qgemm_token(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, scale_x: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token symmetric u7 activations x int8 weights, fp32 out.
 
     The integer products are summed in fp32: exact while ``63 * 127 * K < 2**24`` (K <= 2096),
     within fp32 rounding of the exact int32 sum above. ``scale_x`` overrides the row scales
-    (outlier channels excluded from the abs-max).
+    (outlier channels excluded from the abs-max). A custom op: the cached fp32 copy of the
+    weight stays out of traced programs.
     """
     s = token_u7_scale(x) if scale_x is None else scale_x
     acc = F.linear(token_u7_codes(x, s), _float_weight(w_q))
     y = acc * s * w_scale
     return y if bias is None else y + bias
+
+
+@qgemm_token.register_fake
+def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+      scale_x: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w_q.shape[0])
 
 
 _FLOATW: OrderedDict[tuple, torch.Tensor] = OrderedDict()
