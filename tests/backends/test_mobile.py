@@ -223,7 +223,6 @@ ONNX_CASES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "bert_dynbatch": ("bert", True, ()),
     "mlp_int8": ("mlp", False, ("--passes", "O2,quantize{scheme=w8a8-dynamic,gate=always}", "--strict")),
 }
-INT8_TOL = 2e-2  # one quantization step: what the CPU backend allows a quantized graph (ORT)
 INT8_COSINE = 0.999  # the quantize pass's w8a8-dynamic budget (tests/passes/test_quantize.py)
 
 
@@ -312,7 +311,10 @@ def test_onnx_cli_artifact_is_aarch64_and_matches_reference(onnx_run: dict) -> N
         assert relative_error(got, eager) <= TOL
         return
     assert cm.graph.op_counts().get("qlinear_dynamic", 0) >= 1, cm.graph.op_counts()
-    assert relative_error(got, run_graph(cm.graph, *z.example_inputs)) <= INT8_TOL
+    # the aarch64 code does the quantized graph's own arithmetic (measured: 1e-7 apart), so the
+    # fp32 tolerance holds against the interpreter run of that graph; the fp32 model is held to
+    # the quantize pass's budget
+    assert relative_error(got, run_graph(cm.graph, *z.example_inputs)) <= TOL
     cos = torch.nn.functional.cosine_similarity(got[0].flatten(), want[0].flatten(), dim=0)
     assert float(cos) >= INT8_COSINE, float(cos)
 
