@@ -332,3 +332,26 @@ def test_onnx_symbolic_batch_needs_a_shape(tmp_path: Path,
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert "static shapes" in err and "'x'" in err and "--input-shape x=1,3,32,32" in err, err
     assert not (tmp_path / "m.ember").exists()
+
+
+@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_int8_lowering_matches_the_op_reference(act_quant: str, outliers: bool) -> None:
+    """The plain-ATen qlinear_dynamic that TVM compiles does the reference's (fbgemm's) math."""
+    from ember.backends.mobile.lowering import MOBILE_LOWERINGS
+    from ember.ir import get_op
+    from ember.ir.opset_quant import quantize_weight_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g) * 2 + 0.3
+    w = torch.randn(48, 64, generator=g) * 0.1
+    wq, ws = quantize_weight_per_channel(w)
+    ins: list[torch.Tensor | None] = [x, wq, ws, torch.randn(48, generator=g), None]
+    if outliers:
+        idx = torch.tensor([3, 17])
+        ins += [idx, w[:, idx]]
+    a = {"act_quant": act_quant, "activation": "relu", "residual": "none",
+         "approximate": "none"}
+    got = MOBILE_LOWERINGS["qlinear_dynamic"](ins, a)
+    want = get_op("qlinear_dynamic").reference(ins, a)
+    assert relative_error([got], [want]) <= TOL
