@@ -9,10 +9,11 @@ params, reshaped or transposed by nodes that ONNX Runtime constant-folds at sess
 
     qlinear_dynamic  act_quant=tensor:  ReduceMin/Max -> u7 (scale, zp) -> QuantizeLinear
                                         -> MatMulIntegerToFloat (com.microsoft, bias fused)
-                     act_quant=token:   |x| ReduceMax per row / 63 -> QuantizeLinear (axis 0,
-                                        zp 64) -> MatMulIntegerToFloat (column scales)
-                                        -> Mul row scales -> Add bias
+                     act_quant=token:   |x|max per row / 63 -> QuantizeLinear (axis 0, zp 64)
+                                        -> MatMulIntegerToFloat (a_scale [M, 1] per row,
+                                        b_scale per column) -> Add bias
     qlinear_static   Clip to the u7 range -> QuantizeLinear -> MatMulIntegerToFloat
+    epilogues        exact (erf) gelu as com.microsoft Gelu (ORT fuses bias + Gelu)
     linear_woq       int4, power-of-two groups: MatMulNBits (com.microsoft, zero point 8);
                      otherwise dequantized in the graph (Cast, Mul) + MatMul
     lut_linear       codes unpacked and looked up in the HLQ codebooks in the graph + MatMul
@@ -63,7 +64,12 @@ def _epilogue(x: X, n: Node, ins: list[str], y: str, res_pos: int = 4) -> str:
     res = _in(ins, res_pos)
     if res and a.get("residual") == "before_act":
         y = x.one("Add", [y, res])
-    y = x._activation(y, a.get("activation", "none"), a)
+    if a.get("activation") == "gelu" and a.get("approximate", "none") == "none":
+        # ORT's erf Gelu kernel (fused with a preceding bias Add into BiasGelu); the
+        # decomposed Div/Erf/Add/Mul/Mul form costs four more passes over the output
+        y = x.one("Gelu", [y], domain=MS)
+    else:
+        y = x._activation(y, a.get("activation", "none"), a)
     if res and a.get("residual") == "after_act":
         y = x.one("Add", [y, res])
     return y
@@ -102,19 +108,20 @@ def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
     u8 = "uint8"
     if n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "token":
         mask = _outlier_mask(x, n)
-        ax = x.one("Abs", [x2])
         if mask is not None:
-            ax = x.one("Mul", [ax, mask])
-        am = _reduce_node(x, "ReduceMax", ax, [1], False)  # [M]
+            am = _reduce_node(x, "ReduceMax", x.one("Mul", [x.one("Abs", [x2]), mask]), [1],
+                              False)
+        else:  # |x|max per row from two read-only reductions (no |x| tensor written)
+            am = x.one("Max", [_reduce_node(x, "ReduceMax", x2, [1], False),
+                               x.one("Neg", [_reduce_node(x, "ReduceMin", x2, [1], False)])])
         s = x.one("Max", [x.one("Div", [am, x.const(float(TOKEN_QMAX), "float32")]),
-                          x.const(TOKEN_MIN_SCALE, "float32")])
+                          x.const(TOKEN_MIN_SCALE, "float32")])  # [M]
         zp_rows = x.one("Expand", [x.const([TOKEN_ZP], u8), x.one("Shape", [s])])
         xq = x.one("QuantizeLinear", [x2, s, zp_rows], axis=0)
-        # not MatMulInteger -> Cast -> Mul -> Add: ORT 1.32 fuses that chain into a
-        # MatMulIntegerToFloat that gets per-row scales with a bias wrong
-        acc = x.one("MatMulIntegerToFloat", [xq, wt, x.const(1.0, "float32"), ins[2],
-                                              x.const(TOKEN_ZP, u8)], domain=MS)
-        y = x.one("Mul", [acc, x.one("Unsqueeze", [s, x.const([1])])])
+        # MatMulIntegerToFloat scales rows by an [M, 1] a_scale; its bias input is left out:
+        # ORT 1.32 adds it wrongly together with a per-row a_scale (tests catch a regression)
+        y = x.one("MatMulIntegerToFloat", [xq, wt, x.one("Unsqueeze", [s, x.const([1])]),
+                                            ins[2], x.const(TOKEN_ZP, u8)], domain=MS)
         if bias:
             y = x.one("Add", [y, bias])
     else:

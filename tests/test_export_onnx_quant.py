@@ -94,6 +94,29 @@ def test_qlinear_dynamic(tmp_path: Path, act_quant: str, epi: dict, rank3: bool)
 
 
 @pytest.mark.parametrize("act_quant", ["tensor", "token"])
+def test_qlinear_dynamic_many_rows(tmp_path: Path, act_quant: str) -> None:
+    """Rows split over ORT's threads keep their own scales (per-row a_scale)."""
+    k, n = 128, 96
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("rows"), k)))
+    w = torch.randn(n, k) * 0.1
+    y = _linear_node(b, x, SchemeSpec("w8a8-dynamic", "dynamic"), w, True,
+                     {"activation": "gelu"}, extra={"act_quant": act_quant})
+    xin = _x((333, k), 8)
+    xin[::7] *= 40  # rows of very different magnitude
+    b.set_outputs([y])
+    g = b.build()
+    export_onnx(g, tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"x": xin.numpy()})
+    (want,) = run_graph(g, xin)
+    err = np.abs(got - want.numpy()).max(1) / np.maximum(1.0, np.abs(want.numpy()).max(1))
+    assert err.max() <= QTOL, err.max()  # per row, so small rows cannot hide behind big ones
+
+
+@pytest.mark.parametrize("act_quant", ["tensor", "token"])
 def test_qlinear_dynamic_outlier_channels(tmp_path: Path, act_quant: str) -> None:
     k, n = 96, 40
     b = GraphBuilder()
