@@ -218,8 +218,12 @@ def test_neon_schedules_execute_10x_fewer_instructions() -> None:
 # case -> (zoo model, symbolic batch dim in the file?, extra compile arguments)
 ONNX_CASES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "mlp": ("mlp", False, ()),
+    "mlp_dynbatch": ("mlp", True, ()),
+    "resnet": ("resnet", False, ()),
     "resnet_dynbatch": ("resnet", True, ()),
     "mobilenet_v2": ("mobilenet_v2", False, ()),
+    "mobilenet_v2_dynbatch": ("mobilenet_v2", True, ()),
+    "bert": ("bert", False, ()),
     "bert_dynbatch": ("bert", True, ()),
     "mlp_int8": ("mlp", False, ("--passes", "O2,quantize{scheme=w8a8-dynamic,gate=always}", "--strict")),
 }
@@ -270,6 +274,10 @@ def onnx_run(request: pytest.FixtureRequest,
     z = zoo.get(name, batch=1)
     onnx_path = d / f"{name}.onnx"
     n_out = _export_onnx(z, onnx_path, dynamic)
+    import onnx
+
+    batch_dims = [i.type.tensor_type.shape.dim[0] for i in onnx.load(str(onnx_path)).graph.input]
+    assert all(bool(d.dim_param) == dynamic for d in batch_dims), batch_dims
     args = ["compile", str(onnx_path), "--target", "mobile", "-o", str(d / "m.ember"), "-q",
             *extra]
     if dynamic:  # the symbolic batch gets its concrete size on the command line
