@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from ember.errors import CompilerError
 from ember.ir import Graph, Node, Value
 from ember.ir.opset import BIG
 
-__all__ = ["export_onnx", "ExportReport", "EMBER_DOMAIN"]
+__all__ = ["export_onnx", "ExportReport", "EMBER_DOMAIN", "PARAMS_LOCATION", "detach_params",
+           "detached_param_names"]
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,22 @@ class ExportReport:
         return "; ".join(parts)
 
 
-def export_onnx(g: Graph, path: str | Path, opset: int = 17) -> ExportReport:
-    """Writes ``g`` as an ONNX model at ``path`` and returns what was exported how."""
+def export_onnx(g: Graph, path: str | Path, opset: int = 17, *,
+                contrib_ops: bool = False) -> ExportReport:
+    """Writes ``g`` as an ONNX model at ``path`` and returns what was exported how.
+
+    Args:
+        g: the graph.
+        path: where the model goes.
+        opset: the default-domain opset (13 and up).
+        contrib_ops: also use ONNX Runtime's fused ``com.microsoft`` ops where Ember's graph
+            already holds their pattern (Gelu/FastGelu, SkipLayerNormalization); the model then
+            runs in ONNX Runtime only. The CPU backend's ONNX Runtime candidate sets it.
+    """
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
         raise CompilerError(f"ONNX export supports opsets 13..{onnx.defs.onnx_opset_version()}, "
                             f"got {opset}")
-    ex = _Exporter(g, opset)
+    ex = _Exporter(g, opset, contrib_ops)
     model = ex.build()
     try:
         onnx.checker.check_model(model)
@@ -79,10 +90,64 @@ def export_onnx(g: Graph, path: str | Path, opset: int = 17) -> ExportReport:
     return ex.report
 
 
+# An artifact's model.onnx refers to the IR params by name instead of holding them: their
+# initializers are external references to this location (the artifact's weights file), which the
+# loader supplies from the IR's weights (`detached_param_names`, ORT add_external_initializers).
+PARAMS_LOCATION = "weights.safetensors"
+
+
+def detach_params(model: onnx.ModelProto, weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """Drops the data of every initializer that is an IR param (same name, dtype, shape and
+    values as ``weights[name]``) and marks it external at `PARAMS_LOCATION`; returns the names.
+
+    bfloat16 params keep their data (numpy, through which ONNX Runtime takes them, has no
+    bfloat16)."""
+    names = []
+    for init in model.graph.initializer:
+        t = weights.get(init.name)
+        if t is None or t.dtype == torch.bfloat16 or init.data_location == TensorProto.EXTERNAL:
+            continue
+        arr = t.detach().cpu().contiguous().numpy()
+        have = numpy_helper.to_array(init)
+        if have.dtype != arr.dtype or have.shape != arr.shape or not np.array_equal(have, arr):
+            continue
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            init.ClearField(f)
+        init.data_location = TensorProto.EXTERNAL
+        del init.external_data[:]
+        for k, v in (("location", PARAMS_LOCATION), ("length", str(arr.nbytes))):
+            init.external_data.add(key=k, value=v)
+        names.append(init.name)
+    return names
+
+
+def detached_param_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the initializers `detach_params` turned into references to the IR's weights."""
+    return [i.name for i in model.graph.initializer if i.data_location == TensorProto.EXTERNAL
+            and any(e.key == "location" and e.value == PARAMS_LOCATION for e in i.external_data)]
+
+
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
+
+
 class _Exporter:
-    def __init__(self, g: Graph, opset: int) -> None:
+    def __init__(self, g: Graph, opset: int, contrib_ops: bool = False) -> None:
         self.g = g
         self.opset = opset
+        self.contrib = contrib_ops
+        self.producer: dict[str, Node] = {v.name: n for n in g.nodes for v in n.outputs}
+        self.users: dict[str, list[int]] = {}  # value -> positions of its consumers (-1: output)
+        for i, n in enumerate(g.nodes):
+            for v in n.inputs:
+                if v is not None:
+                    self.users.setdefault(v.name, []).append(i)
+        for v in g.outputs:
+            self.users.setdefault(v.name, []).append(-1)
+        self.position = {id(n): i for i, n in enumerate(g.nodes)}
+        # IR values not emitted where they are defined: their one consumer emits their producer
+        # fused into itself (an add or residual linear feeding a LayerNorm -> SkipLayerNorm)
+        self.deferred: dict[str, Node] = {}
+        self._named: set[str] = set()  # ONNX tensors renamed to an IR value's name
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.report = ExportReport("", opset)
@@ -188,6 +253,11 @@ class _Exporter:
         for v in g.params:
             t = g.weights[v.name]
             self.inits.append(_tensor_proto(t, v.name))
+        if self.contrib:
+            for n in g.nodes:
+                src = _skip_ln_source(self, n)
+                if src is not None:
+                    self.deferred[src.outputs[0].name] = src
         for n in g.nodes:
             self.emit(n)
         outputs = []
@@ -196,7 +266,8 @@ class _Exporter:
             self.nodes.append(helper.make_node("Identity", [v.name], [name]))
             dims = [d if isinstance(d, int) else str(d) for d in v.type.shape]
             outputs.append(helper.make_tensor_value_info(name, _TO_ONNX[v.type.dtype], dims))
-        graph = helper.make_graph(self.nodes, g.name or "ember", inputs, outputs, self.inits)
+        graph = helper.make_graph(self.nodes, g.name or "ember", inputs, outputs, self.inits,
+                                  value_info=self._value_info())
         opsets = [helper.make_opsetid("", self.opset)]
         if self.report.custom:
             opsets.append(helper.make_opsetid(EMBER_DOMAIN, 1))
@@ -206,7 +277,24 @@ class _Exporter:
         model.ir_version = min(model.ir_version, 10)
         return model
 
+    def _value_info(self) -> list[onnx.ValueInfoProto]:
+        """Types (symbolic dims as ``dim_param``) of every IR value in the model: ONNX shape
+        inference loses dims through computed reshape targets, and ONNX Runtime applies its
+        shape-dependent fusions (MatMul+Add -> Gemm, SkipLayerNorm, ...) only on known shapes."""
+        out = []
+        ins = {v.name for v in self.g.inputs}
+        for n in self.g.nodes:
+            for v in n.outputs:
+                if v.name in ins or v.name in self.deferred or v.type.dtype not in _TO_ONNX:
+                    continue
+                dims = [d if isinstance(d, int) else str(d) for d in v.type.shape]
+                out.append(helper.make_tensor_value_info(v.name, _TO_ONNX[v.type.dtype], dims))
+        return out
+
     def emit(self, n: Node) -> None:
+        if n.outputs and n.outputs[0].name in self.deferred:
+            return  # emitted by its consumer
+        start = len(self.nodes)
         base = n.op
         if n.op.startswith("fused_") and n.op[6:] in _EMIT and "activation" in n.attrs:
             outs = self._fused(n)
@@ -223,8 +311,30 @@ class _Exporter:
             outs = None
         if outs is None:
             outs = self._custom(n)
+        self._name_outputs(n, outs, start)
+
+    def _name_outputs(self, n: Node, outs: Sequence[str], start: int) -> None:
+        """Gives the IR outputs' names to the ONNX tensors that hold them: the node that made
+        one in this emission is renamed; an input, a constant or a cached tensor gets an
+        Identity (renaming those would break their other uses)."""
+        made = {o for nd in self.nodes[start:] for o in nd.output}
+        cached = set(self._sym_cache.values()) | set(self._shape_cache.values())
+        renames: dict[str, str] = {}
         for v, o in zip(n.outputs, outs):
-            self.nodes.append(helper.make_node("Identity", [o], [v.name]))
+            if o in made and o not in cached and o not in renames and o not in self._named:
+                renames[o] = v.name
+                self._named.add(v.name)
+            else:
+                self.nodes.append(helper.make_node("Identity", [o], [v.name]))
+        if not renames:
+            return
+        for nd in self.nodes[start:]:
+            for i, name in enumerate(nd.output):
+                if name in renames:
+                    nd.output[i] = renames[name]
+            for i, name in enumerate(nd.input):
+                if name in renames:
+                    nd.input[i] = renames[name]
 
     def _custom(self, n: Node) -> list[str]:
         attrs = {}
@@ -371,6 +481,8 @@ def _activations(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
 
 def _gelu(x: _Exporter, i: str, approximate: str, dt: str = "float32") -> str:
+    if x.contrib and dt == "float32":  # one fused kernel instead of five elementwise passes
+        return x.one("FastGelu" if approximate == "tanh" else "Gelu", [i], domain=MS_DOMAIN)
     if approximate == "tanh":
         inner = x.one("Mul", [x.const(math.sqrt(2 / math.pi), dt), x.one("Add", [
             i, x.one("Mul", [x.const(0.044715, dt), x.one("Mul", [i, x.one("Mul", [i, i])])])])])
@@ -502,17 +614,20 @@ def _matmul(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
 @_e("linear")
 def _linear(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
-    w = n.inputs[1]
-    wt = None
-    if w is not None and w.name in x.g.weights:
-        wt = x.fresh(w.name + "_t")
-        x.inits.append(_tensor_proto(x.g.weights[w.name].t().contiguous(), wt))
-    else:
-        wt = x.one("Transpose", [ins[1]], perm=[1, 0])
-    y = x.one("MatMul", [ins[0], wt])
-    if len(ins) > 2 and ins[2]:
-        y = x.one("Add", [y, ins[2]])
-    return [y]
+    """``Gemm(x2d, W, b, transB=1)``, reshaped around for rank > 2: the weight is used as
+    stored (ONNX Runtime prepacks it once; no transposed copy in the file) and the bias is
+    added inside the GEMM. Other dtypes: ``MatMul(x, Transpose(W)) + b``."""
+    xv, w = n.inputs[0], n.inputs[1]
+    bias = ins[2] if len(ins) > 2 and ins[2] else ""
+    k = w.type.shape[-1]
+    if xv.type.dtype == w.type.dtype == "float32" and xv.type.rank >= 2 and isinstance(k, int):
+        a = ins[0] if xv.type.rank == 2 else x.one("Reshape", [ins[0], x.const([-1, k])])
+        y = x.one("Gemm", [a, ins[1]] + ([bias] if bias else []), transB=1)
+        if xv.type.rank != 2:
+            y = x.one("Reshape", [y, x.shape(n.outputs[0].type.shape)])
+        return [y]
+    y = x.one("MatMul", [ins[0], x.one("Transpose", [ins[1]], perm=[1, 0])])
+    return [x.one("Add", [y, bias]) if bias else y]
 
 
 def _sym_pads(p: Any, nsp: int) -> list[int]:
@@ -561,8 +676,53 @@ def _adaptive(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("GlobalAveragePool", [ins[0]])]
 
 
+def _skip_ln_source(x: _Exporter, n: Node) -> Node | None:
+    """The node whose sum a LayerNorm normalizes, when the pair is one ONNX Runtime
+    ``SkipLayerNormalization``: ``layer_norm(add(a, b))`` or ``layer_norm(fused_linear(...,
+    residual))`` without activation, a and b (or the linear and its residual) of the LayerNorm
+    input's exact type, rank 3. Other users of the sum (pre-LN residual streams) read the op's
+    fourth output, so they must all come after the LayerNorm."""
+    if n.op != "layer_norm" or n.attrs["axes"] != 1 or len(n.inputs) < 2 or n.inputs[1] is None:
+        return None
+    v = n.inputs[0]
+    p = x.producer.get(v.name)
+    if p is None or v.type.rank != 3 or v.type.dtype != "float32":
+        return None
+    if any(u <= x.position[id(n)] for u in x.users.get(v.name, []) if u != -1 and
+           u != x.position[id(n)]) or x.users[v.name].count(x.position[id(n)]) != 1:
+        return None
+    if p.op == "add" and all(i is not None and i.type == v.type for i in p.inputs):
+        return p
+    if (p.op == "fused_linear" and p.attrs.get("activation", "none") in ("none", None)
+            and len(p.inputs) > 3 and p.inputs[3] is not None and p.attrs.get("residual")
+            in ("before_act", "after_act")):
+        return p
+    return None
+
+
+def _skip_layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
+    src = x.deferred[n.inputs[0].name]
+    names = ["" if v is None else v.name for v in src.inputs]
+    if src.op == "add":
+        a, b = names
+    else:  # the linear (with its bias) as usual, its residual as the skip
+        fake = Node("linear", src.inputs[:3], src.outputs, {}, src.loc)
+        (a,) = _EMIT["linear"](x, fake, names[:3])
+        b = names[3]
+    bias = [ins[2]] if len(ins) > 2 and ins[2] else []
+    out = x.fresh("skiplayernorm")
+    v = n.inputs[0]
+    extra = ["", "", v.name] if len(x.users[v.name]) > 1 else []  # the sum, for its other users
+    x.nodes.append(helper.make_node("SkipLayerNormalization", [a, b, ins[1]] + bias,
+                                    [out] + extra, domain=MS_DOMAIN,
+                                    epsilon=float(n.attrs["eps"])))
+    return [out]
+
+
 @_e("layer_norm", "rms_norm")
 def _layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
+    if n.inputs[0].name in x.deferred:
+        return _skip_layer_norm(x, n, ins)
     v = n.inputs[0]
     dt = v.type.dtype
     axes = n.attrs["axes"]

@@ -118,7 +118,9 @@ class CpuProgram:
             return []
         assert self._package is not None
         dst = d / name
-        if self._package.resolve() != dst.resolve():
+        if self.kind == "onnxruntime" and self.graph is not None:
+            _save_onnx_without_params(self._package, dst, self.graph)
+        elif self._package.resolve() != dst.resolve():
             shutil.copyfile(self._package, dst)
         return [name]
 
@@ -130,10 +132,26 @@ class CpuProgram:
 ORT_FILE = "model.onnx"
 
 
-class _OrtRunner:
-    """Runs an ONNX export of the optimized IR in ONNX Runtime (CPU EP), torch in and out."""
+def _save_onnx_without_params(src: Path, dst: Path, g: Graph) -> None:
+    """Writes the ONNX model at ``src`` to ``dst`` with the IR params left out: the artifact's
+    weights.safetensors holds them once, and `load_program` hands them to ONNX Runtime."""
+    import onnx
 
-    def __init__(self, path: Path, threads: int) -> None:
+    from ember.export_onnx import detach_params
+
+    model = onnx.load(str(src))
+    names = detach_params(model, g.weights)
+    onnx.save(model, str(dst))
+    log.info("saved %s: %d params refer to the artifact's weights", dst, len(names))
+
+
+class _OrtRunner:
+    """Runs an ONNX export of the optimized IR in ONNX Runtime (CPU EP), torch in and out.
+
+    A model saved by `_save_onnx_without_params` gets its params from ``weights`` (the IR's)."""
+
+    def __init__(self, path: Path, threads: int,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -141,12 +159,34 @@ class _OrtRunner:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: unused-initializer notes are not for users
+        self._params = _external_params(path, weights)
+        if self._params:
+            names = list(self._params)
+            so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a)
+                                                 for a in self._params.values()])
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         feeds = {n: a.detach().contiguous().numpy() for n, a in zip(self.names, args)}
         return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+
+
+def _external_params(path: Path, weights: Mapping[str, torch.Tensor] | None,
+                     ) -> dict[str, Any]:
+    """numpy views of the params a saved model refers to (kept alive by the runner: ONNX
+    Runtime reads them while it builds the session)."""
+    import onnx
+
+    from ember.export_onnx import detached_param_names
+
+    if weights is None:  # a model that holds its params (as exported at compile time)
+        return {}
+    names = detached_param_names(onnx.load(str(path), load_external_data=False))
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ArtifactError(f"{path} refers to params the artifact's weights lack: {missing[:3]}")
+    return {n: weights[n].detach().cpu().contiguous().numpy() for n in names}
 
 
 # Ops whose ONNX form may round differently from their eager kernel (a requantization tie, a
@@ -170,7 +210,7 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
 
     path = work / ORT_FILE
     try:
-        rep = export_onnx(g, path)
+        rep = export_onnx(g, path, contrib_ops=True)
         if rep.custom:
             info["onnxruntime"] = {"skipped": f"ops without an ONNX form: {sorted(rep.custom)}"}
             return None
@@ -451,7 +491,8 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
         path = d / ORT_FILE
         if not path.is_file():
             raise ArtifactError(f"cpu payload missing: {path}")
-        runner = _OrtRunner(path, torch.get_num_threads())
+        runner = _OrtRunner(path, torch.get_num_threads(),
+                            graph.weights if graph is not None else None)
         return CpuProgram("onnxruntime", runner, graph, info, package=path)
     if kind != "aoti":
         raise ArtifactError(f"cpu payload in {d}: unknown kind {kind!r}")

@@ -129,3 +129,27 @@ def test_bad_calls_give_clear_errors(compiled_cpu):
         ember.compile(TwoOut(), (torch.randn(1, 16),), target="tpu")
     with pytest.raises(CompilerError, match="unknown pass"):
         ember.compile(TwoOut(), (torch.randn(1, 16),), passes="O1,no_such_pass")
+
+
+def test_onnxruntime_artifact_stores_weights_once(tmp_path: Path):
+    """An artifact shipping ONNX Runtime keeps its params only in weights.safetensors: model.onnx
+    refers to them and the loader hands them to ORT; the loaded model still matches eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 64), torch.nn.LayerNorm(64)).eval()
+    x = torch.randn(4, 64)
+    cm = ember.compile(model, (x,), target="cpu", dynamic_dims={"input": {0: "batch"}},
+                       backend_options={"mode": "onnxruntime"})
+    assert cm.program.kind == "onnxruntime"
+    path = cm.save(tmp_path / "m.ember")
+    with zipfile.ZipFile(path) as z:
+        sizes = {i.filename: i.file_size for i in z.infolist()}
+    param_bytes = cm.graph.param_bytes()
+    assert sizes["weights.safetensors"] >= param_bytes
+    assert sizes["payload/model.onnx"] < param_bytes / 10, sizes
+    loaded = ember.load(path)
+    assert loaded.program.kind == "onnxruntime"
+    for batch in (1, 7):
+        xb = torch.randn(batch, 64)
+        with torch.no_grad():
+            _close(loaded(xb), model(xb))
