@@ -168,7 +168,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     outs = cm(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     if a.output:
-        if len(a.output) == 1 and len(outs) > 1 and a.output[0].endswith(".npz"):
+        if len(a.output) == 1 and a.output[0].endswith(".npz"):
             np.savez(a.output[0], **dict(zip(cm.output_names, outs)))
         elif len(a.output) != len(outs):
             raise CompilerError(f"model has {len(outs)} outputs ({', '.join(cm.output_names)}) "
