@@ -253,11 +253,12 @@ class _Exporter:
         for v in g.params:
             t = g.weights[v.name]
             self.inits.append(_tensor_proto(t, v.name))
-        if self.contrib:
-            for n in g.nodes:
-                src = _skip_ln_source(self, n)
-                if src is not None:
-                    self.deferred[src.outputs[0].name] = src
+        for n in g.nodes:
+            for src in _hard_sigmoid_sources(self, n) or []:
+                self.deferred[src.outputs[0].name] = src
+            src = _skip_ln_source(self, n) if self.contrib else None
+            if src is not None:
+                self.deferred[src.outputs[0].name] = src
         for n in g.nodes:
             self.emit(n)
         outputs = []
@@ -472,6 +473,8 @@ def _activations(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
         if a["beta"] != 1.0:
             raise _NoMapping
         return [x.one("Softplus", [i])]
+    if n.op == "clamp" and n.inputs[0].name in x.deferred:
+        return [_hard_sigmoid(x, n)]
     if n.op == "clamp":
         return [_clip(x, i, a["min"], a["max"], dt)]
     if n.op == "isinf":
@@ -491,6 +494,47 @@ def _gelu(x: _Exporter, i: str, approximate: str, dt: str = "float32") -> str:
         t = x.one("Add", [x.const(1.0, dt), x.one("Erf", [
             x.one("Mul", [i, x.const(1 / math.sqrt(2), dt)])])])
     return x.one("Mul", [x.one("Mul", [i, x.const(0.5, dt)]), t])
+
+
+def _scalar_param(x: _Exporter, v: Value | None) -> float | None:
+    t = x.g.weights.get(v.name) if v is not None else None
+    return float(t.reshape(())) if t is not None and t.numel() == 1 and \
+        t.dtype == torch.float32 else None
+
+
+def _affine_operands(x: _Exporter, n: Node | None, op: str) -> tuple[Value, float] | None:
+    """(x, c) of ``op(x, c)`` / ``op(c, x)`` with c a scalar param and x of the output's type."""
+    if n is None or n.op != op or len(n.inputs) != 2:
+        return None
+    for i in (0, 1):
+        c, v = _scalar_param(x, n.inputs[i]), n.inputs[1 - i]
+        if c is not None and v is not None and v.type == n.outputs[0].type:
+            return v, c
+    return None
+
+
+def _hard_sigmoid_sources(x: _Exporter, n: Node) -> list[Node] | None:
+    """The mul and add of ``clamp(x * alpha + beta, 0, 1)`` (ONNX HardSigmoid as the ONNX
+    frontend spells it), each used only there: exported back as one HardSigmoid, which ONNX
+    Runtime fuses into the convolution before it."""
+    if n.op != "clamp" or n.attrs.get("min") != 0.0 or n.attrs.get("max") != 1.0 or \
+            n.inputs[0].type.dtype != "float32":
+        return None
+    add = x.producer.get(n.inputs[0].name)
+    ab = _affine_operands(x, add, "add")
+    if ab is None or len(x.users.get(n.inputs[0].name, [])) != 1:
+        return None
+    mul = x.producer.get(ab[0].name)
+    if _affine_operands(x, mul, "mul") is None or len(x.users.get(ab[0].name, [])) != 1:
+        return None
+    return [add, mul]
+
+
+def _hard_sigmoid(x: _Exporter, n: Node) -> str:
+    add = x.deferred[n.inputs[0].name]
+    y, beta = _affine_operands(x, add, "add")
+    v, alpha = _affine_operands(x, x.deferred[y.name], "mul")
+    return x.one("HardSigmoid", [v.name], alpha=alpha, beta=beta)
 
 
 def _clip(x: _Exporter, i: str, lo: Any, hi: Any, dt: str) -> str:
@@ -561,6 +605,11 @@ def _reduce(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     keep = n.attrs["keepdim"]
     dt = n.outputs[0].type.dtype
     i = x.cast(ins[0], v, dt) if n.op != "any" else x.cast(ins[0], v, "int32")
+    if n.op == "mean" and v.type.rank >= 3 and dt == "float32" and \
+            sorted(d % v.type.rank for d in dims) == list(range(2, v.type.rank)):
+        # GlobalAveragePool stays in ONNX Runtime's blocked NCHWc layout (ReduceMean does not)
+        y = x.one("GlobalAveragePool", [i])
+        return [y if keep else x.one("Reshape", [y, x.shape(n.outputs[0].type.shape)])]
     if n.op == "any":
         s = _reduce_node(x, "ReduceMax", i, dims, keep)
         return [x.one("Cast", [s], to=TensorProto.BOOL)]

@@ -118,3 +118,24 @@ def test_ppocr_cls_roundtrip(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((2, 3, 48, 192)).astype(np.float32)
     rep, _ = _roundtrip(g, [x], tmp_path, tol=1e-4)
     assert not rep.custom
+
+
+def test_hard_sigmoid_and_global_pool_come_back_as_one_op(tmp_path: Path) -> None:
+    """ONNX HardSigmoid / GlobalAveragePool, decomposed by the importer (mul, add, clamp /
+    mean), export back as the single ops ONNX Runtime fuses into its NCHWc convolutions."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSigmoid", ["c"], ["h"], alpha=0.2, beta=0.5),
+             helper.make_node("GlobalAveragePool", ["h"], ["p"]),
+             helper.make_node("Mul", ["h", "p"], ["y"])]
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["n", 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", 6, 8, 8])], [w])
+    g = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert {"clamp", "mean"} <= set(g.op_counts())
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32) * 4
+    _, m = _roundtrip(g, [x], tmp_path)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("HardSigmoid") == 1 and ops.count("GlobalAveragePool") == 1, ops
+    assert "Clip" not in ops and "ReduceMean" not in ops, ops
