@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -145,14 +146,18 @@ def make_ort(zm: zoo.ZooModel, workdir: Path) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int,
                      warmup: int) -> dict[str, float]:
-    """Median ms per runner; each round calls every runner once (order rotates per round)."""
+    """Median ms per runner; each round calls every runner once, in a fresh (seeded) random
+    order. A runtime's idle threads keep spinning for a while after its call (ONNX Runtime's
+    workers, OpenMP's), slowing whatever runs next: with a rotating order one runner follows
+    the same neighbour in most rounds; a random order spreads that over all runners alike."""
     names = list(runners)
     for _ in range(warmup):
         for n in names:
             runners[n]()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+    rng = random.Random(0)
+    for _ in range(repeats):
+        order = rng.sample(names, len(names))
         for n in order:
             t0 = time.perf_counter()
             runners[n]()

@@ -333,6 +333,7 @@ def test_onnxruntime_kind_round_trip(tmp_path: Path) -> None:
     g = floor_graph()
     prog = compile_graph(g, [torch.randn(2, 9, 8)], mode="onnxruntime", workdir=tmp_path / "b")
     assert prog.kind == "onnxruntime" and prog.info["onnxruntime"]["max_rel_error"] <= 1e-4
+    assert isinstance(prog.info["onnxruntime"]["allow_spinning"], bool)
     files = prog.save(tmp_path / "p")
     fresh = load_program(tmp_path / "p", prog.info, graph=g)
     assert files == ["model.onnx"] and fresh.kind == "onnxruntime"
