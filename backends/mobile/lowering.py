@@ -23,7 +23,8 @@ from ember.errors import UnsupportedOp, UnsupportedOpError
 from ember.ir import Graph, GraphBuilder, Node, TensorType, to_torch_dtype
 from ember.ir.shapes import free_symbols
 
-__all__ = ["RelaxModel", "to_relax", "export_graph", "unsupported_nodes", "probe_node"]
+__all__ = ["RelaxModel", "to_relax", "export_graph", "unsupported_nodes", "probe_node",
+           "int8_matmul_rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
 
     Same arithmetic as the op's reference: activations quantized per call (per tensor: u7
     asymmetric, fbgemm's reduce_range choice of scale and zero point; per token: |x|max / 63,
-    codes -64..63), integer products with the int8 weight summed in fp32 (exact while the sum
-    stays below 2**24), dequantized by the two scales, outlier channels added back in fp32.
+    codes -64..63), the codes (minus the zero point: -127..127) times the int8 weight summed in
+    int32 (`_int8_gemm`), dequantized by the two scales, outlier channels added back in fp32.
     """
     import torch.nn.functional as F  # noqa: N812
 
@@ -117,23 +118,36 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
     if idx is not None:  # outlier channels zeroed (TVM has index_put, not index_fill)
         keep = torch.ones(inp.shape[-1], dtype=inp.dtype, device=inp.device)
         xs = inp * keep.index_put((idx,), torch.zeros((), dtype=inp.dtype))
-    w = wq.to(torch.float32)
     if a.get("act_quant", "tensor") == "token":
         k = xs.shape[-1]  # row |x|max as a max-pool: TVM lowers max.dim to a topk it cannot build
         amax = F.max_pool1d(xs.abs().reshape(-1, 1, k), k).reshape(*xs.shape[:-1], 1)
         s = (amax / 63.0).clamp_min(1e-12)
-        acc = F.linear(torch.clamp(torch.round(inp / s), -64.0, 63.0), w)
+        acc = _int8_gemm(torch.clamp(torch.round(inp / s), -64.0, 63.0), wq)
     else:
         lo, hi = torch.min(xs).clamp(max=0.0), torch.max(xs).clamp(min=0.0)
         s = ((hi - lo) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
         zp = torch.clamp(torch.round(0.0 - lo / s), 0.0, 127.0)
-        acc = F.linear(torch.clamp(torch.round(xs / s) + zp, 0.0, 127.0) - zp, w)
+        acc = _int8_gemm(torch.clamp(torch.round(xs / s) + zp, 0.0, 127.0) - zp, wq)
     y = acc * s * ws
     if bias is not None:
         y = y + bias
     if idx is not None and wo is not None:
         y = y + F.linear(inp.index_select(-1, idx), wo)
     return _epilogue(y, (None, None, None, res), a)
+
+
+def _int8_gemm(codes: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``codes @ wq.T`` in integer arithmetic, as fp32: ``codes`` holds whole numbers in
+    -127..127 (activation codes minus their zero point), ``wq`` the int8 weight (out, in).
+
+    Written as int8 -> int32 casts around an int32 ``mm``; `int8_matmul_rewrite` turns that
+    into a Relax ``matmul`` of the int8 tensors with ``out_dtype="int32"``, so the weight stays
+    int8 in the weights file and the kernel widens (or ``sdot``s) int8 products into int32.
+    """
+    k = codes.shape[-1]
+    a = codes.reshape(-1, k).to(torch.int8).to(torch.int32)
+    acc = torch.mm(a, wq.to(torch.int32).t())
+    return acc.reshape(*codes.shape[:-1], wq.shape[0]).to(torch.float32)
 
 
 # IR op -> the mobile lowering that replaces the CPU backend's (whose kernel TVM cannot take)
@@ -145,6 +159,12 @@ def _use_mobile_lowerings(gm: torch.fx.GraphModule) -> None:
         fn = MOBILE_LOWERINGS.get(n.meta.get("ember_op", ""))
         if fn is not None and n.op == "call_function":
             n.target = fn
+    # int8 weights as (frozen) parameters: TVM's importer keeps parameters as function inputs,
+    # which land in the weights file, but folds buffers into constants inside the library
+    for name, buf in list(gm.named_buffers(recurse=False)):
+        if buf.dtype == torch.int8:
+            delattr(gm, name)
+            gm.register_parameter(name, torch.nn.Parameter(buf, requires_grad=False))
     gm.recompile()
 
 
@@ -188,11 +208,47 @@ def to_relax(g: Graph, example: Sequence[torch.Tensor]) -> RelaxModel:
 
     ep = export_graph(g, example)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    mod = int8_matmul_rewrite(mod)
     mod, params = relax.frontend.detach_params(mod)
     tensors = [torch.from_numpy(p.numpy()) for p in params.get("main", [])]
     mod = relax.transform.DeadCodeElimination()(mod)
     out_types = _output_types(g, example)
     return RelaxModel(mod, tensors, _concrete(g, example), out_types)
+
+
+def int8_matmul_rewrite(mod: Any) -> Any:
+    """``matmul(astype(x_i8, i32), permute_dims(astype(w_i8, i32)))`` -> ``matmul(x_i8,
+    permute_dims(w_i8), out_dtype="int32")`` in every Relax function of ``mod``.
+
+    Without it the int8 -> int32 weight cast is weight-only work that ``LiftTransformParams``
+    runs ahead of time: the weights file would hold int32 weights (4x the int8 bytes) and the
+    kernel would multiply int32s. After it, only the transpose is lifted (int8 stays int8) and
+    the casts happen inside the GEMM kernel.
+    """
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x, w = wildcard(), wildcard()
+    wt = is_op("relax.permute_dims")(is_op("relax.astype")(w))
+    pat = is_op("relax.matmul")(is_op("relax.astype")(x), wt)
+
+    def dtype(e: Any) -> str:
+        return str(getattr(e.ty, "dtype", ""))
+
+    def rewrite(expr: Any, m: Mapping[Any, Any]) -> Any:
+        casts = (expr.args[0], m[wt].args[0])
+        if any(dtype(c) != "int32" for c in casts) or dtype(m[x]) != "int8" \
+                or dtype(m[w]) != "int8":
+            return expr
+        axes = m[wt].attrs.axes
+        acc = relax.op.matmul(m[x], relax.op.permute_dims(m[w], axes), out_dtype="int32")
+        # TVM's importer gives aten.mm of int32s out_dtype float32 (then casts): same values
+        return acc if dtype(expr) == "int32" else relax.op.astype(acc, dtype(expr))
+
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pat, rewrite, func)
+    return mod
 
 
 def _output_types(g: Graph, example: Sequence[torch.Tensor]) -> list[TensorType]:
