@@ -196,9 +196,10 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _runtime_kind(self) -> str:
+        from ember import cost_models
+
         prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
-        return "eager" if (prog.get("chosen") or prog.get("kind")) in ("eager", None) or \
-            self.backend == "reference" else "inductor"
+        return cost_models.runtime_of_program(self.backend, prog)
 
     def predicted_latency_ms(self, *inputs: Any, device: str | None = None) -> float:
         """The cost model's predicted latency of one call at these inputs' shapes.
@@ -378,9 +379,8 @@ def _cost_estimate(g: Graph, target: str, example: Sequence[Any],
     try:
         from ember import cost_models
 
-        prog = placement.get("program") or {}
-        runtime = "eager" if placement.get("backend") == "reference" or \
-            (prog.get("chosen") or prog.get("kind")) == "eager" else "inductor"
+        runtime = cost_models.runtime_of_program(placement.get("backend", target),
+                                                 placement.get("program") or {})
         dev = cost_models.get_device(DEVICE_OF_TARGET.get(target, "cpu"))
         symbols = cost_models.symbols_from_inputs(g, example)
         est = cost_models.estimate_graph(g, dev, symbols, runtime=runtime)

@@ -19,11 +19,12 @@ from typing import Any
 from ember.ir import Graph
 from ember.ir.shapes import bind_symbols
 
-from . import analytical
+from . import analytical, ort
 from .analytical import Estimate, GraphEstimate, estimate_node, fusion_groups, op_class
 from .devices import DeviceSpec, known_devices
 from .devices import get_device as _get_device
 from .measured import Correction, load_correction
+from .ort import OrtModel, load_ort_model
 from .select import BackendOption, Placement, choose_placement, options_from_registry
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "choose_placement",
     "options_from_registry",
     "load_correction",
+    "load_ort_model",
+    "OrtModel",
+    "runtime_of_program",
     "fusion_groups",
     "op_class",
     "symbols_from_inputs",
@@ -100,14 +104,29 @@ def _correction_for(dev: DeviceSpec, correction: Correction | bool | None) -> Co
 
 def estimate_graph(g: Graph, device: str | DeviceSpec = "cpu",
                    symbols: Mapping[str, int] | None = None, *, runtime: str = "inductor",
-                   correction: Correction | bool | None = True) -> GraphEstimate:
-    """Per-node and total predicted latency of ``g`` at concrete symbols (see
-    `analytical.estimate_graph`); ``correction=True`` applies the committed CPU correction
-    when it matches the device spec."""
+                   correction: Correction | OrtModel | bool | None = True) -> GraphEstimate:
+    """Per-node and total predicted latency of ``g`` at concrete symbols.
+
+    ``runtime`` is "inductor" or "eager" (`analytical.estimate_graph`) or "onnxruntime" (the
+    CPU backend's ORT program, `ort.estimate_graph_ort`); ``correction=True`` applies the
+    committed learned correction of that runtime when it matches the device spec."""
     dev = _resolve(device)
+    if runtime == "onnxruntime" and dev.kind != "cpu":
+        runtime = "inductor"   # ORT is the CPU backend's; other devices run fused kernels
+    if runtime == "onnxruntime":
+        model = correction if isinstance(correction, OrtModel) else bool(correction)
+        return ort.estimate_graph_ort(g, dev, symbols, model=model)
     corr = _correction_for(dev, correction)
     return analytical.estimate_graph(g, dev, symbols, runtime=runtime,
                                      correction=corr.factor if corr is not None else None)
+
+
+def runtime_of_program(backend: str, program_info: Mapping[str, Any] | None) -> str:
+    """The ``runtime`` to predict a compiled program with: its backend and shipped kind."""
+    kind = (program_info or {}).get("chosen") or (program_info or {}).get("kind")
+    if backend == "reference" or kind in ("eager", None):
+        return "eager"
+    return "onnxruntime" if kind == "onnxruntime" else "inductor"
 
 
 def symbols_from_inputs(g: Graph, inputs: Sequence[Any]) -> dict[str, int]:
@@ -120,7 +139,7 @@ def symbols_from_inputs(g: Graph, inputs: Sequence[Any]) -> dict[str, int]:
 
 def predict_latency_ms(g: Graph, device: str | DeviceSpec = "cpu",
                        inputs_or_symbols: Mapping[str, int] | Sequence[Any] | None = None, *,
-                       runtime: str = "inductor", correction: Correction | bool | None = True,
+                       runtime: str = "inductor", correction: Correction | OrtModel | bool | None = True,
                        ) -> float:
     """Predicted end-to-end latency of one call of ``g`` in milliseconds.
 
@@ -129,8 +148,9 @@ def predict_latency_ms(g: Graph, device: str | DeviceSpec = "cpu",
         device: a `DeviceSpec` or a device name.
         inputs_or_symbols: symbol values ({"batch": 4}) or the call's inputs (tensors, arrays,
             or shapes), from which symbols are bound.
-        runtime: "inductor" (fused kernels: the CPU backend's AOTI program) or "eager"
-            (one dispatch per node: its eager program kind).
+        runtime: "onnxruntime" (the CPU backend's ONNX Runtime program, which ships on most
+            models here), "inductor" (fused kernels: its AOTI program) or "eager" (one
+            dispatch per node: its eager program kind).
         correction: True: the committed learned correction when valid; False: pure roofline.
     """
     if inputs_or_symbols is None:

@@ -1,15 +1,20 @@
-"""How close is the cost model to measured end-to-end latency?
+"""How close is the cost model to measured end-to-end latency of the program that ships?
 
-For zoo models NOT used to fit the learned correction (it is fit on single kernels only, see
-``python -m ember.cost_models.measured``), compiles each model once for the CPU with dynamic
-dims, then at several batch sizes / sequence lengths compares the predicted latency
-(`ember.cost_models.predict_latency_ms`) with the measured median of >= 10 runs on 2 threads.
-Reports the share of predictions within +-10% (target >= 90%) and how noisy the timings were.
+For zoo models that were NOT used to fit the learned corrections (the ORT model is fit on
+synthetic graphs, `python -m ember.cost_models.ort_collect`), compiles each model once for
+the CPU with dynamic dims (every candidate built and timed, the fastest shipped, as always),
+then at a grid of batch sizes / sequence lengths compares `CompiledModel.predicted_latency_ms`
+(the predictor `ember inspect` shows) with the measured median of >= 10 calls on 2 threads.
+All points are timed round-robin (one call of each per round) so load drift hits all alike.
+Reports the share within +-10% (target >= 90%), the timing spread (IQR) and the load average.
 
-    python examples/cost_model_accuracy.py                       # default models and shapes
-    python examples/cost_model_accuracy.py --models gpt2,vit --repeats 20 --json out.json
+    python examples/cost_model_accuracy.py --build /tmp/cm_art          # compile + save only
+    python examples/cost_model_accuracy.py --artifacts /tmp/cm_art --json out.json
 
-Run it on a quiet machine: the 1-minute load average is printed and stored with the results.
+``--build`` compiles (slow, needs no quiet machine) and saves artifacts; ``--artifacts``
+loads them and measures (run it on a quiet machine). Without either, compiles in-process.
+``--rescore OLD.json`` keeps OLD's measurements and recomputes only the predictions (for a
+refit model; nothing is timed).
 """
 
 from __future__ import annotations
@@ -38,65 +43,102 @@ IMAGE_GRID = [{"batch": b} for b in (1, 2, 4, 8)]
 DEFAULT_MODELS = "vit,gpt2,llama,mobilenet_v2,bert"
 
 
-def measure_ms(compiled: ember.CompiledModel, inputs: tuple, repeats: int) -> tuple[float, float]:
-    """(median ms, relative IQR) of ``repeats`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        compiled.run(*inputs)
-    times = []
-    for _ in range(repeats):
+def _zoo(name: str, size: str) -> zoo.ZooModel:
+    return getattr(zoo, name)(size=size) if size != "small" else getattr(zoo, name)()
+
+
+def build(names: list[str], size: str, out: Path | None,
+          mode: str = "auto") -> dict[str, ember.CompiledModel]:
+    models = {}
+    for name in names:
+        zm = _zoo(name, size)
         t0 = time.perf_counter()
-        compiled.run(*inputs)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    med = statistics.median(times)
-    iqr = times[3 * len(times) // 4] - times[len(times) // 4]
-    return med, iqr / med
+        c = ember.compile(zm.model, zm.example_inputs, target="cpu",
+                          dynamic_dims=zm.dynamic_dims, input_names=zm.input_names,
+                          check_fidelity=False, backend_options={"mode": mode})
+        prog = c.placement.get("program", {})
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s, ships "
+              f"{prog.get('chosen')} ({prog.get('why', '')})", flush=True)
+        if out is not None:
+            c.save(out / f"{name}.ember")
+        models[name] = c
+    return models
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=DEFAULT_MODELS)
     ap.add_argument("--size", default="small", help="zoo size: small (default) or base")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls per point (>= 10)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--build", default="", help="compile and save artifacts here, then exit")
+    ap.add_argument("--artifacts", default="", help="load artifacts saved by --build")
     ap.add_argument("--json", default="", help="write all rows here")
+    ap.add_argument("--rescore", default="", help="re-predict the measured rows of this JSON")
+    ap.add_argument("--mode", default="auto",
+                    help="CPU backend mode: auto (build every candidate, ship the fastest) or "
+                         "onnxruntime (only that program: quick when auto is known to ship it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    names = args.models.split(",")
+    if args.build:
+        Path(args.build).mkdir(parents=True, exist_ok=True)
+        build(names, args.size, Path(args.build), args.mode)
+        return 0
+    if args.artifacts:
+        models = {n: ember.load(Path(args.artifacts) / f"{n}.ember") for n in names}
+    else:
+        models = build(names, args.size, None, args.mode)
     dev = cm.get_device("cpu")
-    print(f"device: {dev.summary()}")
-    corr = cm.load_correction()
-    print(f"correction: {'loaded' if corr else 'none'}"
-          + (f" ({corr.meta.get('n_records')} kernels)" if corr else ""))
-    rows = []
-    for name in args.models.split(","):
-        zm = getattr(zoo, name)(size=args.size) if args.size != "small" else getattr(zoo, name)()
-        t0 = time.perf_counter()
-        compiled = ember.compile(zm.model, zm.example_inputs, target="cpu",
-                                 dynamic_dims=zm.dynamic_dims, input_names=zm.input_names,
-                                 check_fidelity=False)
-        kind = compiled.placement.get("program", {}).get("kind", "aoti")
-        runtime = "eager" if kind == "eager" else "inductor"
-        print(f"\n{name}: compiled in {time.perf_counter() - t0:.0f} s, program {kind}, "
-              f"{len(compiled.graph.nodes)} nodes")
+    ortm = cm.load_ort_model()
+    print(f"device: {dev.summary()}\nORT model: "
+          + (f"{ortm.meta.get('n_graphs')} synthetic graphs" if ortm else "none"))
+    points = []
+    for name, c in models.items():
+        zm = _zoo(name, args.size)
         symbols_used = {s for dims in zm.dynamic_dims.values() for s in dims.values()}
         grid = TEXT_GRID if "seq" in symbols_used else IMAGE_GRID
-        for point in grid:
-            dims = {k: v for k, v in point.items() if k in symbols_used}
+        for pt in grid:
+            dims = {k: v for k, v in pt.items() if k in symbols_used}
             inputs = zm.make_inputs(**dims)
             try:
-                meas, noise = measure_ms(compiled, inputs, args.repeats)
+                for _ in range(0 if args.rescore else 3):
+                    c.run(*inputs)
             except Exception as e:  # a shape outside what the program supports
-                print(f"  {dims}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                print(f"  {name} {dims}: skipped ({type(e).__name__})")
                 continue
-            pred = cm.predict_latency_ms(compiled.graph, dev, inputs, runtime=runtime)
-            raw = cm.predict_latency_ms(compiled.graph, dev, inputs, runtime=runtime,
-                                        correction=False)
-            err = pred / meas - 1
-            rows.append({"model": name, "program": kind, **dims, "measured_ms": meas,
-                         "noise_iqr": noise, "predicted_ms": pred, "roofline_ms": raw,
-                         "rel_err": err})
-            print(f"  {str(dims):28s} measured {meas:8.3f} ms (IQR {100 * noise:4.0f}%)  "
-                  f"predicted {pred:8.3f} ms ({100 * err:+6.1f}%)  roofline {raw:8.3f} ms")
+            points.append({"model": name, "dims": dims, "c": c, "inputs": inputs, "t": []})
+    old = json.loads(Path(args.rescore).read_text()) if args.rescore else None
+    loads = old["loadavg_1m"] if old else [os.getloadavg()[0]]
+    for _ in range(0 if old else args.repeats):   # round-robin: one call of each point a round
+        for p in points:
+            t0 = time.perf_counter()
+            p["c"].run(*p["inputs"])
+            p["t"].append((time.perf_counter() - t0) * 1e3)
+        loads.append(os.getloadavg()[0])
+    if old:
+        by_key = {(r["model"], r.get("batch"), r.get("seq")): r for r in old["rows"]}
+    rows = []
+    for p in points:
+        c = p["c"]
+        if old:
+            r0 = by_key[(p["model"], p["dims"].get("batch"), p["dims"].get("seq"))]
+            meas, iqr = r0["measured_ms"], r0["noise_iqr"]
+        else:
+            ts = sorted(p["t"])
+            meas = statistics.median(ts)
+            iqr = (ts[3 * len(ts) // 4] - ts[len(ts) // 4]) / meas
+        pred = c.predicted_latency_ms(*p["inputs"])
+        runtime = c._runtime_kind()
+        raw = cm.predict_latency_ms(c.graph, dev, list(p["inputs"]), runtime=runtime,
+                                    correction=False)
+        err = pred / meas - 1
+        rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
+                     "noise_iqr": iqr, "predicted_ms": pred, "roofline_ms": raw,
+                     "rel_err": err})
+        print(f"  {p['model']:13s} {str(p['dims']):26s} {runtime:11s} measured {meas:8.3f} ms "
+              f"(IQR {100 * iqr:4.1f}%)  predicted {pred:8.3f} ms ({100 * err:+6.1f}%)  "
+              f"roofline {raw:8.3f} ms")
     if not rows:
         print("no measurements")
         return 1
@@ -105,16 +147,27 @@ def main() -> int:
     within25 = sum(abs(r["rel_err"]) <= 0.25 for r in rows) / len(rows)
     med_err = statistics.median(abs(r["rel_err"]) for r in rows)
     med_noise = statistics.median(r["noise_iqr"] for r in rows)
-    load = os.getloadavg()[0]
+    per_model = {}
+    for m in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == m]
+        per_model[m] = {"program": rs[0]["program"], "points": len(rs),
+                        "within10": sum(abs(r["rel_err"]) <= 0.1 for r in rs) / len(rs),
+                        "median_abs_err": statistics.median(abs(r["rel_err"]) for r in rs)}
     print(f"\n{len(rows)} predictions: within +-10%: {100 * within:.0f}% (roofline only "
           f"{100 * within_raw:.0f}%), within +-25%: {100 * within25:.0f}%, median |error| "
-          f"{100 * med_err:.0f}%; median timing IQR {100 * med_noise:.0f}%; load average "
-          f"{load:.1f} on {os.cpu_count()} CPUs")
+          f"{100 * med_err:.1f}%; median timing IQR {100 * med_noise:.1f}%; load average "
+          f"{min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs")
+    for m, s in per_model.items():
+        print(f"  {m:13s} {s['program']:11s} within10 {100 * s['within10']:4.0f}% "
+              f"median |err| {100 * s['median_abs_err']:5.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "rows": rows, "within10": within, "within10_roofline": within_raw,
-            "within25": within25, "median_abs_err": med_err, "median_noise_iqr": med_noise,
-            "loadavg_1m": load, "device": dev.to_json()}, indent=1))
+            "rows": rows, "per_model": per_model, "within10": within,
+            "within10_roofline": within_raw, "within25": within25, "median_abs_err": med_err,
+            "median_noise_iqr": med_noise, "loadavg_1m": loads,
+            "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,
+            "ort_model_meta": dict(ortm.meta) if ortm else None,
+            "device": dev.to_json()}, indent=1))
     return 0
 
 

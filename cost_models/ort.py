@@ -1,0 +1,291 @@
+"""Latency model of the CPU backend's ONNX Runtime program (the candidate that usually ships).
+
+The CPU backend exports the optimized IR to ONNX and runs it with ONNX Runtime (CPU EP, all
+graph optimizations). Every IR node becomes one or a few ORT kernels: views are real kernels
+(``Transpose`` and ``Expand`` copy, ``Reshape`` is a dispatch), fused IR ops decompose into a
+base op plus epilogue that ORT may re-fuse, and a symbolic dim used in an attribute the first
+time adds a few shape-computing kernels. One call costs::
+
+    call_overhead + per_io * (inputs + outputs) + sum over IR nodes of
+        roofline(node) * exp(correction(features(node)))
+
+where the roofline reads and writes every node's tensors (no cross-node fusion: ORT's own
+fusions are learned by the correction from the node's producer/consumer context) and the
+correction is a gradient-boosted regressor fit by ``python -m ember.cost_models.ort_collect``
+on per-node ORT profiles of synthetic training graphs, each node's measured time including the
+executor's per-kernel gap. The model is JSON (`OrtModel`): the trees, the overhead terms and the
+device spec its rooflines were computed with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sympy
+
+from ember.ir import Graph, Node
+from ember.ir.shapes import evaluate
+
+from .analytical import (
+    CLASS_IDS,
+    DTYPE_BYTES,
+    GraphEstimate,
+    GroupEstimate,
+    _effs,
+    _ev,
+    _numel,
+    node_cost,
+    op_class,
+    vbytes,
+)
+from .devices import DeviceSpec
+from .measured import Correction
+
+__all__ = [
+    "ORT_MODEL_VERSION",
+    "DEFAULT_ORT_MODEL",
+    "ORT_FEATURES",
+    "OrtModel",
+    "load_ort_model",
+    "node_features",
+    "node_roofline_s",
+    "estimate_graph_ort",
+]
+
+log = logging.getLogger(__name__)
+
+ORT_MODEL_VERSION = 1
+DEFAULT_ORT_MODEL = Path(__file__).parent / "data" / "cpu_ort_model.json"
+
+# op vocabulary for the ``op`` feature (trees split on the code; unknown ops are -1)
+OP_VOCAB = (
+    "linear", "fused_linear", "matmul", "conv", "fused_conv", "attention", "layer_norm",
+    "rms_norm", "batch_norm", "softmax", "embedding", "reshape", "permute", "expand", "slice",
+    "select", "concat", "add", "sub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "exp",
+    "tanh", "sigmoid", "relu", "gelu", "silu", "mean", "sum", "max_pool", "avg_pool",
+    "adaptive_avg_pool", "where", "cast", "full", "arange", "gather", "index_select", "clamp",
+    "cos", "sin", "tril", "triu", "flatten", "hardswish", "erf", "amax", "unsqueeze",
+    "squeeze", "pad", "einsum", "logical_not", "eq", "lt", "gt", "maximum", "minimum",
+)
+_OP_CODE = {op: i for i, op in enumerate(OP_VOCAB)}
+_ACT_CODE = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "sigmoid": 4, "tanh": 5, "clamp": 6,
+             "hardswish": 7}
+ORT_FEATURES = (
+    "cls", "op", "log_flops", "log_bytes", "log_ai", "log_m", "log_n", "log_k", "log_out",
+    "log_in", "rank", "dtype_bytes", "compute_bound", "act", "residual", "has_bias",
+    "new_syms", "sym_out", "prod_cls", "cons_cls", "n_cons", "w_param", "is_output",
+)
+# a node's learned factor stays within this range either way (fused-away nodes are cheap)
+MAX_LOG_FACTOR = math.log(50.0)
+
+
+# ----------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class OrtModel:
+    """Learned per-node correction plus per-call overheads of the ORT program.
+
+    Attributes:
+        correction: gradient-boosted trees over `ORT_FEATURES` predicting
+            log(measured node time / roofline).
+        call_overhead_s: fixed cost of one call (Python wrapper, numpy conversion, session).
+        per_io_s: extra cost per graph input or output.
+        device_spec: the spec the training rooflines used (JSON), or None.
+        meta: provenance and fit metrics.
+    """
+
+    correction: Correction
+    call_overhead_s: float
+    per_io_s: float
+    device_spec: Mapping[str, Any] | None
+    meta: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "ember-ort-model", "version": ORT_MODEL_VERSION,
+                "call_overhead_s": self.call_overhead_s, "per_io_s": self.per_io_s,
+                "correction": self.correction.to_json(), "device_spec": self.device_spec,
+                "meta": dict(self.meta)}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> OrtModel:
+        if d.get("format") != "ember-ort-model":
+            raise ValueError("not an Ember ORT latency model (format != 'ember-ort-model')")
+        if d.get("version") != ORT_MODEL_VERSION:
+            raise ValueError(f"ORT latency model version {d.get('version')} is not "
+                             f"{ORT_MODEL_VERSION}; refit it with `ort_collect fit`")
+        return OrtModel(Correction.from_json(d["correction"]), float(d["call_overhead_s"]),
+                        float(d["per_io_s"]), d.get("device_spec"), dict(d.get("meta", {})))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_json(), separators=(",", ":")))
+        return p
+
+    def log_factor(self, feats: Mapping[str, float]) -> float:
+        from .measured import _raw
+
+        return max(-MAX_LOG_FACTOR, min(MAX_LOG_FACTOR, _raw(self.correction, feats)))
+
+
+_LOADED: dict[str, OrtModel | None] = {}
+
+
+def load_ort_model(path: str | os.PathLike | None = None) -> OrtModel | None:
+    """The committed ORT latency model (or ``path``); None when absent or of another version."""
+    p = Path(path) if path is not None else DEFAULT_ORT_MODEL
+    key = str(p)
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = OrtModel.from_json(json.loads(p.read_text()))
+        except FileNotFoundError:
+            log.info("no ORT latency model at %s; ORT predictions use the bare roofline", p)
+            _LOADED[key] = None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring ORT latency model %s: %s", p, e)
+            _LOADED[key] = None
+    return _LOADED[key]
+
+
+# ----------------------------------------------------------------------------- features
+def _syms_in_attrs(n: Node) -> set[str]:
+    """Distinct symbolic expressions in a node's attributes (each exported as shape math)."""
+    out: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, sympy.Basic) and not v.is_number:
+            out.add(str(v))
+        elif isinstance(v, tuple | list):
+            for x in v:
+                walk(x)
+    for v in n.attrs.values():
+        walk(v)
+    return out
+
+
+def _ort_bytes(n: Node, env: Mapping[str, int]) -> float:
+    """Bytes an ORT kernel for ``n`` moves: its inputs and outputs (views copy in ORT)."""
+    if op_class(n) == "view":
+        if n.op in ("reshape", "flatten", "squeeze", "unsqueeze", "view", "identity"):
+            return 0.0
+        return 2.0 * _ev(vbytes(n.outputs[0]), env)
+    c = node_cost(n)
+    return _ev(c.bytes, env)
+
+
+def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tuple[float, float, float]:
+    """(roofline seconds incl. the device's dispatch overhead, flops, bytes) of one node."""
+    c = node_cost(n)
+    cls = c.op_class
+    flops = _ev(c.flops, env)
+    nbytes = _ort_bytes(n, env)
+    ce, me = _effs(device, cls if cls != "view" else "data")
+    t = max(flops / (device.peak(c.compute_dtype) * ce), nbytes / (device.mem_bw * me))
+    return t + device.launch_overhead_s, flops, nbytes
+
+
+def node_features(g: Graph, env: Mapping[str, int], device: DeviceSpec,
+                  flops: Sequence[float], nbytes: Sequence[float]) -> list[dict[str, float]]:
+    """`ORT_FEATURES` of every node of ``g`` at the symbol values ``env``."""
+    prod: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.outputs:
+            prod[v.name] = i
+    users = g.users()
+    params = {v.name for v in g.params}
+    outs = {v.name for v in g.outputs}
+    seen_syms: set[str] = set()
+    feats = []
+    peak = device.peak("float32")
+    for i, n in enumerate(g.nodes):
+        cls = op_class(n)
+        out = n.outputs[0]
+        m = nn = k = 1.0
+        x = n.inputs[0] if n.inputs else None
+        if cls == "gemm" and x is not None and x.type.rank:
+            k = float(evaluate(x.type.shape[-1], env))
+            nn = float(evaluate(out.type.shape[-1], env)) if out.type.rank else 1.0
+            m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+        elif cls in ("conv", "dwconv") and len(n.inputs) > 1 and n.inputs[1] is not None:
+            w = n.inputs[1]
+            nn = float(evaluate(w.type.shape[0], env))
+            k = float(evaluate(_numel(w.type.shape[1:]), env))
+            m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+        elif cls == "attention" and x is not None and n.inputs[1] is not None:
+            m = float(evaluate(x.type.shape[-2], env))
+            nn = float(evaluate(n.inputs[1].type.shape[-2], env))
+            k = float(evaluate(x.type.shape[-1], env))
+        out_n = float(evaluate(_numel(out.type.shape), env))
+        in_n = float(evaluate(_numel(x.type.shape), env)) if x is not None else 0.0
+        new = _syms_in_attrs(n) - seen_syms
+        seen_syms |= new
+        p = prod.get(x.name) if x is not None else None
+        cons = users.get(out.name, [])
+        f, b = flops[i], nbytes[i]
+        feats.append({
+            "cls": float(CLASS_IDS.get(cls, CLASS_IDS["elementwise"])),
+            "op": float(_OP_CODE.get(n.op, -1)),
+            "log_flops": math.log10(f + 1.0), "log_bytes": math.log10(b + 1.0),
+            "log_ai": math.log10((f + 1.0) / (b + 1.0)),
+            "log_m": math.log10(m), "log_n": math.log10(nn), "log_k": math.log10(k),
+            "log_out": math.log10(out_n + 1.0), "log_in": math.log10(in_n + 1.0),
+            "rank": float(out.type.rank),
+            "dtype_bytes": float(DTYPE_BYTES.get(out.type.dtype, 4)),
+            "compute_bound": float(f / peak > b / device.mem_bw),
+            "act": float(_ACT_CODE.get(str(n.attrs.get("activation", "none")), 8)),
+            "residual": float(n.attrs.get("residual", "none") not in ("none", None)),
+            "has_bias": float(len(n.inputs) > 2 and n.inputs[2] is not None),
+            "new_syms": float(len(new)),
+            "sym_out": float(sum(not isinstance(d, int) for d in out.type.shape)),
+            "prod_cls": float(CLASS_IDS.get(op_class(g.nodes[p]), -1)) if p is not None
+            else -1.0,
+            "cons_cls": float(CLASS_IDS.get(op_class(cons[0]), -1)) if cons else -1.0,
+            "n_cons": float(len(cons)),
+            "w_param": float(len(n.inputs) > 1 and n.inputs[1] is not None
+                             and n.inputs[1].name in params),
+            "is_output": float(out.name in outs),
+        })
+    return feats
+
+
+# ----------------------------------------------------------------------------- estimate
+def estimate_graph_ort(g: Graph, device: DeviceSpec, symbols: Mapping[str, int] | None = None,
+                       model: OrtModel | None | bool = True) -> GraphEstimate:
+    """Predicted latency of one call of the ORT program of ``g`` at concrete symbols.
+
+    Args:
+        g: the graph the CPU backend exported (after the pass pipeline).
+        device: the CPU spec; replaced by the model's own spec when the model has one for
+            this CPU (the correction is only valid with the rooflines it was fit against).
+        symbols: symbol name -> value.
+        model: True: the committed model; False/None: bare rooflines, no call overhead.
+    """
+    env = dict(symbols or {})
+    m = load_ort_model() if model is True else (model or None)
+    if m is not None and m.device_spec is not None:
+        spec = DeviceSpec.from_json(m.device_spec)
+        if spec.measured.get("cpu_model") == device.measured.get("cpu_model"):
+            device = spec
+    roofs = [node_roofline_s(n, device, env) for n in g.nodes]
+    flops = [r[1] for r in roofs]
+    nbytes = [r[2] for r in roofs]
+    feats = node_features(g, env, device, flops, nbytes) if m is not None else [{}] * len(roofs)
+    node_us = []
+    groups = []
+    for i, (t, f, b) in enumerate(roofs):
+        lat = t * math.exp(m.log_factor(feats[i])) if m is not None else t
+        node_us.append(lat * 1e6)
+        groups.append(GroupEstimate((i,), op_class(g.nodes[i]), "float32", f, b, lat, t,
+                                    feats[i]))
+    call = 0.0
+    if m is not None:
+        call = m.call_overhead_s + m.per_io_s * (len(g.inputs) + len(g.outputs))
+    total_us = sum(node_us) + call * 1e6
+    return GraphEstimate(device.name, "onnxruntime", env, tuple(node_us), tuple(groups),
+                         total_us, sum(flops), sum(nbytes), m is not None)

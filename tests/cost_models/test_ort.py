@@ -1,0 +1,138 @@
+"""The ONNX Runtime latency model: profile-to-IR mapping, fit, JSON round trip, wiring."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember import cost_models as cm
+from ember.cost_models import ort
+from ember.cost_models.devices import DeviceSpec
+from ember.cost_models.ort_collect import fit, prepare_graph, time_graph
+from ember.cost_models.ort_synth import synth_models
+from ember.ir import Graph, GraphBuilder, TensorType, sym
+
+
+def _mlp() -> Graph:
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("batch"), 64)))
+    w1 = b.add_param("w1", torch.randn(128, 64) * 0.05)
+    b1 = b.add_param("b1", torch.zeros(128))
+    w2 = b.add_param("w2", torch.randn(32, 128) * 0.05)
+    h = b.op("relu", [b.op("linear", [x, w1, b1])])
+    y = b.op("reshape", [b.op("linear", [h, w2]), ], {"shape": (sym("batch"), 4, 8)})
+    b.set_outputs([b.op("permute", [y], {"perm": (0, 2, 1)})])
+    return b.build()
+
+
+def _dataset(n_graphs: int = 30) -> dict:
+    """Rows shaped like `collect` output whose truth is known: 20 us per call plus each node
+    at 3x its roofline when it is a GEMM, 1x otherwise."""
+    rng = random.Random(0)
+    rows = []
+    for gi in range(n_graphs):
+        for _ in range(3):
+            nodes = []
+            for _ in range(rng.randint(2, 12)):
+                gemm = rng.random() < 0.4
+                roof = rng.uniform(2e-6, 2e-4)
+                f = [0.0] * len(ort.ORT_FEATURES)
+                f[0] = 0.0 if gemm else 9.0
+                f[2] = math.log10(roof * 1e12)
+                t = roof * (3.0 if gemm else 1.0)
+                nodes.append({"op": "x", "t": t, "k": 1, "roof": roof, "f": f})
+            e2e = 20e-6 + sum(nd["t"] for nd in nodes)
+            rows.append({"graph": f"g{gi}", "point": {}, "e2e_s": e2e, "e2e_iqr": 0.01,
+                         "n_io": 2, "other_s": 0.0, "other_k": 0, "nodes": nodes})
+    return {"rows": rows, "device": None, "threads": 2}
+
+
+def test_fit_recovers_known_overheads_and_factors(tmp_path: Path) -> None:
+    m = fit(_dataset(), tmp_path / "m.json")
+    assert m.call_overhead_s + 2 * m.per_io_s == pytest.approx(20e-6, rel=0.05)
+    assert m.meta["within10_graph_cv"] >= 0.9
+    gemm = {k: 0.0 for k in ort.ORT_FEATURES} | {"cls": 0.0, "log_flops": 7.0}
+    other = dict(gemm, cls=9.0)
+    assert math.exp(m.log_factor(gemm)) == pytest.approx(3.0, rel=0.1)
+    assert math.exp(m.log_factor(other)) == pytest.approx(1.0, rel=0.1)
+    # the JSON round trip predicts the same, with no sklearn involved
+    back = ort.load_ort_model(tmp_path / "m.json")
+    assert back is not None and back.log_factor(gemm) == m.log_factor(gemm)
+
+
+def test_model_json_refuses_other_versions(tmp_path: Path) -> None:
+    m = fit(_dataset(8))
+    d = m.to_json()
+    d["version"] = ort.ORT_MODEL_VERSION + 1
+    with pytest.raises(ValueError, match="version"):
+        ort.OrtModel.from_json(d)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(d))
+    assert ort.load_ort_model(p) is None
+
+
+def test_estimate_is_call_overhead_plus_corrected_nodes(cpu: DeviceSpec) -> None:
+    g = _mlp()
+    m = fit(_dataset(8))
+    est = ort.estimate_graph_ort(g, cpu, {"batch": 16}, model=m)
+    bare = ort.estimate_graph_ort(g, cpu, {"batch": 16}, model=False)
+    assert len(est.node_us) == len(g.nodes) and est.runtime == "onnxruntime"
+    call_us = (m.call_overhead_s + m.per_io_s * 2) * 1e6
+    assert est.total_us == pytest.approx(sum(est.node_us) + call_us)
+    assert bare.total_us == pytest.approx(sum(gr.analytical_s for gr in est.groups) * 1e6)
+    # views are ORT kernels too: the permute copies, so it has a cost
+    assert bare.node_us[-1] > 0
+    # larger batches never predict less for a GEMM-only graph under the bare roofline
+    assert ort.estimate_graph_ort(g, cpu, {"batch": 512}, model=False).total_us > bare.total_us
+
+
+def test_features_see_first_use_of_symbolic_attrs(cpu: DeviceSpec) -> None:
+    g = _mlp()
+    roofs = [ort.node_roofline_s(n, cpu, {"batch": 2}) for n in g.nodes]
+    feats = ort.node_features(g, {"batch": 2}, cpu, [r[1] for r in roofs],
+                              [r[2] for r in roofs])
+    ops = [n.op for n in g.nodes]
+    assert feats[ops.index("reshape")]["new_syms"] == 1.0
+    assert feats[ops.index("linear")]["w_param"] == 1.0
+    assert feats[ops.index("relu")]["prod_cls"] == ort.CLASS_IDS["gemm"]
+
+
+def test_profiles_map_every_ort_kernel_to_an_ir_node(tmp_path: Path, cpu: DeviceSpec) -> None:
+    """Prepare and time two real training graphs (one transformer, one MLP) with ONNX
+    Runtime: every profiled kernel lands on an IR node, and the node times add up to no more
+    than the end-to-end call (which also pays the call overhead)."""
+    torch.set_num_threads(1)
+    models = [sm for sm in synth_models(2, seed=3)]
+    for sm in models:
+        sm.points = sm.points[:1]
+        assert prepare_graph(sm, tmp_path, cpu)
+        side = json.loads((tmp_path / f"{sm.name}.json").read_text())
+        (row,) = time_graph(side, tmp_path, repeats=3)
+        assert row["other_k"] == 0
+        kernels = sum(nd["k"] for nd in row["nodes"])
+        assert kernels > 0 and len(row["nodes"]) == len(side["ops"])
+        assert all(nd["roof"] > 0 for nd in row["nodes"])
+        assert len(row["nodes"][0]["f"]) == len(ort.ORT_FEATURES)
+
+
+def test_ort_program_is_predicted_with_the_ort_runtime(tmp_path: Path) -> None:
+    from ember.backends.cpu.program import CpuProgram
+    from ember.driver import CompiledModel
+
+    g = _mlp()
+    info = {"kind": "onnxruntime", "chosen": "onnxruntime"}
+    c = CompiledModel(g, CpuProgram("onnxruntime", lambda *a: a, g, info), target="cpu",
+                      backend="cpu", pipeline="O2", records={}, placement={"program": info})
+    assert c._runtime_kind() == "onnxruntime"
+    x = torch.randn(8, 64)
+    want = cm.predict_latency_ms(g, "cpu", [x], runtime="onnxruntime")
+    assert c.predicted_latency_ms(x) == pytest.approx(want)
+    assert cm.runtime_of_program("cpu", {"chosen": "aoti"}) == "inductor"
+    assert cm.runtime_of_program("reference", {"kind": "interpreter"}) == "eager"
+    # another device than the CPU predicts the fused-kernel runtime instead of failing
+    assert cm.predict_latency_ms(g, "h100", [x], runtime="onnxruntime") > 0
