@@ -82,12 +82,14 @@ def rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> floa
     return worst
 
 
-def ember_compile_for_bench(zm: zoo.ZooModel) -> tuple[Callable[..., Any], dict[str, Any]]:
+def ember_compile_for_bench(zm: zoo.ZooModel, mode: str = "auto",
+                            ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Compiles ``zm`` with Ember for CPU; returns (callable -> list of tensors, info)."""
     import ember
 
     cm = ember.compile(zm.model, zm.example_inputs, target="cpu",
-                       dynamic_dims=zm.dynamic_dims, input_names=zm.input_names)
+                       dynamic_dims=zm.dynamic_dims, input_names=zm.input_names,
+                       backend_options={"mode": mode})
     info = {"backend": cm.backend, "pipeline": cm.pipeline,
             "program": dict(getattr(cm.program, "info", {})),
             "ops": cm.graph.op_counts()}
@@ -166,7 +168,7 @@ def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int,
 
 
 def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
-               skip: set[str]) -> dict[str, Any]:
+               skip: set[str], ember_mode: str = "auto") -> dict[str, Any]:
     zm = case.make()
     xs = tuple(zm.example_inputs)
     res: dict[str, Any] = {"case": case.key, "title": case.title, "ms": {}, "error": {},
@@ -194,7 +196,7 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
         runners[name] = lambda fn=fn: fn(*xs)
     if "ember" not in skip:
         t0 = time.perf_counter()
-        fn, info = ember_compile_for_bench(zm)
+        fn, info = ember_compile_for_bench(zm, ember_mode)
         res["compile_s"]["ember"] = round(time.perf_counter() - t0, 1)
         got = fn(*xs)
         err = rel_error(got[:1], want[:1])
@@ -254,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip", default="", help="runners to skip: inductor,ort,ember")
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
+    ap.add_argument("--ember-mode", default="auto",
+                    help="Ember CPU program: auto (time every candidate) or one of aoti, eager, "
+                         "onnxruntime (skips building the others)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -269,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_zoo_") as tmp:
         for k in keys:
             print(f"== {CASES[k].title}", flush=True)
-            r = bench_case(CASES[k], max(1, args.repeats), args.warmup, Path(tmp), skip)
+            r = bench_case(CASES[k], max(1, args.repeats), args.warmup, Path(tmp), skip,
+                           args.ember_mode)
             print("  ms: " + ", ".join(f"{n} {v:.2f}" for n, v in r["ms"].items())
                   + "  | rel err: " + ", ".join(f"{n} {v:.1e}" for n, v in r["error"].items()),
                   flush=True)
