@@ -420,7 +420,7 @@ def w8a8(args: argparse.Namespace, work: Path) -> None:
     for part, fn in (("minilm", w8a8_minilm), ("vit", w8a8_vits)):
         if part in args.w8a8_parts:
             out[part] = fn(args, work)
-            save_results("w8a8_dynamic", out)
+            save_results(args.results_key, out)
     if "llm" in args.w8a8_parts:
         save_results("w4_smollm2", {"command": out["command"], **w4_llm(args)})
 
@@ -740,6 +740,7 @@ def main() -> None:
     ap.add_argument("--mode", default="auto", help="CPU backend mode of the w8a8 section")
     ap.add_argument("--quant-opts", default="", help="extra quantize options, e.g. ',gate=always'")
     ap.add_argument("--w8a8-parts", default="minilm,vit")
+    ap.add_argument("--results-key", default="w8a8_dynamic", help="JSON section written")
     ap.add_argument("--vit-test", type=int, default=2000)
     ap.add_argument("--vit-tiny-batch", type=int, default=64)
     ap.add_argument("--no-vit-b", dest="vit_b", action="store_false")

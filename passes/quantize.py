@@ -289,8 +289,10 @@ def quantize_embeddings(g: Graph) -> tuple[Graph, list[dict[str, Any]]]:
     recs: list[dict[str, Any]] = []
 
     def fn(n: Node, b: GraphBuilder) -> list[Value] | None:
+        if n.op != "embedding" or len(n.inputs) < 2 or n.inputs[0] is None:
+            return None
         w = n.inputs[0]
-        t = g.weights.get(w.name) if n.op == "embedding" and w is not None else None
+        t = g.weights.get(w.name)
         if t is None or t.dim() != 2 or t.dtype != torch.float32:
             return None
         q, s = quantize_weight_per_channel(t)
