@@ -1,21 +1,26 @@
 """Token merging/pruning and layer skipping on real models and data: fidelity vs latency.
 
-    python examples/eval_tokens.py [--quick] [--parts vit,text,lm]
+    python examples/eval_tokens.py [--quick] [--parts vit,onnx,text,lm]
 
 Parts:
-- vit: the two digits ViTs of examples/train_tiny_vit.py (``nn.MultiheadAttention`` and
-  transformers ViT with explicit q/k/v), 450 held-out images. merge_tokens across r, a
-  per-layer schedule chosen on calibration images (train split), prune_tokens (attention,
-  DART, representation shift) across keep.
+- vit: the two Fashion-MNIST ViTs of examples/train_tiny_vit.py (``nn.MultiheadAttention`` and
+  transformers ViT with explicit q/k/v; 49 + 1 tokens), first ``--test`` test images.
+  merge_tokens across r, prune_tokens (attention, DART, representation shift) across keep,
+  and per-layer schedules chosen on calibration images (train split, labels):
+  `search_merge_schedule` (greedy r per block) and a small grid of pruning layers x keep.
+- onnx: the same ViTs exported by ``torch.onnx.export(dynamo=False)`` (a third-party ONNX
+  file) compiled from the .onnx with the schedule chosen for the PyTorch model.
 - text: all-MiniLM-L6-v2 on 128-token windows of real news text (gensim ``lee_background``);
   embedding cosine (mean pooling of the unmerged last hidden state) vs fp32.
-- lm: SmolLM2-135M (GGUF Q4_1 dequantized to fp32) perplexity on ``lee_background`` windows;
-  static layer removal chosen on calibration windows, and per-token halting.
+- lm: SmolLM2-135M (GGUF Q4_1 dequantized to fp32) perplexity on ``lee_background`` windows
+  vs FLOPs for static layer removal chosen on calibration windows.
 
-Latency: ``ember.compile(model, inputs, target="cpu", passes=..., backend_options={"mode":
-"eager"})`` (the CPU backend's fx program; the AOTI kind needs minutes of C++ compilation
-per variant on this shared 2-core machine), ONNX Runtime on the exported fp32 model, 2 threads,
-median of ``--repeats`` interleaved runs. Writes examples/plots/*.png and prints the tables.
+Latency: ``ember.compile(..., backend_options={"mode": "onnxruntime"})`` (Ember's ONNX Runtime
+program, the candidate Ember ships on this machine; AOTI needs minutes of C++ compilation per
+variant), ONNX Runtime on ``torch.onnx.export`` of the fp32 model, torch eager; 2 threads,
+medians of ``--repeats`` interleaved (round-robin) runs after warm-up; load average recorded.
+Writes examples/plots/tokens_*.png, examples/plots/token_results.json and
+/tmp/bench/token_results.json, and prints the tables.
 """
 
 from __future__ import annotations
@@ -85,81 +90,177 @@ def ort_session(model: torch.nn.Module, inputs: tuple, names: Sequence[str]) -> 
     return lambda: s.run(None, feed)
 
 
-def compile_cpu(model: torch.nn.Module, inputs: tuple, passes: str, names: Sequence[str],
+def compile_cpu(model: Any, inputs: tuple, passes: str, names: Sequence[str] | None,
                 dyn: Any = None) -> Any:
-    return ember.compile(model, inputs, target="cpu", passes=passes, input_names=list(names),
-                         dynamic_dims=dyn, backend_options={"mode": "eager"},
-                         check_fidelity=False)
+    cm = ember.compile(model, inputs, target="cpu", passes=passes,
+                       input_names=None if names is None else list(names),
+                       dynamic_dims=dyn, backend_options={"mode": "onnxruntime"},
+                       check_fidelity=False)
+    assert cm.program.kind == "onnxruntime", cm.program.kind
+    return cm
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             bs: int = 500) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, list | tuple) else out
 
 
 # ----------------------------------------------------------------------------- ViT
-def run_vit(repeats: int, quick: bool) -> None:
-    from train_tiny_vit import load, load_digits_split
+VIT_GRAPHS: dict[str, tuple[str, str]] = {}  # model -> (onnx path, chosen pipeline)
 
-    xtr, _, xte, yte = load_digits_split()
-    calib = xtr[:256]
+
+def run_vit(repeats: int, quick: bool, n_test: int) -> None:
+    from train_tiny_vit import load, load_fashion_mnist
+
+    from ember.passes.merge_tokens import search_merge_schedule
+
+    xtr, ytr, xte, yte = load_fashion_mnist()
+    xte, yte = xte[:n_test], yte[:n_test]
+    cal_x, cal_y = xtr[-512:], ytr[-512:]  # calibration: training images, with labels
+    calib = [(cal_x[i:i + 128],) for i in range(0, len(cal_x), 128)]
+    bs = 64
+    xb = xte[:bs]
+    dyn = {"x": {0: "batch"}}
     for name in ("tiny_vit_mha", "tiny_vit_hf"):
         model = load(name)
         with torch.no_grad():
-            fp32 = model(xte)
-            fp32_c = model(calib)
+            fp32 = _batched(model, xte)
+            acc_cal32 = float((model(cal_x).argmax(-1) == cal_y).float().mean())
         acc32 = float((fp32.argmax(-1) == yte).float().mean())
-        bs = 64
-        xb = xte[:bs]
-        g0 = PassManager("O2").run(fx.import_module(model, (xb,), input_names=["x"]))
+        g0 = PassManager("O2").run(fx.import_module(model, (xb,), dynamic_dims=dyn,
+                                                    input_names=["x"]))
         rep = find_blocks(g0)
-        print(f"\n== {name}: fp32 top-1 {acc32:.4f}; {rep.explain()}")
-
-        def score(g: Any, fp32: torch.Tensor = fp32,
-                  fp32_c: torch.Tensor = fp32_c) -> tuple[float, float, float]:
-            out = run_graph(g, xte)[0]
-            oc = run_graph(g, calib)[0]
-            return (float((out.argmax(-1) == yte).float().mean()),
-                    float((out.argmax(-1) == fp32.argmax(-1)).float().mean()),
-                    float((oc.argmax(-1) == fp32_c.argmax(-1)).float().mean()))
-
-        variants: dict[str, str] = {"O2": "O2"}
-        rs = [2, 4, 8, 12] if quick else [2, 4, 6, 8, 10, 12, 14]
-        for r in rs:
-            variants[f"merge r={r}"] = f"O2,merge_tokens{{r={r}}}"
-        for k in ([0.5, 0.3] if quick else [0.7, 0.5, 0.35, 0.25]):
-            variants[f"prune attn keep={k}"] = f"O2,prune_tokens{{method=attention,keep={k}}}"
-        variants["prune dart keep=0.5"] = "O2,prune_tokens{method=dart,keep=0.5}"
-        variants["prune repshift keep=0.5"] = "O2,prune_tokens{method=repshift,keep=0.5}"
-        # per-layer schedule chosen on calibration images: the largest FLOP cut whose
-        # calibration agreement stays >= 99%
-        cands = ["16|12|8|4", "20|12|4|0", "24|8|0|0", "12|12|8|0", "28|4|0|0", "16|16|0|0",
-                 "20|8|8|0", "24|4|4|0", "24|12|0|0", "28|2|0|0"]
-        best = None
+        print(f"\n== {name}: fp32 top-1 {acc32:.4f} (calib {acc_cal32:.4f}); {rep.explain()}",
+              flush=True)
         env = {"batch": bs}
-        for c in cands:
-            g = PassManager(f"merge_tokens{{per_layer={c}}}").run(g0, PassContext())
-            _, _, agree_c = score(g)
-            fl = graph_flops(g, env)
-            print(f"   calib schedule {c}: calib agreement {agree_c:.4f}, GFLOP {fl / 1e9:.3f}")
-            if agree_c >= 0.99 and (best is None or fl < best[1]):
-                best = (c, fl)
-        if best is not None:
-            variants[f"merge per-layer {best[0]} (calib)"] = \
-                f"O2,merge_tokens{{per_layer={best[0]}}}"
-        graphs, fns = {}, {}
+
+        def cal_acc(outs: list[Any]) -> float:
+            return float((torch.cat(outs).argmax(-1) == cal_y).float().mean())
+
+        floor = acc_cal32 - 0.005  # half the 1% budget: the test split is another sample
+        t0 = time.time()
+        per, trace = search_merge_schedule(g0, calib, cal_acc, floor, env, step=2 if quick
+                                           else 1)
+        print(f"   merge schedule search ({len(trace)} candidates, {time.time() - t0:.0f} s): "
+              f"{per}", flush=True)
+        best_p: tuple[str, float] | None = None
+        for layers in ("1", "2", "1|3", "2|4", "1|2|3"):
+            for keep in (0.7, 0.5, 0.35):
+                pipe = f"prune_tokens{{method=attention,keep={keep},layers={layers}}}"
+                g = PassManager(pipe).run(g0, PassContext())
+                fid = cal_acc([run_graph(g, *b)[0] for b in calib])
+                fl = graph_flops(g, env)
+                if fid >= floor and (best_p is None or fl < best_p[1]):
+                    best_p = (pipe, fl)
+        print(f"   prune grid choice: {best_p}", flush=True)
+        variants: dict[str, str] = {"O2": "O2"}
+        for r in ([2, 4, 8] if quick else [2, 4, 6, 8]):
+            variants[f"merge r={r}"] = f"O2,merge_tokens{{r={r}}}"
+        for k in ([0.5] if quick else [0.7, 0.5, 0.35]):
+            variants[f"prune attn keep={k}"] = \
+                f"O2,prune_tokens{{method=attention,keep={k},layers=1|3}}"
+        variants["prune dart keep=0.5"] = "O2,prune_tokens{method=dart,keep=0.5,layers=1|3}"
+        variants["prune repshift keep=0.5"] = \
+            "O2,prune_tokens{method=repshift,keep=0.5,layers=1|3}"
+        chosen = "O2"
+        if per and any(int(v) for v in per.split("|")):
+            chosen = f"O2,merge_tokens{{per_layer={per}}}"
+            variants["merge per-layer (calib search)"] = chosen
+        if best_p is not None:
+            variants["prune per-layer (calib grid)"] = "O2," + best_p[0]
+            ctx = PassContext()
+            per2, _ = search_merge_schedule(g0, calib, cal_acc, floor, env, step=2,
+                                            prefix=best_p[0])
+            if per2 and any(int(v) for v in per2.split("|")):
+                variants["prune+merge (calib search)"] = \
+                    f"O2,{best_p[0]},merge_tokens{{per_layer={per2}}}"
+            del ctx
+        cms: dict[str, Any] = {}
         for label, pipe in variants.items():
-            cm = compile_cpu(model, (xb,), pipe, ["x"])
-            graphs[label] = cm
-            fns[label] = (lambda cm=cm, xb=xb: cm(xb))
-        fns["ORT"] = ort_session(model, (xb,), ["x"])
+            cms[label] = compile_cpu(model, (xb,), pipe, ["x"], dyn)
+        # the chosen schedule: the fastest-by-FLOPs calib-chosen variant
+        calib_labels = [k for k in variants if "calib" in k]
+        if calib_labels:
+            pick = min(calib_labels, key=lambda k: graph_flops(cms[k].graph, env))
+            chosen = variants[pick]
+        onnx_path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
+        torch.onnx.export(model, (xb,), str(onnx_path), input_names=["x"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "batch"}})
+        VIT_GRAPHS[name] = (str(onnx_path), chosen)
+        fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(xb)) for k, cm in cms.items()}
+        fns["ORT fp32"] = ort_session(model, (xb,), ["x"])
         fns["torch eager"] = _no_grad(model, xb)
+        la0 = load_avg()
         ms = interleaved_medians(fns, repeats)
-        base = ms["O2"]
-        for label in variants:
-            g = graphs[label].graph
-            acc, agree, agree_c = score(g)
-            ROWS.append(dict(part="vit", model=name, variant=label, top1=acc, drop=acc32 - acc,
-                             agreement=agree, calib_agreement=agree_c, ms=ms[label],
-                             speedup=base / ms[label], gflop=graph_flops(g, env) / 1e9))
-        for label in ("ORT", "torch eager"):
+        la = (la0 + load_avg()) / 2
+        base, ort_ms = ms["O2"], ms["ORT fp32"]
+        for label, cm in cms.items():
+            out = _batched(lambda x, cm=cm: _first(cm(x)), xte)
+            acc = float((out.argmax(-1) == yte).float().mean())
+            ROWS.append(dict(part="vit", model=name, variant=label, pipeline=variants[label],
+                             top1=acc, drop=acc32 - acc,
+                             agreement=float((out.argmax(-1) == fp32.argmax(-1)).float().mean()),
+                             gflop=graph_flops(cm.graph, env) / 1e9, ms=ms[label],
+                             speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                             program=cm.program.kind, load=la))
+        for label in ("ORT fp32", "torch eager"):
             ROWS.append(dict(part="vit", model=name, variant=label, top1=acc32, drop=0.0,
-                             agreement=1.0, ms=ms[label], speedup=base / ms[label]))
+                             ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                             load=la))
+        _dump()
+
+
+def run_onnx(repeats: int, quick: bool, n_test: int) -> None:
+    """The ViTs as third-party ONNX files: the passes find blocks in the imported graph."""
+    import onnxruntime as ort
+    from train_tiny_vit import load_fashion_mnist
+
+    _, _, xte, yte = load_fashion_mnist()
+    xte, yte = xte[:n_test], yte[:n_test]
+    xb = xte[:64]
+    for name, (path, chosen) in VIT_GRAPHS.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        fp32 = _batched(lambda x, s=sess: torch.from_numpy(s.run(None, {"x": x.numpy()})[0]),
+                        xte)
+        acc32 = float((fp32.argmax(-1) == yte).float().mean())
+        dyn = {"x": {0: "batch"}}
+        cms = {"O2": compile_cpu(path, (xb,), "O2", None, dyn),
+               "chosen schedule": compile_cpu(path, (xb,), chosen, None, dyn),
+               "merge r=4": compile_cpu(path, (xb,), "O2,merge_tokens{r=4}", None, dyn)}
+        print(f"\n== {name}.onnx (torch.onnx.export): {find_blocks(cms['O2'].graph).explain()}",
+              flush=True)
+        fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(xb)) for k, cm in cms.items()}
+        fns["ORT fp32"] = lambda s=sess: s.run(None, {"x": xb.numpy()})
+        la0 = load_avg()
+        ms = interleaved_medians(fns, repeats)
+        la = (la0 + load_avg()) / 2
+        env = {"batch": 64}
+        for label, cm in cms.items():
+            out = _batched(lambda x, cm=cm: _first(cm(x)), xte)
+            acc = float((out.argmax(-1) == yte).float().mean())
+            ops = cm.graph.op_counts()
+            ROWS.append(dict(part="onnx", model=f"{name}.onnx", variant=label,
+                             pipeline=chosen if label == "chosen schedule" else label,
+                             top1=acc, drop=acc32 - acc, gflop=graph_flops(cm.graph, env) / 1e9,
+                             ms=ms[label], speedup=ms["O2"] / ms[label],
+                             vs_ort=ms["ORT fp32"] / ms[label], program=cm.program.kind,
+                             token_ops=ops.get("token_merge", 0) + ops.get("token_select", 0),
+                             load=la))
+        ROWS.append(dict(part="onnx", model=f"{name}.onnx", variant="ORT fp32", top1=acc32,
+                         drop=0.0, ms=ms["ORT fp32"], speedup=ms["O2"] / ms["ORT fp32"],
+                         vs_ort=1.0, load=la))
+        _dump()
 
 
 # ----------------------------------------------------------------------------- text
@@ -219,24 +320,29 @@ def run_text(repeats: int, quick: bool) -> None:
         cm = compile_cpu(enc, (ib, mb), pipe, names)
         cms[label] = cm
         fns[label] = (lambda cm=cm: cm(ib, mb))
-    fns["ORT"] = ort_session(enc, (ib, mb), names)
+    fns["ORT fp32"] = ort_session(enc, (ib, mb), names)
     fns["torch eager"] = _no_grad(enc, ib, mb)
+    la0 = load_avg()
     ms = interleaved_medians(fns, repeats)
-    base = ms["O2"]
+    la = (la0 + load_avg()) / 2
+    base, ort_ms = ms["O2"], ms["ORT fp32"]
     env = {"batch": bs}
     print(f"\n== MiniLM: {find_blocks(cms['O2'].graph).explain()}")
     for label in variants:
         g = cms[label].graph
-        outs = torch.cat([run_graph(g, ids[i:i + bs], mask[i:i + bs])[0]
+        outs = torch.cat([_first(cms[label](ids[i:i + bs], mask[i:i + bs]))
                           for i in range(0, len(ids), bs)])
         cos = (embed(outs) * ref).sum(-1)
         ROWS.append(dict(part="text", model="all-MiniLM-L6-v2", variant=label,
                          cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                         ms=ms[label], speedup=base / ms[label],
-                         gflop=graph_flops(g, env) / 1e9))
-    for label in ("ORT", "torch eager"):
+                         ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                         gflop=graph_flops(g, env) / 1e9, program=cms[label].program.kind,
+                         load=la))
+    for label in ("ORT fp32", "torch eager"):
         ROWS.append(dict(part="text", model="all-MiniLM-L6-v2", variant=label, cosine_mean=1.0,
-                         ms=ms[label], speedup=base / ms[label]))
+                         ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                         load=la))
+    _dump()
 
 
 # ----------------------------------------------------------------------------- LM
@@ -261,7 +367,7 @@ def run_lm(repeats: int, quick: bool) -> None:
     text = "\n".join(lee_text())
     ids = tok(text, return_tensors="pt")["input_ids"][0]
     seq = 256
-    n_eval, n_cal = (4, 2) if quick else (12, 4)
+    n_eval, n_cal = (3, 2) if quick else (8, 4)
     wins = ids[: (n_eval + n_cal) * seq].view(-1, seq)
     cal, ev = wins[:n_cal], wins[n_cal:]
     g = fx.import_module(lm, (ev[:1],), dynamic_dims={"input_ids": {1: "seq"}},
@@ -288,100 +394,107 @@ def run_lm(repeats: int, quick: bool) -> None:
     f0 = graph_flops(g0, env)
     calib = [(c[None],) for c in cal]
     variants: dict[str, Any] = {"O2": g0}
-    for k in ([2, 4] if quick else [1, 2, 3, 4, 6]):
+    for k in ([2, 4, 6] if quick else [1, 2, 4, 6, 8]):
         ctx = PassContext(calib=calib)
         variants[f"static skip {k}"] = PassManager(
             f"skip_layers{{method=static,num_layers={k}}}").run(g0, ctx)
         print(f"   static {k}: {ctx.records['skip_layers']['removed']}")
-    halting: dict[str, float] = {}
-    for t in ([0.05, 0.1] if quick else [0.02, 0.05, 0.08, 0.12]):
-        ctx = PassContext(calib=calib)
-        variants[f"halting t={t}"] = PassManager(
-            f"skip_layers{{method=halting,threshold={t},start=4}}").run(g0, ctx)
-        halting[f"halting t={t}"] = ctx.records["skip_layers"]["token_block_share_skippable"]
     base_ppl = None
     for label, gr in variants.items():
         p, a, kl = ppl(gr)
         base_ppl = base_ppl or p
-        if label in halting:  # dense masked graph: FLOPs a token-compacting kernel would skip
-            fl = f0 * (1 - halting[label])
-        else:
-            fl = graph_flops(gr, env)
+        fl = graph_flops(gr, env)
         ROWS.append(dict(part="lm", model="SmolLM2-135M", variant=label, ppl=p,
                          ppl_increase=p / base_ppl - 1, top1_agreement=a, kl=kl,
                          gflop=fl / 1e9, flop_cut=1 - fl / f0))
-        print(f"   {label}: ppl {p:.3f} agree {a:.4f} kl {kl:.4f} flop cut {1 - fl / f0:.3f}")
+        print(f"   {label}: ppl {p:.3f} agree {a:.4f} kl {kl:.4f} flop cut {1 - fl / f0:.3f}",
+              flush=True)
+        _dump()
 
 
 # ----------------------------------------------------------------------------- report
-def plots() -> None:
+def _dump() -> None:
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    txt = json.dumps(ROWS, indent=1)
+    (PLOTS / "token_results.json").write_text(txt)
+    Path("/tmp/bench").mkdir(exist_ok=True)
+    Path("/tmp/bench/token_results.json").write_text(txt)
+
+
+FAMILIES = (("merge r", "o-"), ("merge per-layer", "D"), ("prune attn", "s-"),
+            ("prune per-layer", "P"), ("prune+merge", "X"), ("prune dart", "^"),
+            ("prune repshift", "v"), ("chosen", "D"), ("O2", "k*"), ("ORT fp32", "rx"),
+            ("torch eager", "g+"))
+
+
+def _plot(rows: list[dict], y: str, title: str, xlabel: str, ylabel: str, out: str,
+          hline: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for fam, mk in FAMILIES:
+        pts = sorted([(r["ms"], r[y]) for r in rows if r["variant"].startswith(fam)
+                      and r.get(y) is not None])
+        if pts:
+            ax.plot(*zip(*pts), mk, label=fam, ms=8)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=1)
+    la = [r["load"] for r in rows if "load" in r]
+    ax.set_xlabel(xlabel + (f"; load avg ~{statistics.mean(la):.1f}" if la else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOTS / out, dpi=110)
+    plt.close(fig)
+
+
+def plots() -> None:
     PLOTS.mkdir(parents=True, exist_ok=True)
-    for model in sorted({r["model"] for r in ROWS if r["part"] == "vit"}):
-        rows = [r for r in ROWS if r["model"] == model]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for fam, mk in (("merge", "o-"), ("prune attn", "s-"), ("prune dart", "^"),
-                        ("prune repshift", "v"), ("O2", "k*"), ("ORT", "rx"),
-                        ("torch eager", "g+")):
-            pts = sorted([(r["ms"], r["top1"]) for r in rows if r["variant"].startswith(fam)])
-            if pts:
-                ax.plot(*zip(*pts), mk, label=fam, ms=8)
-        ax.set_xlabel("latency, ms per batch of 64 (median, 2 threads)")
-        ax.set_ylabel("test top-1 (digits, 450 images)")
-        ax.set_title(f"{model}: token reduction, accuracy vs latency")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(PLOTS / f"vit_{model}.png", dpi=110)
-        plt.close(fig)
+    for part in ("vit", "onnx"):
+        for model in sorted({r["model"] for r in ROWS if r["part"] == part}):
+            rows = [r for r in ROWS if r["model"] == model]
+            base = [r["top1"] for r in rows if r["variant"] == "O2"]
+            _plot(rows, "top1", f"{model}: token reduction (Fashion-MNIST)",
+                  "ms per batch of 64 (median, 2 threads)", "test top-1",
+                  f"tokens_{part}_{model.replace('.onnx', '_onnx')}.png",
+                  base[0] - 0.01 if base else None)
     rows = [r for r in ROWS if r["part"] == "text"]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for fam, mk in (("merge", "o-"), ("prune attn", "s-"), ("prune dart", "^"),
-                        ("prune repshift", "v"), ("O2", "k*"), ("ORT", "rx"),
-                        ("torch eager", "g+")):
-            pts = sorted([(r["ms"], r["cosine_mean"]) for r in rows
-                          if r["variant"].startswith(fam)])
-            if pts:
-                ax.plot(*zip(*pts), mk, label=fam, ms=8)
-        ax.axhline(0.98, color="grey", ls="--", lw=1)
-        ax.set_xlabel("latency, ms per batch of 8 x 128 tokens (median, 2 threads)")
-        ax.set_ylabel("embedding cosine vs fp32 (mean)")
-        ax.set_title("all-MiniLM-L6-v2: token reduction")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(PLOTS / "text_minilm.png", dpi=110)
-        plt.close(fig)
+        _plot(rows, "cosine_mean", "all-MiniLM-L6-v2: token reduction",
+              "ms per batch of 8 x 128 tokens (median, 2 threads)",
+              "embedding cosine vs fp32 (mean)", "tokens_text_minilm.png", 0.98)
     rows = [r for r in ROWS if r["part"] == "lm"]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for fam, mk in (("static", "o-"), ("halting", "s-"), ("O2", "k*")):
-            pts = sorted([(r["flop_cut"], r["ppl"]) for r in rows
-                          if r["variant"].startswith(fam)])
-            if pts:
-                ax.plot(*zip(*pts), mk, label=fam, ms=8)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        pts = sorted([(r["flop_cut"], r["ppl"]) for r in rows])
+        ax.plot(*zip(*pts), "o-", label="static layer skip (calib-chosen)")
         base = [r["ppl"] for r in rows if r["variant"] == "O2"][0]
         ax.axhline(base * 1.05, color="grey", ls="--", lw=1, label="+5% perplexity")
-        ax.axvline(0.2, color="grey", ls=":", lw=1)
-        ax.set_xlabel("FLOP reduction (halting: share a token-compacting kernel would skip)")
-        ax.set_ylabel("perplexity (lee_background, 256-token windows)")
+        ax.axvline(0.2, color="grey", ls=":", lw=1, label="20% fewer FLOPs")
+        ax.set_xlabel("FLOP reduction (graph matmul FLOPs)")
+        ax.set_ylabel("perplexity (lee_background windows)")
         ax.set_title("SmolLM2-135M: layer skipping")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(PLOTS / "lm_smollm2.png", dpi=110)
+        fig.savefig(PLOTS / "tokens_lm_smollm2.png", dpi=110)
         plt.close(fig)
 
 
 def table() -> None:
     keys = ["model", "variant", "top1", "drop", "agreement", "cosine_mean", "ppl",
-            "ppl_increase", "flop_cut", "gflop", "ms", "speedup"]
-    for part in ("vit", "text", "lm"):
+            "ppl_increase", "flop_cut", "gflop", "ms", "speedup", "vs_ort", "load"]
+    for part in ("vit", "onnx", "text", "lm"):
         rows = [r for r in ROWS if r["part"] == part]
         if not rows:
             continue
@@ -402,24 +515,28 @@ def _fmt(v: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="vit,text,lm")
+    ap.add_argument("--parts", default="vit,onnx,text,lm")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--test", type=int, default=3000, help="Fashion-MNIST test images scored")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     parts = a.parts.split(",")
-    for p, fn in (("vit", run_vit), ("text", run_text), ("lm", run_lm)):
+    for p, fn in (("vit", run_vit), ("onnx", run_onnx), ("text", run_text), ("lm", run_lm)):
         if p in parts:
             try:
-                fn(max(a.repeats, 10), a.quick)
+                if p in ("vit", "onnx"):
+                    fn(max(a.repeats, 10), a.quick, a.test)
+                else:
+                    fn(max(a.repeats, 10), a.quick)
             except Exception as e:  # one part failing must not lose the others' results
                 print(f"!! part {p} failed: {type(e).__name__}: {e}")
                 import traceback
 
                 traceback.print_exc()
-            PLOTS.mkdir(parents=True, exist_ok=True)
-            (PLOTS / "results.json").write_text(json.dumps(ROWS, indent=1))
+            _dump()
+            plots()
     table()
     plots()
 

@@ -21,17 +21,20 @@ tokens (at most half) per block, which stays valid for any sequence length.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import sympy
+
 from ember.ir import Graph, Value
 from ember.ir.shapes import Dim, floor_div, simplify
-from ember.passmanager import PassContext, register_pass
+from ember.passmanager import PassContext, PassManager, register_pass
 
 from ._blocks import Block, BlockReport, Emitter, TokenRewriteError, find_blocks, reduce_tokens
 
-__all__ = ["MergeTokensConfig", "merge_tokens", "merge_schedule"]
+__all__ = ["MergeTokensConfig", "merge_tokens", "merge_schedule", "search_merge_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
             r = floor_div(simplify((n - rep.protect) * frac.numerator), 2 * frac.denominator)
         elif isinstance(n, int):
             r = max(0, min(r, (n - rep.protect) // 2))
+        elif r:  # symbolic length: never more than half the tokens, whatever the length
+            r = simplify(sympy.Min(r, floor_div(simplify(n - rep.protect), 2)))
         out.append(r)
         n = simplify(n - r)
     return out
@@ -91,6 +96,11 @@ def _metric(em: Emitter, blk: Block, x: Value, cfg: MergeTokensConfig) -> Value:
         k = em.value(blk.k)
         if k.type.rank == 4 and k.type.shape[2] == x.type.shape[1]:
             return em.op("mean", [k], {"dims": (1,)}, name="tome_metric")
+        if k.type.rank == 4 and em.stage.rep is not None and \
+                str(em.stage.rep.type.shape[1]) == str(x.type.shape[1]):
+            # an earlier pass reduced the tokens after this attention: representatives' keys
+            m = em.op("mean", [k], {"dims": (1,)}, name="tome_metric")
+            return em.op("token_gather", [m, em.stage.rep], {"dim": 1}, name="tome_metric")
     return x
 
 
@@ -132,3 +142,72 @@ def merge_tokens(g: Graph, cfg: MergeTokensConfig, ctx: PassContext) -> Graph:
                unmerged_outputs=rep.reads_all_tokens, proportional=cfg.proportional)
     log.info("merge_tokens: r per block %s on %s", rs, rep.explain())
     return out
+
+
+# ----------------------------------------------------------------------------- schedule search
+def search_merge_schedule(g: Graph, calib: Sequence[Sequence[Any]],
+                          fidelity: Callable[[list[Any]], float], min_fidelity: float,
+                          env: Mapping[str, int], step: int = 2, max_rounds: int = 64,
+                          prefix: str = "") -> tuple[str, list[dict[str, Any]]]:
+    """Per-block merge schedule chosen on calibration data, greedily.
+
+    Starting from no merging, each round tries ``r + step`` in every block and keeps the
+    candidate that loses the least fidelity per FLOP saved, while ``fidelity`` (of the
+    graph outputs on ``calib``, higher is better: accuracy, top-1 agreement, cosine) stays
+    >= ``min_fidelity``. Blocks come from `find_blocks` (graph patterns only), so the same
+    search serves any transformer.
+
+    Args:
+        g: the graph to reduce (``merge_tokens`` is applied to it with ``per_layer``).
+        calib: calibration input batches (one tuple of tensors per batch).
+        fidelity: score of the concatenated first outputs over ``calib`` batches.
+        min_fidelity: the floor for the chosen schedule.
+        env: symbol values for counting FLOPs (e.g. ``{"batch": 64}``).
+        step: r increment per round.
+        prefix: passes run before merging (e.g. a pruning pass), "" for none.
+
+    Returns:
+        The ``per_layer`` string ("8|6|4|0...") and every candidate measured (a trace).
+    """
+    from ._blocks import evaluate_values, graph_flops
+
+    base = PassManager(prefix).run(g, PassContext()) if prefix else g
+    rep = find_blocks(base)
+    if not rep.ok:
+        return "", []
+    out_name = g.outputs[0].name
+
+    def measure(rs: list[int]) -> tuple[float, int]:
+        per = "|".join(str(r) for r in rs)
+        g2 = PassManager(f"merge_tokens{{per_layer={per}}}").run(base, PassContext())
+        outs = [evaluate_values(g2, list(b), [out_name])[out_name] for b in calib]
+        return fidelity(outs), graph_flops(g2, env)
+
+    nb = len(rep.blocks)
+    cur = [0] * nb
+    cur_fid, cur_fl = measure(cur)
+    trace: list[dict[str, Any]] = [{"per_layer": "|".join(map(str, cur)), "fidelity": cur_fid,
+                                    "gflop": cur_fl / 1e9, "chosen": True}]
+    for _ in range(max_rounds):
+        best: tuple[float, list[int], float, int] | None = None
+        for i in range(nb):
+            cand = list(cur)
+            cand[i] += step
+            if merge_schedule(MergeTokensConfig(per_layer="|".join(map(str, cand))),
+                              rep)[i] != cand[i]:
+                continue  # block i has no tokens left to merge
+            fid, fl = measure(cand)
+            trace.append({"per_layer": "|".join(map(str, cand)), "fidelity": fid,
+                          "gflop": fl / 1e9, "chosen": False})
+            if fid < min_fidelity or fl >= cur_fl:
+                continue
+            cost = (cur_fid - fid) / (cur_fl - fl)
+            if best is None or cost < best[0]:
+                best = (cost, cand, fid, fl)
+        if best is None:
+            break
+        _, cur, cur_fid, cur_fl = best
+        trace.append({"per_layer": "|".join(map(str, cur)), "fidelity": cur_fid,
+                      "gflop": cur_fl / 1e9, "chosen": True})
+        log.info("merge schedule search: %s fidelity %.4f", cur, cur_fid)
+    return "|".join(map(str, cur)), trace

@@ -97,6 +97,17 @@ def prune_plan(cfg: PruneTokensConfig, rep: BlockReport) -> dict[int, Dim]:
 
 
 def _score(em: Emitter, blk: Block, x: Value, cfg: PruneTokensConfig, rep: BlockReport) -> Value:
+    s = _raw_score(em, blk, x, cfg, rep)
+    if s.type.rank == 2 and str(s.type.shape[1]) != str(x.type.shape[1]) \
+            and em.stage.rep is not None:
+        # the block's attention saw the tokens before an earlier pass reduced them here:
+        # each reduced token takes the score of its representative
+        s = em.op("token_gather", [s, em.stage.rep], {"dim": 1}, name="score_tok")
+    return s
+
+
+def _raw_score(em: Emitter, blk: Block, x: Value, cfg: PruneTokensConfig,
+               rep: BlockReport) -> Value:
     if cfg.method == "dart":
         return em.op("token_score", [x], {"method": "dart", "pivots": cfg.pivots,
                                           "protect": rep.protect}, name="dart_score")

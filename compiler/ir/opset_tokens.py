@@ -112,6 +112,8 @@ def bipartite_map(metric: torch.Tensor, r: int, protect: int) -> torch.Tensor:
     if r > min(na, nb):
         raise ValueError(f"token_merge: cannot merge r={r} of {rest} unprotected tokens "
                          f"(at most {min(na, nb)})")
+    if r == 0:  # also when a clamped symbolic r reaches 0 on a short sequence
+        return torch.arange(n, device=dev).expand(b, n)
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(_EPS)
     a, bb = m[:, 0::2], m[:, 1::2]
     node_max, node_idx = (a @ bb.transpose(1, 2)).max(dim=-1)  # [B, na]

@@ -187,6 +187,40 @@ def test_causal_models_are_left_alone() -> None:
 
 
 def test_symbolic_sequence_shapes() -> None:
-    _, _, g2, _ = _run("bert", "O2", "merge_tokens{r=2}")
+    """A constant r on a symbolic length is clamped to half the tokens left, for any length
+    (it failed at run time on sequences shorter than 2 r per block)."""
+    z, g, g2, _ = _run("bert", "O2", "merge_tokens{r=2}")
     merges = [n for n in g2.nodes if n.op == "token_merge"]
-    assert str(merges[-1].outputs[0].type.shape[1]) == "seq - 4"
+    n_out = merges[-1].outputs[0].type.shape[1]
+    assert "Min" in str(n_out) and "seq" in str(n_out)
+    for seq in (2, 3, 5, 9):
+        x = z.make_inputs(seq=seq)
+        a, b = run_graph(g, *x), run_graph(g2, *x)
+        assert a[0].shape == b[0].shape
+
+
+@pytest.mark.parametrize("first,second", [
+    ("prune_tokens{keep=0.6,start=1}", "merge_tokens{r=2}"),
+    ("merge_tokens{r=2}", "prune_tokens{keep=0.6,start=0}"),
+    ("prune_tokens{method=repshift,keep=0.5,start=0,fuse=false}", "merge_tokens{r=1}"),
+])
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_passes_compose(name: str, first: str, second: str) -> None:
+    """prune -> merge and merge -> prune: the second pass carries the first one's token ops."""
+    z, g = _graph(name, "O2")
+    ctx1, ctx2 = PassContext(), PassContext()
+    g1 = PassManager(first, verify_each=True).run(g, ctx1)
+    g2 = PassManager(second, verify_each=True).run(g1, ctx2)
+    verify(g2)
+    assert all(r["applied"] for r in ctx2.records.values()), ctx2.records
+    c1, c2 = g1.op_counts(), g2.op_counts()
+    for op in ("token_merge", "token_select"):
+        assert c2.get(op, 0) >= c1.get(op, 0)
+    assert c2.get("token_merge", 0) > 0 and c2.get("token_select", 0) > 0
+    x = z.make_inputs(batch=3)
+    a, b1, b2 = run_graph(g, *x), run_graph(g1, *x), run_graph(g2, *x)
+    for u, v1, v2 in zip(a, b1, b2):
+        assert u.shape == v2.shape
+        cos = torch.nn.functional.cosine_similarity(u.flatten(1), v2.flatten(1)).min()
+        assert cos > 0.5, float(cos)
+        assert not torch.equal(v1, v2)  # the second reduction did something
