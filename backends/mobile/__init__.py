@@ -50,7 +50,7 @@ def compile_graph(graph: Graph, example_inputs: Sequence[torch.Tensor], *, cpu: 
     opts = BuildOptions(cpu=cpu, schedule=schedule, threads=threads)
     opts.mattr()  # validates cpu
     t0 = time.perf_counter()
-    rm = to_relax(graph, example_inputs)
+    rm = to_relax(graph, example_inputs, dot4="+dotprod" in opts.mattr())
     lower_s = time.perf_counter() - t0
     out = new_payload_dir()
     res = build(rm, out, opts)

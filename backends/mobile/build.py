@@ -125,10 +125,9 @@ def _lift_params(rm: RelaxModel) -> tuple[Any, list[torch.Tensor]]:
     if tp_name not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, list(rm.params)
     tp_mod = tvm.IRModule({tp_name: mod[tp_name]})
-    main_mod = tvm.IRModule({"main": mod["main"]}, attrs=mod.attrs)
-    for gv in mod.get_global_vars():  # keep helper functions main may call
-        if gv.name_hint not in ("main", tp_name):
-            main_mod[gv.name_hint] = mod[gv]
+    # main and the helper functions it calls, under the same GlobalVars (call_tir holds them)
+    main_mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != tp_name},
+                            attrs=mod.attrs)
     host = tvm.target.Target("llvm")
     ex = tvm.compile(tp_mod, host)
     vm = relax.VirtualMachine(ex, tvm.cpu())

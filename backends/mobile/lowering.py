@@ -201,14 +201,16 @@ def unsupported_nodes(g: Graph, example: Sequence[torch.Tensor]) -> list[Unsuppo
     return []
 
 
-def to_relax(g: Graph, example: Sequence[torch.Tensor]) -> RelaxModel:
-    """Lowers ``g`` to a Relax module with ``main(inputs..., params...)``."""
+def to_relax(g: Graph, example: Sequence[torch.Tensor], *, dot4: bool = False) -> RelaxModel:
+    """Lowers ``g`` to a Relax module with ``main(inputs..., params...)``; ``dot4``: int8
+    GEMMs use the 4x4-packed weight kernel that the ``+dotprod`` schedule tensorizes to
+    ``sdot`` (`int8_matmul_rewrite`)."""
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = export_graph(g, example)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
-    mod = int8_matmul_rewrite(mod)
+    mod = int8_matmul_rewrite(mod, dot4=dot4)
     mod, params = relax.frontend.detach_params(mod)
     tensors = [torch.from_numpy(p.numpy()) for p in params.get("main", [])]
     mod = relax.transform.DeadCodeElimination()(mod)
@@ -216,7 +218,7 @@ def to_relax(g: Graph, example: Sequence[torch.Tensor]) -> RelaxModel:
     return RelaxModel(mod, tensors, _concrete(g, example), out_types)
 
 
-def int8_matmul_rewrite(mod: Any) -> Any:
+def int8_matmul_rewrite(mod: Any, *, dot4: bool = False) -> Any:
     """``matmul(astype(x_i8, i32), permute_dims(astype(w_i8, i32)))`` -> ``matmul(x_i8,
     permute_dims(w_i8), out_dtype="int32")`` in every Relax function of ``mod``.
 
@@ -224,6 +226,11 @@ def int8_matmul_rewrite(mod: Any) -> Any:
     runs ahead of time: the weights file would hold int32 weights (4x the int8 bytes) and the
     kernel would multiply int32s. After it, only the transpose is lifted (int8 stays int8) and
     the casts happen inside the GEMM kernel.
+
+    With ``dot4`` (targets with ``+dotprod``) a 2-D GEMM whose out and in features are
+    multiples of 4 becomes a call of `schedules.sdot_gemm` on the weight packed into 4x4 blocks
+    (``(out/4, in/4, 4, 4)``, int8, packed ahead of time by ``LiftTransformParams``): the layout
+    the ``sdot`` tensor intrinsic reads with one 16-byte load.
     """
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
@@ -241,14 +248,42 @@ def int8_matmul_rewrite(mod: Any) -> Any:
                 or dtype(m[w]) != "int8":
             return expr
         axes = m[wt].attrs.axes
-        acc = relax.op.matmul(m[x], relax.op.permute_dims(m[w], axes), out_dtype="int32")
+        acc = _dot4_gemm(m[x], m[w], axes, bb, funcs) if dot4 else None
+        if acc is None:
+            acc = relax.op.matmul(m[x], relax.op.permute_dims(m[w], axes), out_dtype="int32")
         # TVM's importer gives aten.mm of int32s out_dtype float32 (then casts): same values
         return acc if dtype(expr) == "int32" else relax.op.astype(acc, dtype(expr))
 
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pat, rewrite, func)
-    return mod
+    bb = relax.BlockBuilder(mod)  # gives added PrimFuncs GlobalVars that call_tir accepts
+    funcs: dict[str, Any] = {}
+    done = {gv: rewrite_call(pat, rewrite, func) for gv, func in mod.functions_items()
+            if isinstance(func, relax.Function)}
+    out = bb.get()
+    for gv, func in done.items():
+        out[gv] = func
+    return out
+
+
+def _dot4_gemm(x: Any, w: Any, axes: Any, bb: Any, funcs: dict[str, Any]) -> Any:
+    """``x (M, K) int8 @ w (N, K).T`` through the packed-weight sdot kernel (added to ``bb``
+    once per shape, GlobalVars in ``funcs``), or None when the shapes do not fit it (the caller
+    keeps the plain int32 matmul)."""
+    from tvm import relax
+
+    from .schedules import sdot_gemm
+
+    try:
+        (m, k), (n, k2) = ([int(d) for d in e.ty.shape] for e in (x, w))
+    except (TypeError, ValueError):  # not 2-D or not static
+        return None
+    if k != k2 or n % 4 or k % 4 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+        return None
+    name = f"ember_sdot_gemm_{m}x{n}x{k}"
+    if name not in funcs:
+        funcs[name] = bb.add_func(sdot_gemm(m, n, k), name)
+    packed = relax.op.permute_dims(relax.op.reshape(w, (n // 4, 4, k // 4, 4)), [0, 2, 1, 3])
+    return relax.call_tir(funcs[name], [x, packed],
+                          relax.TensorType((m, n), "int32"))
 
 
 def _output_types(g: Graph, example: Sequence[torch.Tensor]) -> list[TensorType]:

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["apply", "rules"]
+__all__ = ["apply", "rules", "sdot_gemm", "SDOT_BLOCK"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,31 @@ def _rule_base() -> type:
     from tvm.s_tir.dlight import ScheduleRule
 
     return ScheduleRule
+
+
+SDOT_BLOCK = "ember_sdot_gemm"
+SDOT_ROWS = 4  # rows x (SDOT_COLS * 4) int32 accumulators: 16 NEON registers
+SDOT_COLS = 4
+
+
+def sdot_gemm(m: int, n: int, k: int) -> Any:
+    """The int8 GEMM ``C[i, j] = sum_k A[i, k] * W[j, k]`` (int32 accumulation) with the
+    weight packed in 4x4 blocks, ``Wp[j // 4, k // 4, j % 4, k % 4]``, so that one block (4
+    output columns x 4 reduction steps) is 16 contiguous bytes: what one ``sdot`` reads."""
+    from tvm import te, tirx
+
+    def i64(v: int) -> Any:  # Relax shapes are int64: FuseTIR wants the same buffer types
+        return tirx.IntImm("int64", v)
+
+    a = te.placeholder((i64(m), i64(k)), "int8", name="A")
+    w = te.placeholder((i64(n // 4), i64(k // 4), i64(4), i64(4)), "int8", name="Wp")
+    ko = te.reduce_axis((i64(0), i64(k // 4)), name="ko")
+    ki = te.reduce_axis((i64(0), i64(4)), name="ki")
+    c = te.compute((i64(m), i64(n // 4), i64(4)), lambda i, jo, ji: te.sum(
+        a[i, ko * 4 + ki].astype("int32") * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+        name=SDOT_BLOCK)
+    out = te.compute((i64(m), i64(n)), lambda i, j: c[i, j // 4, j % 4], name="sdot_unpack")
+    return te.create_prim_func([a, w, out])
 
 
 def _make_rules() -> list[Any]:
@@ -153,6 +178,62 @@ def _make_rules() -> list[Any]:
             for lp in inner[:-1]:
                 sch.unroll(lp)
 
+    class SdotGemm(base):  # type: ignore[misc, valid-type]
+        """`sdot_gemm` (with its fused epilogue): a ``SDOT_ROWS x SDOT_COLS`` tile of 4-lane
+        int32 accumulators kept in registers, each 4x4 step one ``sdot`` (TVM's
+        ``ARM_DOT_4x4_i8_SDOT_INTRIN``); only for targets with ``+dotprod``."""
+
+        name = "sdot_gemm"
+
+        def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+            from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
+
+            if "+dotprod" not in [str(f) for f in target.attrs.get("mattr", [])]:
+                return None
+            sch = s_tir.Schedule(func)
+            try:
+                block = sch.get_sblock(SDOT_BLOCK)
+            except Exception:  # not an sdot GEMM
+                return None
+            blocks = sch.get_child_blocks(get_root_block(sch))
+            idx = [sch.get(b).name_hint for b in blocks].index(SDOT_BLOCK)
+            left = []
+            for b in blocks[idx + 1:]:
+                try:
+                    sch.compute_inline(b)
+                except Exception:  # writes a function output
+                    left.append(b)
+            if len(left) != 1:
+                return None
+            i, jo, ji, ko, ki = sch.get_loops(block)
+            exts = [_extent(sch, lp) for lp in (i, jo)]
+            if any(e is None for e in exts):
+                return None
+            rows = _divisor(int(exts[0]), SDOT_ROWS)  # type: ignore[arg-type]
+            cols = _divisor(int(exts[1]), SDOT_COLS)  # type: ignore[arg-type]
+            io, ii = sch.split(i, [None, rows])
+            joo, joi = sch.split(jo, [None, cols])
+            sch.reorder(io, joo, ko, ii, joi, ji, ki)
+            # the tile buffer stays "global" (the intrinsic's scope): compacted to the tile
+            # it is a small stack array that LLVM keeps in registers
+            sch.reverse_compute_at(left[0], joo, preserve_unit_loops=True)
+            fused = sch.fuse(io, joo)
+            if (_extent(sch, fused) or 0) > 1:
+                sch.parallel(fused)
+            init = sch.decompose_reduction(block, ko)
+            sch.tensorize(ji, ARM_DOT_4x4_i8_SDOT_INTRIN)
+            sch.unroll(ii)
+            sch.unroll(joi)
+            for b in (init, left[0]):
+                inner = sch.get_loops(b)[1:]
+                if inner:
+                    sch.vectorize(inner[-1])
+                    for lp in inner[:-1]:
+                        sch.unroll(lp)
+            for b in blocks[:idx]:
+                _vectorize_spatial(sch, b)
+            return sch
+
     class VectorizedElementwise(base):  # type: ignore[misc, valid-type]
         """Spatial blocks: fused, vectorized along the innermost axis, parallel outside."""
 
@@ -168,7 +249,7 @@ def _make_rules() -> list[Any]:
 
     # DLight's CPU GEMV rule is left out: its 256-step unroll pragmas made LLVM take minutes
     # on a batch-1 classifier head; the tiled contraction covers GEMV (rows = 1)
-    return [_Guarded(TiledContraction()),
+    return [_Guarded(SdotGemm()), _Guarded(TiledContraction()),
             _Guarded(dl_cpu.Reduction()), _Guarded(VectorizedElementwise())]
 
 
