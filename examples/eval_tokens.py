@@ -117,6 +117,9 @@ def _first(out: Any) -> torch.Tensor:
 VIT_GRAPHS: dict[str, tuple[str, str]] = {}  # model -> (onnx path, chosen pipeline)
 
 
+VIT_MODELS = ["tiny_vit_mha", "tiny_vit_hf"]
+
+
 def run_vit(repeats: int, quick: bool, n_test: int) -> None:
     from train_tiny_vit import load, load_fashion_mnist
 
@@ -129,7 +132,7 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
     bs = 64
     xb = xte[:bs]
     dyn = {"x": {0: "batch"}}
-    for name in ("tiny_vit_mha", "tiny_vit_hf"):
+    for name in VIT_MODELS:
         model = load(name)
         with torch.no_grad():
             fp32 = _batched(model, xte)
@@ -519,7 +522,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test", type=int, default=3000, help="Fashion-MNIST test images scored")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--vit-models", default=",".join(VIT_MODELS))
     a = ap.parse_args()
+    VIT_MODELS[:] = a.vit_models.split(",")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     parts = a.parts.split(",")

@@ -77,9 +77,13 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
     else:
         rs = [cfg.r] * nb
     out: list[Dim] = []
-    n: Dim = rep.tokens if rep.tokens is not None else 0
     frac = Fraction(cfg.ratio).limit_denominator(1000)
-    for r in rs:
+    delta: Dim = 0  # tokens merged by this schedule since the last reduction already there
+    for blk, r in zip(rep.blocks, rs):
+        n0 = blk.tokens if blk.tokens is not None else rep.tokens
+        if blk.reduced:
+            delta = 0
+        n: Dim = simplify(n0 - delta) if n0 is not None else 0
         if cfg.ratio > 0 and not str(cfg.per_layer).strip():
             r = floor_div(simplify((n - rep.protect) * frac.numerator), 2 * frac.denominator)
         elif isinstance(n, int):
@@ -87,7 +91,7 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
         elif r:  # symbolic length: never more than half the tokens, whatever the length
             r = simplify(sympy.Min(r, floor_div(simplify(n - rep.protect), 2)))
         out.append(r)
-        n = simplify(n - r)
+        delta = simplify(delta + r)
     return out
 
 

@@ -78,7 +78,11 @@ def prune_plan(cfg: PruneTokensConfig, rep: BlockReport) -> dict[int, Dim]:
     plan: dict[int, Dim] = {}
     n: Dim = rep.tokens if rep.tokens is not None else 0
     p = rep.protect
+    pruned = False
     for i in idx:
+        blk = rep.blocks[i]
+        if not pruned and blk.tokens is not None:
+            n = blk.tokens  # the count an earlier pass's reductions left at this block
         rest = simplify(n - p)
         if cfg.keep == 1.0:
             continue  # keep everything
@@ -92,6 +96,7 @@ def prune_plan(cfg: PruneTokensConfig, rep: BlockReport) -> dict[int, Dim]:
         if isinstance(k, int) and isinstance(rest, int) and k >= rest:
             continue  # nothing to prune here
         plan[i] = k
+        pruned = True
         n = simplify(p + k + int(cfg.fuse))
     return plan
 
