@@ -267,6 +267,10 @@ class _Exporter:
             self.nodes.append(helper.make_node("Identity", [v.name], [name]))
             dims = [d if isinstance(d, int) else str(d) for d in v.type.shape]
             outputs.append(helper.make_tensor_value_info(name, _TO_ONNX[v.type.dtype], dims))
+        # params only the folded-away nodes read (a HardSigmoid's alpha) would be dropped by
+        # ONNX Runtime at load, before it could take their data from the artifact's weights
+        used = {i for nd in self.nodes for i in nd.input}
+        self.inits = [t for t in self.inits if t.name in used]
         graph = helper.make_graph(self.nodes, g.name or "ember", inputs, outputs, self.inits,
                                   value_info=self._value_info())
         opsets = [helper.make_opsetid("", self.opset)]
