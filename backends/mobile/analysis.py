@@ -2,7 +2,7 @@
 
 - `neon_report(lib)`: disassembles the library with ``aarch64-linux-gnu-objdump`` and counts
   the vector instructions the schedules are meant to produce (``fmla v*.4s``, ``fmul v*.4s``,
-  128-bit loads, ``sdot``/``udot``), in the model's kernels only (TVM runtime glue excluded by
+  128-bit loads, ``sdot``/``udot``, widening integer multiply-accumulates), in the model's kernels only (TVM runtime glue excluded by
   the kernel symbol names).
 - `count_instructions(program, inputs)`: guest instructions executed by one call of ``main``,
   counted under qemu with a tiny TCG plugin (``insn_count.c``, built here with the host C
@@ -33,6 +33,8 @@ __all__ = ["NeonReport", "neon_report", "count_instructions", "insn_plugin"]
 log = logging.getLogger(__name__)
 
 PLUGIN_SOURCE = HERE / "insn_count.c"
+# integer NEON products of the int8 GEMM without +dotprod (LLVM widens int8 -> int16 -> int32)
+INT_MAC = ("smull", "smlal", "saddw", "umull", "umlal", "mla")
 _FUNC_RE = re.compile(r"^[0-9a-f]+ <(?P<name>[^>]+)>:$")
 _INSN_RE = re.compile(r"^\s+[0-9a-f]+:\s+[0-9a-f]{8}\s+(?P<mn>\S+)\s*(?P<ops>.*)$")
 
@@ -48,12 +50,13 @@ class NeonReport:
     vector_fp: int  # every f* instruction on .4s/.2d/.8h vectors
     q_loads: int  # ldr q / ld1 {v.4s} / ldp q
     dot: int  # sdot/udot (int8, +dotprod)
+    int_mac: int  # widening integer NEON multiply(-accumulate)s: smull/smlal/saddw(2), mla
     mnemonics: Counter[str]
 
     def to_json(self) -> dict[str, Any]:
         return {"kernels": self.kernels, "instructions": self.instructions,
                 "fmla_4s": self.fmla_4s, "fmul_4s": self.fmul_4s, "vector_fp": self.vector_fp,
-                "q_loads": self.q_loads, "dot": self.dot,
+                "q_loads": self.q_loads, "dot": self.dot, "int_mac": self.int_mac,
                 "top": dict(self.mnemonics.most_common(12))}
 
 
@@ -79,7 +82,7 @@ def neon_report(lib: Path) -> NeonReport:
     cur: str | None = None
     kernels: set[str] = set()
     mn: Counter[str] = Counter()
-    fmla = fmul = vfp = qld = dot = total = 0
+    fmla = fmul = vfp = qld = dot = imac = total = 0
     for line in text.splitlines():
         m = _FUNC_RE.match(line)
         if m:
@@ -106,7 +109,9 @@ def neon_report(lib: Path) -> NeonReport:
             qld += 1
         if op in ("sdot", "udot"):
             dot += 1
-    return NeonReport(len(kernels), total, fmla, fmul, vfp, qld, dot, mn)
+        if op.rstrip("2") in INT_MAC and re.search(r"\bv\d+\.(4s|8h|2d)", ops):
+            imac += 1
+    return NeonReport(len(kernels), total, fmla, fmul, vfp, qld, dot, imac, mn)
 
 
 # ----------------------------------------------------------------------------- counting

@@ -51,7 +51,8 @@ def run_under_qemu(library: Path, weights: Path, inputs: Path, outputs: Path, *,
     tc = find_toolchain()
     tc.require(run=True)
     runner = runner_binary(tc)
-    cmd = [tc.qemu or "qemu-aarch64"]
+    # -cpu max: every extension a phone may have (dotprod for the int8 sdot kernels)
+    cmd = [tc.qemu or "qemu-aarch64", "-cpu", "max"]
     if plugin is not None:
         cmd += ["-plugin", str(plugin), "-d", "plugin", "-D", str(plugin_log)]
     cmd += [str(runner), str(library), str(weights), str(inputs), str(outputs)]
