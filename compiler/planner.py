@@ -508,6 +508,14 @@ class _Search:
                      f"{ds} -> {decision} ({reason})")
 
 
+
+def _cpu_runtime() -> str:
+    """What the CPU backend ships in practice: ONNX Runtime when it is installed (its candidate
+    won on every measured model), so plans are ranked with that runtime's cost model."""
+    import importlib.util
+
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") else "inductor"
+
 def plan(
     model_or_graph: Any,
     example_inputs: Sequence[Any] | None = None,
@@ -570,7 +578,8 @@ def plan(
     search, held = split_calib(g0, calib, holdout, seed)
     name, fn = choose_metric(metric, g0, search.labels is not None)
     device = DEVICE_OF_TARGET.get(target, "cpu")
-    runtime = "eager" if target == "reference" else "inductor"
+    runtime = _cpu_runtime() if target == "cpu" else (
+        "eager" if target == "reference" else "inductor")
     deadline = t_start + time_budget_s if time_budget_s is not None else None
     pr.note(f"planner: {search.n} search / {held.n} held-out samples, metric {name}, "
             f"max drop {max_drop}, device {device}")
