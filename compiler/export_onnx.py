@@ -212,9 +212,10 @@ class _Exporter:
             for a in args[1:]:
                 acc = self.one("Add" if e.is_Add else "Mul", [acc, a])
             return acc
-        if isinstance(e, sympy.floor) and e.args[0].is_Mul:
-            num, den = sympy.fraction(e.args[0])
-            return self.one("Div", [self._expr(num), self._expr(den)])
+        if isinstance(e, sympy.floor):  # dims are >= 0: integer Div truncates = floors
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            if den != 1:
+                return self.one("Div", [self._expr(sympy.expand(num)), self._expr(den)])
         if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
             base = self._expr(e.base)
             acc = base

@@ -106,6 +106,12 @@ def _param(node: Node, g: Graph, i: int) -> torch.Tensor | None:
 class _QLinear(KernelLowering):
     kernels = ("quantize_rows_kernel", "w8a8_gemm_kernel")
 
+    def supports(self, node: Node, g: Graph) -> str | None:
+        if node.attrs.get("act_quant", "tensor") != "tensor":
+            return (f"act_quant={node.attrs['act_quant']} (per-row u7 codes) has no Triton "
+                    "kernel yet; the per-tensor kernel would compute other numbers")
+        return None
+
     def prepare(self, node: Node, g: Graph) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         wq = _param(node, g, 1)
