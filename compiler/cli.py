@@ -136,8 +136,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
         print(f"wrote {out.with_suffix('.onnx')}" + (f" ({rep})" if str(rep) else ""))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): target={cm.target} "
           f"backend={cm.backend} nodes={len(cm.graph.nodes)}")
-    if cm.fidelity:
+    if cm.fidelity and "example_max_rel_error" in cm.fidelity:
         print(f"fidelity vs reference: max rel error {cm.fidelity['example_max_rel_error']:.2e}")
+    elif cm.fidelity and "skipped" in cm.fidelity:
+        print(f"fidelity not checked: {cm.fidelity['skipped']}")
     if "planner" in cm.records:
         pl = cm.records["planner"]
         sp = f"{pl['speedup']:.2f}x measured" if pl.get("speedup") else "speedup not measured"

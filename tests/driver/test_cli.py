@@ -86,3 +86,25 @@ def test_compile_and_run_a_packaged_onnx_model(tmp_path: Path):
     assert np.abs(np.load(tmp_path / "y.npy") - want).max() <= 1e-4
     r = ember_cli("compile", str(model), "--input-shape", "x:bad", cwd=tmp_path)
     assert r.returncode == 1 and "--input-shape" in r.stderr
+
+
+def test_compile_for_cuda_without_a_gpu(tmp_path: Path):
+    """`ember compile --target cuda` writes the artifact (AOT cubins) on a CPU-only machine, says
+    that it could not check fidelity here, and `run` refuses in one line; inspect shows the plan."""
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-GPU messages")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 8)).eval()
+    torch.onnx.export(model, (torch.randn(4, 32),), str(tmp_path / "mlp.onnx"), dynamo=False,
+                      input_names=["x"])
+    r = ember_cli("compile", "mlp.onnx", "--target", "cuda", "-o", "m.ember", "--passes",
+                  "O2,quantize{scheme=w8a8-dynamic,gate=always}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "backend=cuda" in r.stdout and "fidelity not checked: cannot run here" in r.stdout
+    np.save(tmp_path / "x.npy", np.zeros((4, 32), np.float32))
+    r = ember_cli("run", "m.ember", "--input", "x.npy", cwd=tmp_path)
+    assert r.returncode == 1 and "cannot run here" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    r = ember_cli("inspect", "m.ember", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "kernel plan" in r.stdout and "qlinear_dynamic -> kernel" in r.stdout
