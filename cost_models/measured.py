@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,20 +135,27 @@ class Correction:
 _LOADED: dict[str, Correction | None] = {}
 
 
+def load_json_model(p: Path, parse: Callable[[Any], Any], cache: dict[str, Any],
+                    what: str) -> Any:
+    """``parse(json of p)``, cached per path; None (logged) when the file is absent, or when it
+    is of another version or malformed (``parse`` raises ValueError/KeyError/TypeError)."""
+    key = str(p)
+    if key not in cache:
+        try:
+            cache[key] = parse(json.loads(p.read_text()))
+        except FileNotFoundError:
+            log.info("no %s at %s; using the bare roofline", what, p)
+            cache[key] = None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring %s %s: %s", what, p, e)
+            cache[key] = None
+    return cache[key]
+
+
 def load_correction(path: str | os.PathLike | None = None) -> Correction | None:
     """The committed CPU correction (or ``path``); None when the file is absent or stale."""
     p = Path(path) if path is not None else DEFAULT_CORRECTION
-    key = str(p)
-    if key not in _LOADED:
-        try:
-            _LOADED[key] = Correction.from_json(json.loads(p.read_text()))
-        except FileNotFoundError:
-            log.info("no correction model at %s; using the pure roofline", p)
-            _LOADED[key] = None
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring correction model %s: %s", p, e)
-            _LOADED[key] = None
-    return _LOADED[key]
+    return load_json_model(p, Correction.from_json, _LOADED, "correction model")
 
 
 # ----------------------------------------------------------------------------- kernel cases

@@ -139,18 +139,10 @@ _LOADED: dict[str, OrtModel | None] = {}
 
 def load_ort_model(path: str | os.PathLike | None = None) -> OrtModel | None:
     """The committed ORT latency model (or ``path``); None when absent or of another version."""
+    from .measured import load_json_model
+
     p = Path(path) if path is not None else DEFAULT_ORT_MODEL
-    key = str(p)
-    if key not in _LOADED:
-        try:
-            _LOADED[key] = OrtModel.from_json(json.loads(p.read_text()))
-        except FileNotFoundError:
-            log.info("no ORT latency model at %s; ORT predictions use the bare roofline", p)
-            _LOADED[key] = None
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring ORT latency model %s: %s", p, e)
-            _LOADED[key] = None
-    return _LOADED[key]
+    return load_json_model(p, OrtModel.from_json, _LOADED, "ORT latency model")
 
 
 # ----------------------------------------------------------------------------- features
