@@ -700,13 +700,11 @@ class _Rebuild:
                 bias = self.stage_bias(s, q.type.shape[0],
                                        n.inputs[3] if len(n.inputs) > 3 else None)
                 mask = ins[3] if len(ins) > 3 else None
-                if bias is None:
-                    pass
-                elif mask is None:
+                if bias is not None and mask is None:
                     ins = [*ins[:3], bias]
-                elif mask.type.dtype == "bool":
+                elif bias is not None and mask.type.dtype == "bool":
                     ins[3] = self.b.op("where", [mask, bias, self.neg_inf()], name="size_mask")
-                else:
+                elif bias is not None:
                     ins[3] = self.b.op("add", [mask, bias], name="size_mask")
             elif n.op == "softmax" and tracked[0] and (tracked[0].get(
                     ins[0].type.rank - 1) is not None) and (  # type: ignore[union-attr]
