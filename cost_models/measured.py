@@ -132,6 +132,20 @@ class Correction:
         return None if v is None else float(v)
 
 
+def gbr_to_trees(gbr: Any, x: Any) -> tuple[float, list[dict[str, list]]]:
+    """A fitted sklearn GradientBoostingRegressor as (init, flat trees) for `Correction`:
+    children, feature, threshold and leaf value arrays per tree (plain JSON, no pickle)."""
+    init = float(gbr._raw_predict_init(x[:1]).ravel()[0])
+    trees = []
+    for est in gbr.estimators_[:, 0]:
+        t = est.tree_
+        trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                      "feature": [max(0, int(f)) for f in t.feature],
+                      "threshold": [float(v) for v in t.threshold],
+                      "value": [float(v) for v in t.value[:, 0, 0]]})
+    return init, trees
+
+
 _LOADED: dict[str, Correction | None] = {}
 
 
@@ -351,14 +365,7 @@ def fit(dataset: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike |
     cv = KFold(5, shuffle=True, random_state=seed)
     pred_cv = cross_val_predict(GradientBoostingRegressor(**params), x, y, cv=cv)
     gbr = GradientBoostingRegressor(**params).fit(x, y)
-    init = float(gbr._raw_predict_init(x[:1]).ravel()[0])
-    trees = []
-    for est in gbr.estimators_[:, 0]:
-        t = est.tree_
-        trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                      "feature": [max(0, int(f)) for f in t.feature],
-                      "threshold": [float(v) for v in t.threshold],
-                      "value": [float(v) for v in t.value[:, 0, 0]]})
+    init, trees = gbr_to_trees(gbr, x)
 
     def within(pred: Any) -> float:
         ratio = np.exp(np.asarray(pred) - y)   # predicted / measured

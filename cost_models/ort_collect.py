@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .devices import get_device
+from .measured import gbr_to_trees
 from .ort import (
     DEFAULT_ORT_MODEL,
     ORT_FEATURES,
@@ -426,14 +427,7 @@ def fit(dataset: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike |
     pred_cv = _graph_pred(rows, cv_logf, call, per_io)
     pred_tr = _graph_pred(rows, gbr.predict(x), call, per_io)
     pred_roof = [sum(nd["roof"] for nd in r["nodes"]) for r in rows]
-    trees = []
-    for est in gbr.estimators_[:, 0]:
-        t = est.tree_
-        trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                      "feature": [max(0, int(f)) for f in t.feature],
-                      "threshold": [float(v) for v in t.threshold],
-                      "value": [float(v) for v in t.value[:, 0, 0]]})
-    init = float(gbr._raw_predict_init(x[:1]).ravel()[0])
+    init, trees = gbr_to_trees(gbr, x)
     meta = {
         "n_graphs": len({r["graph"] for r in rows}), "n_points": len(rows), "n_nodes": len(y),
         "sklearn": sklearn.__version__, "threads": doc.get("threads"),
