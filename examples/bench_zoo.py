@@ -1,6 +1,7 @@
 """Side-by-side CPU latency: eager PyTorch, torch.compile, ONNX Runtime, Ember.
 
-One process, ``torch.set_num_threads(2)``, models from ``tests/zoo.py`` at real sizes::
+One run, ``torch.set_num_threads(2)``, models from ``tests/zoo.py`` at real sizes, each
+contender in its own worker process (``--in-process`` puts them all in one)::
 
     python examples/bench_zoo.py                       # every case, 10 timed runs each
     python examples/bench_zoo.py --models bert_b1,resnet50_b1 --repeats 20 --json out.json
@@ -17,6 +18,7 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import statistics
@@ -147,11 +149,17 @@ def make_ort(zm: zoo.ZooModel, workdir: Path) -> Callable[..., Any]:
 
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int) -> dict[str, float]:
+                     warmup: int, settle_s: float = 0.05,
+                     timed_by_runner: bool = False) -> dict[str, float]:
     """Median ms per runner; each round calls every runner once, in a fresh (seeded) random
     order. A runtime's idle threads keep spinning for a while after its call (ONNX Runtime's
     workers, OpenMP's), slowing whatever runs next: with a rotating order one runner follows
-    the same neighbour in most rounds; a random order spreads that over all runners alike."""
+    the same neighbour in most rounds; a random order spreads that over all runners alike.
+    ``settle_s`` of idle time before each timed call lets the previous runner's workers go
+    back to sleep, so each call sees the machine as a process running only that model would
+    (ResNet-50: Ember's ORT session with sleeping workers took 60 ms alone and 74 ms when
+    interleaved back to back with the spinning ORT baseline). With ``timed_by_runner`` a
+    runner returns its own ms (measured inside its process, without the pipe's latency)."""
     names = list(runners)
     for _ in range(warmup):
         for n in names:
@@ -161,51 +169,117 @@ def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int,
     for _ in range(repeats):
         order = rng.sample(names, len(names))
         for n in order:
+            time.sleep(settle_s)
             t0 = time.perf_counter()
-            runners[n]()
-            samples[n].append((time.perf_counter() - t0) * 1e3)
+            ms = runners[n]()
+            samples[n].append(ms if timed_by_runner else (time.perf_counter() - t0) * 1e3)
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
+def _build_runner(name: str, zm: zoo.ZooModel, workdir: Path, ember_mode: str,
+                  ) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """(callable on the example inputs, info) for one contender."""
+    if name == "eager":
+        return make_eager(zm), {}
+    if name == "inductor":
+        return make_inductor(zm), {}
+    if name == "ort":
+        return make_ort(zm, workdir), {}
+    if name == "ember":
+        return ember_compile_for_bench(zm, ember_mode)
+    raise ValueError(f"unknown runner {name}")
+
+
+def _worker(case_key: str, name: str, workdir: str, ember_mode: str, conn: Any) -> None:
+    """One contender alone in its process: builds it, answers 'out' with its outputs and
+    'run' with the ms of one call (blocked on the pipe, i.e. idle, while the others run)."""
+    torch.set_num_threads(THREADS)
+    zm = CASES[case_key].make()
+    xs = tuple(zm.example_inputs)
+    try:
+        t0 = time.perf_counter()
+        fn, info = _build_runner(name, zm, Path(workdir), ember_mode)
+        out = [t.detach().numpy() for t in flat_tensors(fn(*xs))]  # first call compiles
+        conn.send(("ok", {"out": out, "info": info,
+                          "compile_s": round(time.perf_counter() - t0, 1)}))
+    except Exception as e:  # a baseline that cannot run this model is reported, not fatal
+        conn.send(("failed", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                   if str(e) else type(e).__name__))
+        return
+    while True:
+        cmd = conn.recv()
+        if cmd == "stop":
+            return
+        t0 = time.perf_counter()
+        fn(*xs)
+        conn.send((time.perf_counter() - t0) * 1e3)
+
+
 def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
-               skip: set[str], ember_mode: str = "auto") -> dict[str, Any]:
+               skip: set[str], ember_mode: str = "auto", isolate: bool = True,
+               ) -> dict[str, Any]:
+    """Times every contender on ``case``. With ``isolate`` each runs in its own process (as a
+    user's would: no other runtime's thread pool, allocator or spinning workers beside it)
+    and the parent drives them in interleaved rounds; otherwise all share this process."""
+    res: dict[str, Any] = {"case": case.key, "title": case.title, "ms": {}, "error": {},
+                           "compile_s": {}, "notes": {},
+                           "isolation": "process per runner" if isolate else "one process"}
     zm = case.make()
     xs = tuple(zm.example_inputs)
-    res: dict[str, Any] = {"case": case.key, "title": case.title, "ms": {}, "error": {},
-                           "compile_s": {}, "notes": {}}
-    eager = make_eager(zm)
-    want = flat_tensors(eager(*xs))
-    runners: dict[str, Callable[[], Any]] = {"eager": lambda: eager(*xs)}
-    builders: dict[str, Callable[[], Callable[..., Any]]] = {
-        "inductor": lambda: make_inductor(zm),
-        "ort": lambda: make_ort(zm, workdir),
-    }
-    for name, build in builders.items():
-        if name in skip:
-            continue
-        t0 = time.perf_counter()
-        try:
-            fn = build()
-            got = flat_tensors(fn(*xs))  # first call compiles (torch.compile)
-        except Exception as e:  # a baseline that cannot run this model is reported, not fatal
-            res["notes"][name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            print(f"  {name}: {res['notes'][name]}", flush=True)
-            continue
-        res["compile_s"][name] = round(time.perf_counter() - t0, 1)
-        res["error"][name] = rel_error(got[:1], want[:1])
-        runners[name] = lambda fn=fn: fn(*xs)
-    if "ember" not in skip:
-        t0 = time.perf_counter()
-        fn, info = ember_compile_for_bench(zm, ember_mode)
-        res["compile_s"]["ember"] = round(time.perf_counter() - t0, 1)
-        got = fn(*xs)
-        err = rel_error(got[:1], want[:1])
-        res["error"]["ember"] = err
-        res["ember_info"] = info
-        if not err <= 1e-3:
-            raise SystemExit(f"{case.key}: Ember output differs from eager (rel err {err:.2e})")
-        runners["ember"] = lambda: fn(*xs)
-    res["ms"] = time_interleaved(runners, repeats, warmup)
+    want = flat_tensors(make_eager(zm)(*xs))
+    names = [n for n in ("eager", "inductor", "ort", "ember") if n == "eager" or n not in skip]
+    runners: dict[str, Callable[[], Any]] = {}
+    procs = []
+    try:
+        for name in names:
+            if isolate:
+                ctx = mp.get_context("spawn")
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(case.key, name, str(workdir), ember_mode,
+                                                      child), daemon=True)
+                p.start()
+                procs.append((p, parent))
+                status, payload = parent.recv()
+                if status != "ok":
+                    res["notes"][name] = f"failed: {payload}"
+                    print(f"  {name}: {res['notes'][name]}", flush=True)
+                    continue
+                got = [torch.from_numpy(a) for a in payload["out"]]
+                info, res["compile_s"][name] = payload["info"], payload["compile_s"]
+
+                def call(conn: Any = parent) -> float:
+                    conn.send("run")
+                    return float(conn.recv())
+                runners[name] = call
+            else:
+                t0 = time.perf_counter()
+                try:
+                    fn, info = _build_runner(name, zm, workdir, ember_mode)
+                    got = flat_tensors(fn(*xs))
+                except Exception as e:  # noqa: BLE001
+                    res["notes"][name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+                    print(f"  {name}: {res['notes'][name]}", flush=True)
+                    continue
+                res["compile_s"][name] = round(time.perf_counter() - t0, 1)
+                runners[name] = lambda fn=fn: fn(*xs)
+            err = rel_error(got[:1], want[:1])
+            res["error"][name] = err
+            if name == "ember":
+                res["ember_info"] = info
+                if not err <= 1e-3:
+                    raise SystemExit(f"{case.key}: Ember output differs from eager "
+                                     f"(rel err {err:.2e})")
+        res["ms"] = time_interleaved(runners, repeats, warmup, timed_by_runner=isolate)
+    finally:
+        for p, conn in procs:
+            if p.is_alive():
+                try:
+                    conn.send("stop")
+                except (BrokenPipeError, OSError):
+                    pass
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     del runners
     gc.collect()
     return res
@@ -259,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ember-mode", default="auto",
                     help="Ember CPU program: auto (time every candidate) or one of aoti, eager, "
                          "onnxruntime (skips building the others)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every contender in this one process (default: a process each)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -275,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in keys:
             print(f"== {CASES[k].title}", flush=True)
             r = bench_case(CASES[k], max(1, args.repeats), args.warmup, Path(tmp), skip,
-                           args.ember_mode)
+                           args.ember_mode, isolate=not args.in_process)
             print("  ms: " + ", ".join(f"{n} {v:.2f}" for n, v in r["ms"].items())
                   + "  | rel err: " + ", ".join(f"{n} {v:.1e}" for n, v in r["error"].items()),
                   flush=True)
@@ -283,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json_out:  # after every case: a long run that is cut short keeps its data
                 Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     print()
+    where = "all in one process" if args.in_process else "each runner in its own process"
     print(f"torch {torch.__version__}, {THREADS} threads, median of {args.repeats} interleaved "
-          f"runs after {args.warmup} warm-up rounds")
+          f"runs after {args.warmup} warm-up rounds, {where}")
     print()
     print(table(results))
     if args.json_out:
