@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.ir import Graph, Node, Value, get_op, to_torch_dtype
+from ember.ir.opset import check_types_equal
 from ember.passmanager import PassContext, register_pass
 
 from ._rewrite import (
@@ -162,6 +163,22 @@ def _match_reshape(n: Node, idx: GraphIndex) -> EmitFn | Fail:
     return lambda e: [e.op("reshape", [src], n.attrs)]
 
 
+def _match_noop_mask(n: Node, idx: GraphIndex) -> EmitFn | Fail:
+    """attention(q, k, v, mask) with a constant mask that masks nothing (all True, or an
+    additive mask of zeros) -> attention(q, k, v): HF ViT hands SDPA an all-True mask, which
+    cost a Where per layer in every backend."""
+    if len(n.inputs) < 4 or n.inputs[3] is None:
+        return Fail("no mask")
+    m = n.inputs[3]
+    if not _const_all(idx, m, True if m.type.dtype == "bool" else 0.0):
+        return Fail("mask is not a constant that keeps every score")
+    ins = list(n.inputs[:3])
+    if not check_types_equal(get_op("attention").infer([v.type for v in ins], n.attrs)[0],  # type: ignore[union-attr]
+                             n.output.type):
+        return Fail("the mask broadcasts the output to a bigger shape")
+    return lambda e: [e.op("attention", ins, n.attrs)]
+
+
 def simplify_rules() -> list[Rule]:
     return [
         Rule("neutral_operand", ("mul", "div", "add", "sub"), _match_neutral,
@@ -172,6 +189,8 @@ def simplify_rules() -> list[Rule]:
              "identity permute -> x; permute of permute -> one permute"),
         Rule("reshape", ("reshape",), _match_reshape,
              "reshape to the same shape -> x; reshape of reshape -> one reshape"),
+        Rule("noop_mask", ("attention",), _match_noop_mask,
+             "attention mask that keeps every score -> no mask"),
     ]
 
 

@@ -93,3 +93,20 @@ def test_strided_slice_and_real_cast_stay() -> None:
     b.set_outputs([s, c])
     out = check_pass(b.build(), "fold_constants")
     assert out.op_counts() == {"cast": 1, "slice": 1}
+
+
+def test_attention_mask_that_keeps_everything_is_dropped() -> None:
+    b = GraphBuilder()
+    t = TensorType("float32", (2, 4, 5, 8))
+    q, k, v = (b.add_input(n, t) for n in "qkv")
+    attrs = {"scale": None, "is_causal": False, "enable_gqa": False}
+    keep = b.op("attention", [q, k, v, b.add_param("m", torch.ones(1, 1, 5, 5, dtype=torch.bool))],
+                attrs)
+    zero = b.op("attention", [q, k, v, b.add_param("z", torch.zeros(5, 5))], attrs)
+    some = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    some[..., 0] = False
+    real = b.op("attention", [q, k, v, b.add_param("s", some)], attrs)
+    b.set_outputs([keep, zero, real])
+    out = check_pass(b.build(), "fold_constants")
+    masks = [n for n in out.nodes if n.op == "attention" and len(n.inputs) > 3]
+    assert out.op_counts() == {"attention": 3} and len(masks) == 1  # only the real mask stays
