@@ -265,6 +265,10 @@ def load(path: str | Path, *, fallback: str | None = None) -> CompiledModel:
                          fidelity=m.get("fidelity", {}), placement=m.get("placement", {}))
 
 
+RUNTIME_LABELS = {"inductor": "fused kernels", "eager": "one kernel per op",
+                  "onnxruntime": "ONNX Runtime"}
+
+
 def describe(cm: CompiledModel) -> str:
     """Human-readable summary: signature, backend and why, passes, IR op counts."""
     sig = cm.signature()
@@ -304,7 +308,10 @@ def describe(cm: CompiledModel) -> str:
     cost = (cm.placement or {}).get("cost_model")
     if cost:
         sym = ", ".join(f"{k}={v}" for k, v in (cost.get("symbols") or {}).items())
-        lines.append(f"predicted latency on {cost['device']} ({cost['runtime']}"
+        # the cost model's "inductor" runtime means fused kernels: AOTI on CPU, Triton on
+        # CUDA, TVM's fused ops on mobile (the name alone read as "Inductor" on a phone)
+        how = RUNTIME_LABELS.get(cost["runtime"], cost["runtime"])
+        lines.append(f"predicted latency on {cost['device']} ({how}"
                      + (f", {sym}" if sym else "") + f"): {cost['predicted_ms']:.3f} ms")
         top = sorted((cost.get("by_class_us") or {}).items(), key=lambda kv: -kv[1])[:6]
         if top:
