@@ -390,11 +390,24 @@ def load_cached_cpu(cache_dir: str | os.PathLike | None = None,
         return None
 
 
+LOADED = 1.0  # load average per core above which a measurement is not a device's own speed
+
+
+def _taken_under_load(spec: DeviceSpec) -> bool:
+    """True when ``spec`` was measured on a busy machine and this one is now at most half as
+    busy: micro-benchmarks measured at load 13.6 on 2 cores said 16 GFLOP/s fp32 and 4.4 GB/s,
+    the idle machine does 170 GFLOP/s and 27 GB/s, and the cache kept the bad numbers."""
+    m = spec.measured or {}
+    then = float(m.get("loadavg_1m") or 0.0)
+    cores = max(1, int(spec.cores or 1))
+    return then > LOADED * cores and os.getloadavg()[0] < then / 2
+
+
 def _measured_cpu(cache_dir: str | os.PathLike | None, threads: int | None,
                   refresh: bool, quick: bool) -> DeviceSpec:
     if not refresh:
         cached = load_cached_cpu(cache_dir, threads)
-        if cached is not None:
+        if cached is not None and not _taken_under_load(cached):
             return cached
     spec = measure_cpu(threads, quick=quick)
     path = cpu_cache_path(cache_dir, threads)

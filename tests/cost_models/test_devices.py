@@ -31,9 +31,31 @@ def test_cpu_spec_is_cached(cpu: DeviceSpec, cache_dir: Path,
     def boom(*a: object, **k: object) -> DeviceSpec:
         raise AssertionError("re-measured despite a cached spec")
     monkeypatch.setattr(devices, "measure_cpu", boom)
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    if devices._taken_under_load(DeviceSpec.from_json(doc)):  # the suite itself loaded it
+        doc["measured"]["loadavg_1m"] = 0.0
+        path.write_text(json.dumps(doc))
     again = get_device("cpu", cache_dir=cache_dir, threads=1)
     assert again == DeviceSpec.from_json(doc)
     assert again.peak_flops == cpu.peak_flops
+
+
+def test_spec_measured_under_load_is_measured_again(cpu: DeviceSpec, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = cpu.to_json()
+    doc["measured"] = {**doc["measured"], "loadavg_1m": 13.6}
+    doc["cores"] = 2
+    path = cpu_cache_path(tmp_path, threads=1)
+    path.write_text(json.dumps(doc))
+    monkeypatch.setattr(devices, "_MEMO", {})
+    fresh = DeviceSpec.from_json({**doc, "measured": {**doc["measured"], "loadavg_1m": 0.3}})
+    monkeypatch.setattr(devices, "measure_cpu", lambda *a, **k: fresh)
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert get_device("cpu", cache_dir=tmp_path, threads=1).measured["loadavg_1m"] == 13.6
+    monkeypatch.setattr(devices, "_MEMO", {})
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (0.5, 0.5, 0.5))  # now idle
+    assert get_device("cpu", cache_dir=tmp_path, threads=1) == fresh
+    assert json.loads(path.read_text())["measured"]["loadavg_1m"] == 0.3  # cache replaced
 
 
 def test_cache_key_depends_on_threads(cache_dir: Path) -> None:
