@@ -162,6 +162,10 @@ def _u7_qparams(x: X, x2: str, ins: list[str], n: Node) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- weight-only
+# MatMulNBits' compute type: 4 = int8 activations per block (MLAS's int8 kernels). At the
+# default (0: fp32 on dequantized blocks) a 1 x 576 x 1536 int4 product took 382 us on this
+# AVX2 CPU vs 219 us for the fp32 MatMul; at 4 it takes 133 us (ORT 1.32, 2 threads).
+NBITS_ACCURACY_LEVEL = 4
 @register_emitter("linear_woq")
 def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
     if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
@@ -177,7 +181,7 @@ def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
         # the default zero point 8
         b = x.one("Reshape", [ins[1], x.const([nn_, k // g, g // 2])])
         y = x.one("MatMulNBits", [ins[0], b, ins[2]], domain=MS, K=k, N=nn_, bits=4,
-                  block_size=g)
+                  block_size=g, accuracy_level=NBITS_ACCURACY_LEVEL)
         if bias:
             y = x.one("Add", [y, bias])
         return [_epilogue(x, n, ins, y)]
