@@ -15,6 +15,7 @@ processes on the machine hits every runner alike; the table shows medians. Ember
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -192,6 +193,11 @@ def _build_runner(name: str, zm: zoo.ZooModel, workdir: Path, ember_mode: str,
     raise ValueError(f"unknown runner {name}")
 
 
+def _failure(e: Exception) -> str:
+    """One line naming why a runner could not be built or run."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+
+
 def _worker(case_key: str, name: str, workdir: str, ember_mode: str, conn: Any) -> None:
     """One contender alone in its process: builds it, answers 'out' with its outputs and
     'run' with the ms of one call (blocked on the pipe, i.e. idle, while the others run)."""
@@ -205,8 +211,7 @@ def _worker(case_key: str, name: str, workdir: str, ember_mode: str, conn: Any) 
         conn.send(("ok", {"out": out, "info": info,
                           "compile_s": round(time.perf_counter() - t0, 1)}))
     except Exception as e:  # a baseline that cannot run this model is reported, not fatal
-        conn.send(("failed", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                   if str(e) else type(e).__name__))
+        conn.send(("failed", _failure(e)))
         return
     while True:
         cmd = conn.recv()
@@ -237,10 +242,10 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
         names += [f"ember@{m}" for m in EMBER_PROGRAMS]
     runners: dict[str, Callable[[], Any]] = {}
     procs = []
+    ctx = mp.get_context("spawn")
     try:
         for name in names:
             if isolate:
-                ctx = mp.get_context("spawn")
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=_worker, args=(case.key, name, str(workdir), ember_mode,
                                                       child), daemon=True)
@@ -264,7 +269,7 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
                     fn, info = _build_runner(name, zm, workdir, ember_mode)
                     got = flat_tensors(fn(*xs))
                 except Exception as e:  # noqa: BLE001
-                    res["notes"][name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+                    res["notes"][name] = f"failed: {_failure(e)}"
                     print(f"  {name}: {res['notes'][name]}", flush=True)
                     continue
                 res["compile_s"][name] = round(time.perf_counter() - t0, 1)
@@ -282,10 +287,8 @@ def bench_case(case: Case, repeats: int, warmup: int, workdir: Path,
     finally:
         for p, conn in procs:
             if p.is_alive():
-                try:
+                with contextlib.suppress(BrokenPipeError, OSError):  # it may exit meanwhile
                     conn.send("stop")
-                except (BrokenPipeError, OSError):
-                    pass
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()

@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE))
 PLOTS = HERE / "plots"
 
 import ember  # noqa: E402
+from ember.backends.cpu.program import interleaved_medians_ms  # noqa: E402
 from ember.backends.reference.interpreter import run_graph  # noqa: E402
 from ember.frontends import fx  # noqa: E402
 from ember.passes._blocks import find_blocks, graph_flops  # noqa: E402
@@ -59,17 +60,9 @@ ROWS: list[dict[str, Any]] = []
 
 # ----------------------------------------------------------------------------- timing
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median ms of each fn, runs interleaved (round robin) so load drifts hit all alike."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            time.sleep(0.03)  # the previous runtime's spinning workers go idle first
-            t0 = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms of each fn, round robin with an idle settle before each call (the CPU
+    backend's own candidate timer)."""
+    return interleaved_medians_ms(fns, repeats, warmup=1, settle_s=0.03)
 
 
 def _no_grad(model: torch.nn.Module, *args: torch.Tensor) -> Callable[[], Any]:
