@@ -64,7 +64,7 @@ class ExportReport:
 
 
 def export_onnx(g: Graph, path: str | Path, opset: int = 17, *,
-                contrib_ops: bool = False) -> ExportReport:
+                contrib_ops: bool = False, skip_layernorm: bool = True) -> ExportReport:
     """Writes ``g`` as an ONNX model at ``path`` and returns what was exported how.
 
     Args:
@@ -74,11 +74,14 @@ def export_onnx(g: Graph, path: str | Path, opset: int = 17, *,
         contrib_ops: also use ONNX Runtime's fused ``com.microsoft`` ops where Ember's graph
             already holds their pattern (Gelu/FastGelu, SkipLayerNormalization); the model then
             runs in ONNX Runtime only. The CPU backend's ONNX Runtime candidate sets it.
+        skip_layernorm: with ``contrib_ops``, write residual-add + LayerNorm pairs as
+            ``SkipLayerNormalization`` (the CPU backend measures whether that kernel is the
+            faster form on the machine: `ember.backends.cpu.ort_tuning`).
     """
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
         raise CompilerError(f"ONNX export supports opsets 13..{onnx.defs.onnx_opset_version()}, "
                             f"got {opset}")
-    ex = _Exporter(g, opset, contrib_ops)
+    ex = _Exporter(g, opset, contrib_ops, skip_layernorm)
     model = ex.build()
     try:
         onnx.checker.check_model(model)
@@ -131,10 +134,12 @@ MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 
 
 class _Exporter:
-    def __init__(self, g: Graph, opset: int, contrib_ops: bool = False) -> None:
+    def __init__(self, g: Graph, opset: int, contrib_ops: bool = False,
+                 skip_layernorm: bool = True) -> None:
         self.g = g
         self.opset = opset
         self.contrib = contrib_ops
+        self.skip_ln = contrib_ops and skip_layernorm
         self.producer: dict[str, Node] = {v.name: n for n in g.nodes for v in n.outputs}
         self.users: dict[str, list[int]] = {}  # value -> positions of its consumers (-1: output)
         for i, n in enumerate(g.nodes):
@@ -156,6 +161,9 @@ class _Exporter:
         self._sym_src: dict[str, tuple[str, int]] = {}  # symbol -> (input name, dim)
         self._sym_cache: dict[str, str] = {}
         self._shape_cache: dict[str, str] = {}
+        # ONNX tensors that are a Transpose of another: name -> (its input, perm); a permute
+        # that undoes one reads the input instead (the fused-attention output's layout change)
+        self.transposed: dict[str, tuple[str, list[int]]] = {}
 
     # ----- helpers ---------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -257,7 +265,7 @@ class _Exporter:
         for n in g.nodes:
             for src in _hard_sigmoid_sources(self, n) or []:
                 self.deferred[src.outputs[0].name] = src
-            src = _skip_ln_source(self, n) if self.contrib else None
+            src = _skip_ln_source(self, n) if self.skip_ln else None
             if src is not None:
                 self.deferred[src.outputs[0].name] = src
         for n in g.nodes:
@@ -270,6 +278,7 @@ class _Exporter:
             outputs.append(helper.make_tensor_value_info(name, _TO_ONNX[v.type.dtype], dims))
         # params only the folded-away nodes read (a HardSigmoid's alpha) would be dropped by
         # ONNX Runtime at load, before it could take their data from the artifact's weights
+        self.nodes = _live_nodes(self.nodes, {o.name for o in outputs})
         used = {i for nd in self.nodes for i in nd.input}
         self.inits = [t for t in self.inits if t.name in used]
         graph = helper.make_graph(self.nodes, g.name or "ember", inputs, outputs, self.inits,
@@ -330,6 +339,8 @@ class _Exporter:
             if o in made and o not in cached and o not in renames and o not in self._named:
                 renames[o] = v.name
                 self._named.add(v.name)
+                if o in self.transposed:
+                    self.transposed[v.name] = self.transposed.pop(o)
             else:
                 self.nodes.append(helper.make_node("Identity", [o], [v.name]))
         if not renames:
@@ -747,27 +758,43 @@ def _skip_ln_source(x: _Exporter, n: Node) -> Node | None:
         return None
     if p.op == "add" and all(i is not None and i.type == v.type for i in p.inputs):
         return p
-    if (p.op == "fused_linear" and p.attrs.get("activation", "none") in ("none", None)
-            and len(p.inputs) > 3 and p.inputs[3] is not None and p.attrs.get("residual")
-            in ("before_act", "after_act")):
+    if (p.op in _SKIP_LINEARS and p.attrs.get("activation", "none") in ("none", None)
+            and len(p.inputs) > _SKIP_LINEARS[p.op] and p.inputs[_SKIP_LINEARS[p.op]] is not None
+            and p.attrs.get("residual") in ("before_act", "after_act")):
         return p
     return None
+
+
+# linears whose residual input (at this position) a SkipLayerNormalization can add; a quantized
+# one hands it its bias too, so bias, residual and LayerNorm are one pass over the output
+_SKIP_LINEARS = {"fused_linear": 3, "qlinear_dynamic": 4, "qlinear_static": 4}
 
 
 def _skip_layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     src = x.deferred[n.inputs[0].name]
     names = ["" if v is None else v.name for v in src.inputs]
+    lin_bias = ""
     if src.op == "add":
         a, b = names
-    else:  # the linear (with its bias) as usual, its residual as the skip
+    elif src.op == "fused_linear":  # the linear (with its bias) as usual, its residual the skip
         fake = Node("linear", src.inputs[:3], src.outputs, {}, src.loc)
         (a,) = _EMIT["linear"](x, fake, names[:3])
         b = names[3]
-    bias = [ins[2]] if len(ins) > 2 and ins[2] else []
+    else:  # a quantized linear without bias and residual; SkipLayerNorm adds both
+        ins_q = list(src.inputs)
+        lin_bias, b = names[3], names[4]
+        ins_q[3] = ins_q[4] = None
+        attrs = {**src.attrs, "residual": "none"}
+        fake = Node(src.op, tuple(ins_q), src.outputs, attrs, src.loc)
+        (a,) = _EMIT[src.op](x, fake, ["" if v is None else v.name for v in ins_q])
+    beta = ins[2] if len(ins) > 2 and ins[2] else ""
+    if lin_bias and not beta:
+        beta = x.const(np.zeros([n.inputs[0].type.shape[-1]]), "float32")
+    tail = [beta, lin_bias] if lin_bias else [beta] if beta else []
     out = x.fresh("skiplayernorm")
     v = n.inputs[0]
     extra = ["", "", v.name] if len(x.users[v.name]) > 1 else []  # the sum, for its other users
-    x.nodes.append(helper.make_node("SkipLayerNormalization", [a, b, ins[1]] + bias,
+    x.nodes.append(helper.make_node("SkipLayerNormalization", [a, b, ins[1]] + tail,
                                     [out] + extra, domain=MS_DOMAIN,
                                     epsilon=float(n.attrs["eps"])))
     return [out]
@@ -831,8 +858,17 @@ def _group_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 def _attention(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     q, k = n.inputs[0], n.inputs[1]
     a = n.attrs
-    if a["enable_gqa"]:
-        raise _NoMapping
+    ins = list(ins)
+    if a["enable_gqa"] and q.type.shape[-3] != k.type.shape[-3]:
+        # grouped-query heads: each kv head serves H/Hkv consecutive query heads
+        hq, hk = q.type.shape[-3], k.type.shape[-3]
+        if not (isinstance(hq, int) and isinstance(hk, int)) or q.type.rank != 4:
+            raise _NoMapping
+        for i in (1, 2):
+            kv = n.inputs[i].type.shape
+            e = x.one("Expand", [x.one("Unsqueeze", [ins[i], x.const([2])]),
+                                 x.shape([kv[0], hk, hq // hk, kv[2], kv[3]])])
+            ins[i] = x.one("Reshape", [e, x.shape([kv[0], hq, kv[2], kv[3]])])
     dt = q.type.dtype
     scale = a["scale"] if a["scale"] is not None else None
     r = q.type.rank
@@ -873,7 +909,23 @@ def _reshape(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 @_e("permute")
 def _permute(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     r = n.inputs[0].type.rank
-    return [x.one("Transpose", [ins[0]], perm=[p % r for p in n.attrs["perm"]])]
+    perm = [p % r for p in n.attrs["perm"]]
+    src = x.transposed.get(ins[0])
+    if src is not None and [src[1][p] for p in perm] == list(range(r)):
+        return [src[0]]  # undoes the Transpose that made its input
+    return [x.one("Transpose", [ins[0]], perm=perm)]
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes the graph outputs depend on (ONNX ops have no side effects): emitters that
+    read a value's source directly (fused attention) leave the value's own nodes unread."""
+    need = set(outputs)
+    keep = []
+    for nd in reversed(nodes):
+        if any(o in need for o in nd.output):
+            keep.append(nd)
+            need.update(i for i in nd.input if i)
+    return keep[::-1]
 
 
 @_e("expand")
@@ -1015,5 +1067,6 @@ def _resize(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
 # emitters for the approximate passes' ops live in their own modules and register here
 register_emitter = _e
+from ember import export_onnx_attention as _attention_emitters  # noqa: E402,F401
 from ember import export_onnx_quant as _quant_emitters  # noqa: E402,F401
 from ember import export_onnx_tokens as _token_emitters  # noqa: E402,F401

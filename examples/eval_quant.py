@@ -44,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import ember  # noqa: E402
+from ember.isolated import Contender, time_isolated  # noqa: E402
 from ember.passes._qkernels import time_interleaved  # noqa: E402
 
 log = logging.getLogger("eval_quant")
@@ -126,7 +127,7 @@ def onnx_sessions(model: torch.nn.Module, example: tuple, names: list[str],
     out = {}
     for k, p in (("ort-fp32", fp), ("ort-int8", q8)):
         out[k] = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]),
-                  file_mb(p))
+                  file_mb(p), p)
     return out
 
 
@@ -164,21 +165,24 @@ def w8a8_table(name: str, model: torch.nn.Module, example: tuple, names: list[st
            for k, p in passes.items()}
     log.info("%s: compiled in %.0fs", name, time.time() - t0)
     ort = onnx_sessions(model, example, names, {**dyn, "out": {0: "batch"}}, work)
-    feeds = {n: t.numpy() for n, t in zip(names, example)}
-    fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(*example)) for k, cm in cms.items()}
-    for k, (sess, _) in ort.items():
-        fns[k] = lambda sess=sess: sess.run(None, feeds)
+    # every contender alone in its own process (ember.isolated): in one process ORT's spinning
+    # workers of the other sessions halved the speed of whichever ran next
+    contenders: dict[str, Contender] = {}
+    for k, cm in cms.items():
+        contenders[k] = Contender("ember.isolated:load_ember", (str(cm.save(work / f"{k}.ember")),))
+    for k in ort:
+        contenders[k] = Contender("ember.isolated:load_ort", (str(ort[k][2]),))
     if args.inductor:
-        ind = torch.compile(model)
-        with torch.no_grad():
-            ind(*example)
-        fns["inductor-fp32"] = lambda: ind(*example)
+        pt2 = work / "model.pt2"
+        torch.export.save(torch.export.export(model, example), str(pt2))
+        contenders["inductor-fp32"] = Contender("ember.isolated:load_exported", (str(pt2), True))
     load0 = os.getloadavg()[0]
-    with torch.inference_mode():
-        lat = interleaved_ms(fns, args.repeats)
+    timed = time_isolated(contenders, example, repeats=args.repeats, warmup=2)
+    lat = {k: r.ms for k, r in timed.items() if r.ms is not None}
+    fns = dict.fromkeys(lat)
     load1 = os.getloadavg()[0]
     runs: dict[str, Callable[..., Any]] = {k: (lambda *a, cm=cm: cm(*a)) for k, cm in cms.items()}
-    for k, (sess, _) in ort.items():
+    for k, (sess, *_) in ort.items():
         runs[k] = lambda *a, sess=sess: torch.as_tensor(
             sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
     rows = []
@@ -198,7 +202,8 @@ def w8a8_table(name: str, model: torch.nn.Module, example: tuple, names: list[st
             "program": program_kind(cm) if cm is not None else
             ("onnxruntime" if k in ort else "torch.compile"),
             "quantized_layers": gate_summary(cm) if rec else None,
-            "load_avg": [round(load0, 2), round(load1, 2)], "repeats": args.repeats})
+            "load_avg": [round(load0, 2), round(load1, 2)], "repeats": args.repeats,
+            "timing": "process per contender, interleaved rounds (ember.isolated)"})
     if "ember-w8a8-dynamic" in cms:
         rec = cms["ember-w8a8-dynamic"].records["quantize"]
         rows[1]["gate"] = [
@@ -535,7 +540,7 @@ def minilm(args: argparse.Namespace, work: Path) -> None:
     inputs = {"input_ids": example[0].numpy(), "attention_mask": example[1].numpy()}
     fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(*example)) for k, v in
                                          variants.items()}
-    for k, (sess, _) in ort.items():
+    for k, (sess, *_) in ort.items():
         fns[k] = lambda sess=sess: sess.run(None, inputs)
     if args.inductor:
         ind = torch.compile(enc)
@@ -558,7 +563,7 @@ def minilm(args: argparse.Namespace, work: Path) -> None:
                      else "-", f"{cos:.5f}", f"{acc:.4f}", f"{acc - acc32:+.4f}",
                      f"{lat[k]:.1f}", f"{base / lat[k]:.2f}x",
                      f"{lat['ort-int8'] / lat[k]:.2f}x", f"{artifact_mb(cm):.1f}"])
-    for k, (sess, mb) in ort.items():
+    for k, (sess, mb, _) in ort.items():
         cos, acc = score(lambda a, m, sess=sess: sess.run(None, {"input_ids": a.numpy(),
                                                                  "attention_mask": m.numpy()})[0])
         rows.append([k, "onnxruntime", "-", f"{cos:.5f}", f"{acc:.4f}", f"{acc - acc32:+.4f}",
@@ -698,7 +703,7 @@ def vit(args: argparse.Namespace, work: Path) -> None:
                                       None, mode)
     ort = onnx_sessions(big, (xb,), names, {**dyn, "out": {0: "batch"}}, work)
     fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(xb)) for k, v in variants.items()}
-    for k, (sess, _) in ort.items():
+    for k, (sess, *_) in ort.items():
         fns[k] = lambda sess=sess: sess.run(None, {"pixel_values": xb.numpy()})
     if args.inductor:
         ind = torch.compile(big)

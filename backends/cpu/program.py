@@ -172,7 +172,7 @@ class _OrtRunner:
 
     def __init__(self, path: Path, threads: int,
                  weights: Mapping[str, torch.Tensor] | None = None,
-                 spinning: bool = True) -> None:
+                 spinning: bool = True, disabled: Sequence[str] = ()) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -187,7 +187,10 @@ class _OrtRunner:
             names = list(self._params)
             so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a)
                                                  for a in self._params.values()])
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        # ORT transformers measured slower on this machine (`ort_tuning`) stay off
+        self.disabled = list(disabled)
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=self.disabled or None)
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
@@ -231,13 +234,16 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
     # the ONNX exporter lives with the frontends; imported lazily (backends stay light)
     from ember.export_onnx import export_onnx
 
+    from .ort_tuning import disabled_optimizers, skip_layernorm_fusion
+
     path = work / ORT_FILE
+    threads = torch.get_num_threads()
     try:
-        rep = export_onnx(g, path, contrib_ops=True)
+        rep = export_onnx(g, path, contrib_ops=True, skip_layernorm=skip_layernorm_fusion(threads))
         if rep.custom:
             info["onnxruntime"] = {"skipped": f"ops without an ONNX form: {sorted(rep.custom)}"}
             return None
-        runner = _OrtRunner(path, torch.get_num_threads())
+        runner = _OrtRunner(path, threads, disabled=disabled_optimizers(threads))
         got = runner(*ins)
     except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
         info["onnxruntime"] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -257,7 +263,7 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
         return None
     runner, spinning, times = _choose_spinning(path, runner, ins)
     info["onnxruntime"] = {"max_rel_error": err, "tolerance": tol, "allow_spinning": spinning,
-                           "spinning_ms": times}
+                           "spinning_ms": times, "disabled_optimizers": runner.disabled}
     return CpuProgram("onnxruntime", runner, g, info, package=path)
 
 
@@ -272,7 +278,7 @@ def _choose_spinning(path: Path, runner: _OrtRunner, ins: Sequence[torch.Tensor]
     needs (ResNet-50 under load 6: 0.88x of plain ORT spinning vs 1.16x sleeping). Sleeping
     must win by ``SLEEP_MARGIN``: on a quiet machine the two are within noise (ResNet-50: 59.7
     vs 58.0 ms), and a session that sleeps loses to any spinning runtime next to it."""
-    other = _OrtRunner(path, torch.get_num_threads(), spinning=False)
+    other = _OrtRunner(path, torch.get_num_threads(), spinning=False, disabled=runner.disabled)
     best = {"on": math.inf, "off": math.inf}
     for _ in range(2):
         for key, r in (("on", runner), ("off", other)):
@@ -537,9 +543,11 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
         path = d / ORT_FILE
         if not path.is_file():
             raise ArtifactError(f"cpu payload missing: {path}")
+        ort_info = info.get("onnxruntime") or {}
         runner = _OrtRunner(path, torch.get_num_threads(),
                             graph.weights if graph is not None else None,
-                            spinning=(info.get("onnxruntime") or {}).get("allow_spinning", True))
+                            spinning=ort_info.get("allow_spinning", True),
+                            disabled=ort_info.get("disabled_optimizers", ()))
         return CpuProgram("onnxruntime", runner, graph, info, package=path)
     if kind != "aoti":
         raise ArtifactError(f"cpu payload in {d}: unknown kind {kind!r}")

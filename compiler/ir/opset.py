@@ -453,7 +453,14 @@ def _attention_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     q, k, v = (_t(types, i, "attention") for i in range(3))
     if q.rank < 2 or k.rank != q.rank or v.rank != q.rank:
         raise OpTypeError(f"attention: q {q}, k {k}, v {v} must share a rank >= 2")
-    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    if attrs.get("enable_gqa") and q.rank >= 3:
+        # grouped-query heads: q's head dim (-3) is a multiple of k/v's, which are repeated
+        hq, hk = q.shape[-3], k.shape[-3]
+        if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+            raise OpTypeError(f"attention: {hq} query heads are not a multiple of {hk} kv heads")
+        batch = (*broadcast_shapes(q.shape[:-3], k.shape[:-3]), hq)
+    else:
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2])
     return [TensorType(q.dtype, (*batch, q.shape[-2], v.shape[-1]))]
 
 

@@ -26,9 +26,11 @@ MODELS = ["mlp", "bert", "bert_eager", "vit", "gpt2", "llama", "resnet", "mobile
 
 
 # ONNX Runtime's fused contrib ops each O2 graph must export to with contrib_ops=True
-# (GPT-2's residual sums are 2-D and reshaped before their LayerNorm: no SkipLayerNorm yet)
-CONTRIB = {"bert": {"SkipLayerNormalization", "Gelu"}, "vit": {"Gelu", "SkipLayerNormalization"},
-           "gpt2": {"FastGelu"}}
+# (GPT-2's residual sums are 2-D and reshaped before their LayerNorm: no SkipLayerNorm yet);
+# fused attention as MultiHeadAttention (bool padding mask, no mask, causal)
+CONTRIB = {"bert": {"SkipLayerNormalization", "Gelu", "MultiHeadAttention"},
+           "vit": {"Gelu", "SkipLayerNormalization", "MultiHeadAttention"},
+           "gpt2": {"FastGelu", "MultiHeadAttention"}, "llama": {"MultiHeadAttention"}}
 
 
 @pytest.mark.slow

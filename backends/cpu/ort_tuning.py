@@ -1,0 +1,155 @@
+"""Per-machine choices for the ONNX Runtime program, decided by micro-benchmarks and cached.
+
+ONNX Runtime's fused kernels are not faster on every CPU. Its ``SkipLayerNormalization``
+(residual add + bias + LayerNorm in one kernel) beat the separate ops on the AVX2 Zen 3 machine
+this project started on; on the AVX-512 EPYC it runs on now it is 5-10x SLOWER than
+``Add`` + ``LayerNormalization`` (8 x 128 x 384, 2 threads: 0.93 ms vs 0.12 ms; at 768 wide:
+1.85 vs 0.23 ms), and ORT's own optimizer fuses every Add -> LayerNorm pair into it. So the
+choice is measured here, once per machine, and the CPU backend follows it twice: the exporter
+writes the fused op only when it is faster, and the session disables ORT's own fusion when it
+is not.
+
+Cache: ``~/.cache/ember/ort_kernels_<key>.json`` keyed by CPU model, ORT version and threads
+(the device spec's key scheme), holding the timings behind each decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ort_kernel_choices", "skip_layernorm_fusion", "disabled_optimizers"]
+
+log = logging.getLogger(__name__)
+
+# a fused kernel is used while it is at most this much slower than the separate ops (noise)
+FUSED_MARGIN = 1.10
+_SHAPES = ((8, 128, 384), (1, 128, 768))  # MiniLM / BERT-base residual streams
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_path(threads: int) -> Path:
+    import hashlib
+
+    import onnxruntime as ort
+
+    raw = f"{_cpu_model()}|{' '.join(sorted(_cpu_flags()))}|ort{ort.__version__}|{threads}"
+    key = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ember" / f"ort_kernels_{key}.json"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _time_session(nodes: list[Any], shape: tuple[int, int, int], threads: int,
+                  repeats: int = 30) -> float:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    b, s, d = shape
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), n)
+             for n in ("gamma", "beta", "bias")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b, s, d]) for n in ("a", "b")]
+    g = helper.make_graph(nodes, "k", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                          [b, s, d])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # the separate form must stay separate while it is timed
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["SkipLayerNormFusion"])
+    feed = {"a": rng.standard_normal((b, s, d)).astype(np.float32),
+            "b": rng.standard_normal((b, s, d)).astype(np.float32)}
+    for _ in range(5):
+        sess.run(None, feed)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _measure(threads: int) -> dict[str, Any]:
+    from onnx import helper
+
+    fused = [helper.make_node("SkipLayerNormalization", ["a", "b", "gamma", "beta", "bias"],
+                              ["y"], domain="com.microsoft", epsilon=1e-12)]
+    separate = [helper.make_node("Add", ["a", "bias"], ["a1"]),
+                helper.make_node("Add", ["a1", "b"], ["s"]),
+                helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1,
+                                 epsilon=1e-12)]
+    rows = []
+    for shape in _SHAPES:
+        rows.append({"shape": list(shape), "fused_ms": round(_time_session(fused, shape, threads), 4),
+                     "separate_ms": round(_time_session(separate, shape, threads), 4)})
+    ratio = statistics.median(r["fused_ms"] / r["separate_ms"] for r in rows)
+    return {"skip_layernorm": {"use_fused": ratio <= FUSED_MARGIN, "fused_over_separate":
+                               round(ratio, 3), "timings": rows},
+            "threads": threads, "machine": _cpu_model(),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+@lru_cache(maxsize=4)
+def ort_kernel_choices(threads: int) -> dict[str, Any]:
+    """The measured choices for this machine at ``threads`` (cached on disk and in memory);
+    ``{}`` when ONNX Runtime is not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {}
+    path = _cache_path(threads)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    t0 = time.perf_counter()
+    out = _measure(threads)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("ONNX Runtime kernel choices measured in %.1fs: %s", out["seconds"],
+             out["skip_layernorm"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+    except OSError as e:
+        log.warning("cannot cache %s: %s", path, e)
+    return out
+
+
+def skip_layernorm_fusion(threads: int) -> bool:
+    """Whether ``SkipLayerNormalization`` is the faster form here."""
+    return bool(ort_kernel_choices(threads).get("skip_layernorm", {}).get("use_fused", True))
+
+
+def disabled_optimizers(threads: int) -> list[str]:
+    """ORT graph transformers to switch off for Ember's sessions on this machine."""
+    return [] if skip_layernorm_fusion(threads) else ["SkipLayerNormFusion"]

@@ -1,0 +1,211 @@
+"""Timing contenders each alone in its own process, driven in interleaved rounds.
+
+    time_isolated({"ember": Contender("ember.isolated:load_ember", (path,)),
+                   "ort": Contender("ember.isolated:load_ort", (onnx_path,))},
+                  inputs, repeats=10)
+      -> {"ember": IsolatedResult(ms=..., samples=[...], outputs=[...]), "ort": ...}
+
+Why a process per contender: a user runs one model per process. Sharing one process (or one
+machine without a pause between calls) lets one runtime's idle workers slow the next: ONNX
+Runtime's intra-op threads spin for a while after each call, and every session has its own
+pool. On the 2-core machine of this project, a MiniLM ORT fp32 session in one process with four
+other contenders ran at 113 ms against 55 ms alone, and an isolated fp32 MatMul ran at 3.2 ms
+beside 21 ms with nine idle sessions spinning next to it.
+
+Each worker builds its contender from a factory named ``"module:function"`` (imported in the
+fresh process; ``sys_path`` entries are added first, so example scripts can name their own
+factories), answers with its first outputs, then times one call per request, blocked on the
+pipe (idle) while the others run. The parent drives rounds in a seeded random order with
+``settle_s`` of idle time before each call. The median of each contender's own samples is the
+figure; outputs come back so callers can check them before trusting any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Contender", "IsolatedResult", "time_isolated", "load_ember", "load_ort",
+           "load_exported"]
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """How a worker process builds one contender: ``factory(*args) -> runner``.
+
+    ``runner(*inputs)`` takes the numpy inputs and returns its outputs (tensors, arrays, or
+    nested lists/tuples of them)."""
+
+    factory: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class IsolatedResult:
+    """One contender's timing: median ms, every sample, its first outputs, or why it failed."""
+
+    ms: float | None = None
+    samples: list[float] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    build_s: float | None = None
+    error: str = ""
+
+
+def _resolve(factory: str) -> Callable[..., Runner]:
+    mod, _, fn = factory.partition(":")
+    if not fn:
+        raise ValueError(f"factory '{factory}' must be 'module:function'")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    if hasattr(out, "detach"):
+        return [out.detach().cpu().numpy()]
+    if isinstance(out, np.ndarray):
+        return [out]
+    if isinstance(out, Mapping):
+        return [a for v in out.values() for a in _flat(v)]
+    if isinstance(out, list | tuple):
+        return [a for v in out for a in _flat(v)]
+    if hasattr(out, "to_tuple"):
+        return _flat(out.to_tuple())
+    return []
+
+
+def _worker(c: Contender, inputs: list[np.ndarray], threads: int, sys_path: list[str],
+            conn: Any) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    for p in sys_path:
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        t0 = time.perf_counter()
+        run = _resolve(c.factory)(*c.args)
+        with torch.inference_mode():
+            out = _flat(run(*inputs))  # the first call may compile
+        conn.send(("ok", out, time.perf_counter() - t0))
+    except Exception as e:  # a contender that cannot be built is reported, not fatal
+        conn.send(("failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                   0.0))
+        return
+    with torch.inference_mode():
+        while conn.recv() == "run":
+            t0 = time.perf_counter()
+            run(*inputs)
+            conn.send((time.perf_counter() - t0) * 1e3)
+
+
+def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
+                  repeats: int = 10, warmup: int = 2, threads: int = 2, settle_s: float = 0.05,
+                  seed: int = 0, sys_path: Sequence[str] = (),
+                  progress: Callable[[str], None] | None = None) -> dict[str, IsolatedResult]:
+    """Medians over ``repeats`` interleaved rounds, each contender in its own process.
+
+    Args:
+        contenders: name -> `Contender`.
+        inputs: the call's inputs (tensors or arrays; sent to each worker as numpy).
+        repeats: timed rounds; each round calls every contender once, in a random order.
+        warmup: untimed rounds first.
+        threads: torch (and, through the factories here, ONNX Runtime) threads per worker.
+        settle_s: idle time before each timed call.
+        sys_path: folders added to ``sys.path`` in the workers (to import example factories).
+    """
+    arrays = [np.ascontiguousarray(a.detach().numpy() if hasattr(a, "detach") else np.asarray(a))
+              for a in inputs]
+    ctx = mp.get_context("spawn")
+    res: dict[str, IsolatedResult] = {n: IsolatedResult() for n in contenders}
+    live: dict[str, Any] = {}
+    procs = []
+    say = progress or (lambda s: None)
+    try:
+        for name, c in contenders.items():  # one build at a time: compiles do not overlap
+            say(f"building {name}")
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(c, arrays, threads, list(sys_path), child),
+                            daemon=True)
+            p.start()
+            procs.append((p, parent))
+            status, payload, build_s = parent.recv()
+            if status != "ok":
+                res[name].error = payload
+                log.warning("%s: %s", name, payload)
+                continue
+            res[name].outputs, res[name].build_s = payload, round(build_s, 2)
+            live[name] = parent
+        names = list(live)
+        rng = random.Random(seed)
+        for r in range(warmup + repeats):
+            for n in rng.sample(names, len(names)):
+                time.sleep(settle_s)
+                live[n].send("run")
+                ms = float(live[n].recv())
+                if r >= warmup:
+                    res[n].samples.append(ms)
+        for n in names:
+            res[n].ms = statistics.median(res[n].samples) if res[n].samples else None
+    finally:
+        for p, conn in procs:
+            if p.is_alive():
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    conn.send("stop")
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return res
+
+
+# ----------------------------------------------------------------------------- factories
+def load_ember(path: str) -> Runner:
+    """An Ember artifact, as a user loads it."""
+    import ember
+
+    cm = ember.load(path)
+    return lambda *xs: cm(*xs)
+
+
+def load_ort(path: str, threads: int = 2, spinning: bool = True) -> Runner:
+    """ONNX Runtime's CPU provider on an ONNX file, all graph optimizations on."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*xs: np.ndarray) -> Any:
+        return sess.run(None, dict(zip(names, xs)))
+    return run
+
+
+def load_exported(path: str, compile: bool = False) -> Runner:
+    """A saved ``torch.export`` program run by eager PyTorch, or by ``torch.compile``
+    (Inductor) when ``compile``."""
+    import torch
+
+    mod = torch.export.load(path).module()
+    fn = torch.compile(mod) if compile else mod
+
+    def run(*xs: np.ndarray) -> Any:
+        return fn(*[torch.from_numpy(x) for x in xs])
+    return run

@@ -1,0 +1,106 @@
+"""Fused attention exported as ONNX Runtime's MultiHeadAttention (`ember.export_onnx_attention`).
+
+Each case is a small torch module around ``F.scaled_dot_product_attention``: imported, O2, then
+exported with contrib ops and run in ONNX Runtime against eager PyTorch; the ONNX graph must
+hold the fused kernel where it applies and the standard-op form where it does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.driver import relative_error
+from ember.export_onnx import export_onnx
+from ember.frontends.fx import import_module
+from ember.passmanager import PassManager
+
+ort = pytest.importorskip("onnxruntime")
+H, D = 4, 8
+
+
+class Attn(nn.Module):
+    """q from a [B, S, H*D] projection (the head-split view the kernel reads directly); k and v
+    from their own tensors; optional mask kinds."""
+
+    def __init__(self, mask: str = "none", causal: bool = False, heads_kv: int = H,
+                 permuted_q: bool = False) -> None:
+        super().__init__()
+        self.q = nn.Linear(H * D, H * D)
+        self.kv = nn.Linear(H * D, 2 * heads_kv * D)
+        self.mask, self.causal, self.hkv, self.permuted_q = mask, causal, heads_kv, permuted_q
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, H, D).transpose(1, 2)
+        if self.permuted_q:  # not a head split of a [B, S, H*D] tensor
+            q = q.flip(2)
+        k, v = self.kv(mem).view(b, mem.shape[1], 2, self.hkv, D).permute(2, 0, 3, 1, 4)
+        m = None
+        if self.mask == "bool":
+            m = keep[:, None, None, :].bool()
+        elif self.mask == "float":
+            m = (keep[:, None, None, :] - 1.0) * 30.0
+        elif self.mask == "2d":
+            m = torch.ones(s, mem.shape[1], dtype=torch.bool).tril()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=self.causal,
+                                           enable_gqa=self.hkv != H)
+        return o.transpose(1, 2).reshape(b, s, H * D)
+
+
+CASES = {  # name -> (module kwargs, kv length differs from q length, fused kernel expected)
+    "bool_mask": ({"mask": "bool"}, True, True),
+    "float_mask": ({"mask": "float"}, True, True),
+    "mask_2d": ({"mask": "2d"}, True, True),
+    "causal": ({"causal": True}, False, True),
+    "no_mask_cross": ({}, True, True),
+    "transposed_q": ({"mask": "bool", "permuted_q": True}, False, True),
+    "gqa": ({"heads_kv": 2}, False, False),  # standard ops (kv heads repeated)
+    "causal_cross": ({"causal": True}, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> None:
+    kw, cross, fused = CASES[case]
+    torch.manual_seed(0)
+    m = Attn(**kw).eval()
+    b, s = 2, 6
+    L = 9 if cross else s
+    x, mem = torch.randn(b, s, H * D), torch.randn(b, L, H * D)
+    keep = torch.ones(b, L)
+    keep[0, -3:] = 0
+    if not cross:
+        mem = x
+    dyn = {"x": {0: "batch", 1: "seq"}, "mem": {0: "batch", 1: "kv" if cross else "seq"},
+           "keep": {0: "batch", 1: "kv" if cross else "seq"}}
+    g = import_module(m, (x, mem, keep), dynamic_dims=dyn, input_names=["x", "mem", "keep"])
+    g = PassManager("O2", verify_each=True).run(g)
+    assert any(n.op == "attention" for n in g.nodes)
+    path = tmp_path / "a.onnx"
+    rep = export_onnx(g, path, contrib_ops=True)
+    assert not rep.custom
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ("MultiHeadAttention" in ops) == fused, ops
+    if fused:
+        assert "Softmax" not in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # other batch / lengths than traced: the bias and reshapes follow the symbolic dims
+    b2, s2 = 3, 5
+    L2 = 7 if cross else s2
+    x2, mem2 = torch.randn(b2, s2, H * D), torch.randn(b2, L2, H * D)
+    keep2 = torch.ones(b2, L2)
+    keep2[1, -2:] = 0
+    if not cross:
+        mem2 = x2
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
+    got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
+    with torch.no_grad():
+        want = m(x2, mem2, keep2)
+    assert relative_error(got, [want]) <= 1e-5
