@@ -138,7 +138,11 @@ def _session(path: Path, profile_prefix: str | None = None,
         so.profile_file_prefix = profile_prefix
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from ember.backends.cpu.ort_tuning import disabled_optimizers
+
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers(so.intra_op_num_threads)
+                                or None)
 
 
 def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
@@ -146,7 +150,9 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     named ONNX model, and a JSON sidecar with the IR inputs, the tensor -> IR node map and
     every node's roofline and features at each symbol point."""
     import onnx
+    import torch
 
+    from ember.backends.cpu.ort_tuning import skip_layernorm_fusion
     from ember.driver import import_model
     from ember.export_onnx import export_onnx
     from ember.passmanager import PassContext, PassManager, parse_pipeline
@@ -157,7 +163,9 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     ctx.options["example_inputs"] = list(sm.example_inputs)
     g = PassManager(parse_pipeline(DEFAULT_PIPELINE)).run(g0, ctx)
     raw = work / f"{sm.name}.raw.onnx"
-    rep = export_onnx(g, raw, contrib_ops=True)   # exactly as the CPU backend's candidate
+    # exactly as the CPU backend's candidate
+    rep = export_onnx(g, raw, contrib_ops=True,
+                      skip_layernorm=skip_layernorm_fusion(torch.get_num_threads()))
     if rep.custom:
         log.info("%s: skipped (custom ops %s)", sm.name, rep.custom)
         return False
@@ -194,7 +202,11 @@ def _stub_model(side: Mapping[str, Any], path: Path) -> Any:
             for i in side["inputs"]]
     b.set_outputs(vals[:1])
     g = b.build()
-    prog = CpuProgram("onnxruntime", _OrtRunner(path, torch.get_num_threads()), g, {})
+    from ember.backends.cpu.ort_tuning import disabled_optimizers
+
+    threads = torch.get_num_threads()
+    prog = CpuProgram("onnxruntime", _OrtRunner(path, threads,
+                                                disabled=disabled_optimizers(threads)), g, {})
     return CompiledModel(g, prog, target="cpu", backend="cpu", pipeline="O2", records={})
 
 

@@ -55,19 +55,6 @@ SCHEMES = ["w8a8-dynamic", "w8a8-static", "w8", "w4g32", "lut3", "bf16"]
 
 
 # ----------------------------------------------------------------------------- helpers
-def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median ms per contender; contenders alternate within each round."""
-    for f in fns.values():
-        f()
-    t: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            s = time.perf_counter()
-            f()
-            t[k].append((time.perf_counter() - s) * 1e3)
-    return {k: statistics.median(v) for k, v in t.items()}
-
-
 def file_mb(p: str | Path) -> float:
     p = Path(p)
     if p.is_dir():
@@ -131,6 +118,27 @@ def onnx_sessions(model: torch.nn.Module, example: tuple, names: list[str],
     return out
 
 
+def isolated_latency(cms: dict[str, ember.CompiledModel], ort: dict[str, Any], example: tuple,
+                     work: Path, repeats: int,
+                     inductor: torch.nn.Module | None = None) -> dict[str, float]:
+    """Median ms of every Ember variant (saved, then loaded as a user would), the ORT files and
+    Inductor, each alone in its own process, interleaved rounds (`ember.isolated`)."""
+    contenders: dict[str, Contender] = {}
+    for i, (k, cm) in enumerate(cms.items()):
+        contenders[k] = Contender("ember.isolated:load_ember", (str(cm.save(work / f"v{i}.ember")),))
+    for k, entry in ort.items():
+        contenders[k] = Contender("ember.isolated:load_ort", (str(entry[2]),))
+    if inductor is not None:
+        pt2 = work / "model.pt2"
+        torch.export.save(torch.export.export(inductor, example), str(pt2))
+        contenders["inductor-fp32"] = Contender("ember.isolated:load_exported", (str(pt2), True))
+    timed = time_isolated(contenders, example, repeats=repeats, warmup=2)
+    bad = {k: r.error for k, r in timed.items() if r.ms is None}
+    if bad:
+        log.warning("not timed: %s", bad)
+    return {k: float(r.ms) for k, r in timed.items() if r.ms is not None}
+
+
 # ----------------------------------------------------------------------------- issue #4
 RESULTS_FILES = [Path("/tmp/bench/quant_results.json"), ROOT / "examples/plots/quant_results.json"]
 
@@ -167,18 +175,9 @@ def w8a8_table(name: str, model: torch.nn.Module, example: tuple, names: list[st
     ort = onnx_sessions(model, example, names, {**dyn, "out": {0: "batch"}}, work)
     # every contender alone in its own process (ember.isolated): in one process ORT's spinning
     # workers of the other sessions halved the speed of whichever ran next
-    contenders: dict[str, Contender] = {}
-    for k, cm in cms.items():
-        contenders[k] = Contender("ember.isolated:load_ember", (str(cm.save(work / f"{k}.ember")),))
-    for k in ort:
-        contenders[k] = Contender("ember.isolated:load_ort", (str(ort[k][2]),))
-    if args.inductor:
-        pt2 = work / "model.pt2"
-        torch.export.save(torch.export.export(model, example), str(pt2))
-        contenders["inductor-fp32"] = Contender("ember.isolated:load_exported", (str(pt2), True))
     load0 = os.getloadavg()[0]
-    timed = time_isolated(contenders, example, repeats=args.repeats, warmup=2)
-    lat = {k: r.ms for k, r in timed.items() if r.ms is not None}
+    lat = isolated_latency(cms, ort, example, work, args.repeats,
+                           model if args.inductor else None)
     fns = dict.fromkeys(lat)
     load1 = os.getloadavg()[0]
     runs: dict[str, Callable[..., Any]] = {k: (lambda *a, cm=cm: cm(*a)) for k, cm in cms.items()}
@@ -387,10 +386,9 @@ def w4_llm(args: argparse.Namespace) -> dict[str, Any]:
         cms[k] = compile_variant(lm, (wins[:1],), p, dyn, ["input_ids"], None, args.llm_mode)
         log.info("SmolLM2 %s compiled in %.0fs (%s)", k, time.time() - t0,
                  program_kind(cms[k]))
-    fns = {k: (lambda cm=cm: cm(one)) for k, cm in cms.items()}
     load0 = os.getloadavg()[0]
-    with torch.inference_mode():
-        lat = interleaved_ms(fns, args.repeats)
+    with tempfile.TemporaryDirectory() as d:
+        lat = isolated_latency(cms, {}, (one,), Path(d), args.repeats)
     rows = []
     for k, cm in cms.items():
         nll, n = 0.0, 0
@@ -537,18 +535,8 @@ def minilm(args: argparse.Namespace, work: Path) -> None:
         variants[s] = compile_variant(enc, example, p, dyn, names, calib, mode)
         log.info("%s compiled in %.0fs", s, time.time() - t0)
     ort = onnx_sessions(enc, example, names, {**dyn, "out": {0: "batch"}}, work)
-    inputs = {"input_ids": example[0].numpy(), "attention_mask": example[1].numpy()}
-    fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(*example)) for k, v in
-                                         variants.items()}
-    for k, (sess, *_) in ort.items():
-        fns[k] = lambda sess=sess: sess.run(None, inputs)
-    if args.inductor:
-        ind = torch.compile(enc)
-        with torch.no_grad():
-            ind(*example)
-        fns["inductor-fp32"] = lambda: ind(*example)
-    with torch.inference_mode():
-        lat = interleaved_ms(fns, args.repeats)
+    lat = isolated_latency(variants, ort, example, work, args.repeats,
+                           enc if args.inductor else None)
     base = lat["ember-fp32"]
 
     def score(run: Callable[..., Any]) -> tuple[float, float]:
@@ -600,11 +588,9 @@ def sparsity_curve(enc: torch.nn.Module, tok: Any, texts: list[str], y: np.ndarr
     for pat, r, meth in configs:
         p = f"O2,sparsify{{pattern={pat},ratio={r},method={meth}}}"
         cms[(pat, r, meth)] = compile_variant(enc, example, p, dyn, names, calib, "eager")
-    fns = {"dense": lambda: base_cm(*example)}
-    for key, cm in cms.items():
-        fns[str(key)] = lambda cm=cm: cm(*example)
-    with torch.inference_mode():
-        lat = interleaved_ms(fns, args.repeats)
+    with tempfile.TemporaryDirectory() as d:
+        lat = isolated_latency({"dense": base_cm, **{str(k): cm for k, cm in cms.items()}}, {},
+                               example, Path(d), args.repeats)
     for (pat, r, meth), cm in cms.items():
         e = embed(lambda a, m, cm=cm: cm(a, m), tok, texts)
         cos = float(np.mean(np.sum(e * e32, axis=1)))
@@ -702,16 +688,14 @@ def vit(args: argparse.Namespace, work: Path) -> None:
         variants[s] = compile_variant(big, (xb,), f"O2,quantize{{scheme={s}}}", dyn, names,
                                       None, mode)
     ort = onnx_sessions(big, (xb,), names, {**dyn, "out": {0: "batch"}}, work)
+    lat = isolated_latency(variants, ort, (xb,), work, args.repeats,
+                           big if args.inductor else None)
     fns: dict[str, Callable[[], Any]] = {k: (lambda v=v: v(xb)) for k, v in variants.items()}
     for k, (sess, *_) in ort.items():
         fns[k] = lambda sess=sess: sess.run(None, {"pixel_values": xb.numpy()})
     if args.inductor:
-        ind = torch.compile(big)
-        with torch.no_grad():
-            ind(xb)
-        fns["inductor-fp32"] = lambda: ind(xb)
+        fns["inductor-fp32"] = lambda: big(xb)  # fp32 outputs: Inductor compiles the same model
     with torch.inference_mode():
-        lat = interleaved_ms(fns, args.repeats)
         want = big(xb)
     rows = []
     for k, f in fns.items():

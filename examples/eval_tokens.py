@@ -20,7 +20,8 @@ Parts:
 Latency: ``ember.compile(..., backend_options={"mode": "onnxruntime"})`` (Ember's ONNX Runtime
 program, the candidate Ember ships on this machine; AOTI needs minutes of C++ compilation per
 variant), ONNX Runtime on ``torch.onnx.export`` of the fp32 model, torch eager; 2 threads,
-medians of ``--repeats`` interleaved (round-robin) runs after warm-up; load average recorded.
+each contender loaded in its own process (`ember.isolated`), medians of ``--repeats``
+interleaved rounds after warm-up; load average recorded.
 Writes examples/plots/tokens_*.png, examples/plots/token_results.json and
 /tmp/bench/token_results.json, and prints the tables.
 """
@@ -49,9 +50,9 @@ sys.path.insert(0, str(HERE))
 PLOTS = HERE / "plots"
 
 import ember  # noqa: E402
-from ember.backends.cpu.program import interleaved_medians_ms  # noqa: E402
 from ember.backends.reference.interpreter import run_graph  # noqa: E402
 from ember.frontends import fx  # noqa: E402
+from ember.isolated import Contender, time_isolated  # noqa: E402
 from ember.passes._blocks import find_blocks, graph_flops  # noqa: E402
 from ember.passmanager import PassContext, PassManager  # noqa: E402
 
@@ -59,31 +60,40 @@ ROWS: list[dict[str, Any]] = []
 
 
 # ----------------------------------------------------------------------------- timing
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median ms of each fn, round robin with an idle settle before each call (the CPU
-    backend's own candidate timer)."""
-    return interleaved_medians_ms(fns, repeats, warmup=1, settle_s=0.03)
+def isolated_ms(cms: dict[str, Any], inputs: tuple, repeats: int, *,
+                ort_path: str | None = None,
+                eager: torch.nn.Module | None = None) -> dict[str, float]:
+    """Median ms of each compiled variant (loaded from its saved artifact), ONNX Runtime on
+    ``ort_path`` and eager PyTorch, each in its own process, interleaved rounds
+    (`ember.isolated`): in one process a dozen ORT sessions' spinning workers slow whichever
+    runs next."""
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix="eval-tokens-"))
+    try:
+        cs = {k: Contender("ember.isolated:load_ember", (str(cm.save(work / f"v{i}.ember")),))
+              for i, (k, cm) in enumerate(cms.items())}
+        if ort_path is not None:
+            cs["ORT fp32"] = Contender("ember.isolated:load_ort", (ort_path,))
+        if eager is not None:
+            pt2 = work / "eager.pt2"
+            torch.export.save(torch.export.export(eager, inputs), str(pt2))
+            cs["torch eager"] = Contender("ember.isolated:load_exported", (str(pt2),))
+        res = time_isolated(cs, inputs, repeats=repeats, warmup=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    bad = {k: r.error for k, r in res.items() if r.ms is None}
+    if bad:
+        raise SystemExit(f"timing failed: {bad}")
+    return {k: float(r.ms) for k, r in res.items() if r.ms is not None}
 
 
-def _no_grad(model: torch.nn.Module, *args: torch.Tensor) -> Callable[[], Any]:
-    def run() -> Any:
-        with torch.no_grad():
-            return model(*args)
-    return run
-
-
-def ort_session(model: torch.nn.Module, inputs: tuple, names: Sequence[str]) -> Callable[..., Any]:
-    import onnxruntime as ort
-
+def ort_export(model: torch.nn.Module, inputs: tuple, names: Sequence[str]) -> str:
+    """torch.onnx.export (TorchScript exporter) of the fp32 model: the ORT baseline's file."""
     path = Path(tempfile.mkdtemp()) / "m.onnx"
     torch.onnx.export(model, inputs, str(path), input_names=list(names), dynamo=False,
                       opset_version=17)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {n: t.numpy() for n, t in zip(names, inputs)}
-    return lambda: s.run(None, feed)
+    return str(path)
 
 
 def compile_cpu(model: Any, inputs: tuple, passes: str, names: Sequence[str] | None,
@@ -204,11 +214,9 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
         torch.onnx.export(model, (xb,), str(onnx_path), input_names=["x"], dynamo=False,
                           opset_version=17, dynamic_axes={"x": {0: "batch"}})
         VIT_GRAPHS[name] = (str(onnx_path), chosen)
-        fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(xb)) for k, cm in cms.items()}
-        fns["ORT fp32"] = ort_session(model, (xb,), ["x"])
-        fns["torch eager"] = _no_grad(model, xb)
         la0 = load_avg()
-        ms = interleaved_medians(fns, repeats)
+        ms = isolated_ms(cms, (xb,), repeats, ort_path=ort_export(model, (xb,), ["x"]),
+                         eager=model)
         la = (la0 + load_avg()) / 2
         base, ort_ms = ms["O2"], ms["ORT fp32"]
         for label, cm in cms.items():
@@ -249,10 +257,8 @@ def run_onnx(repeats: int, quick: bool, n_test: int) -> None:
                "merge r=4": compile_cpu(path, (xb,), "O2,merge_tokens{r=4}", None, dyn)}
         print(f"\n== {name}.onnx (torch.onnx.export): {find_blocks(cms['O2'].graph).explain()}",
               flush=True)
-        fns: dict[str, Callable[[], Any]] = {k: (lambda cm=cm: cm(xb)) for k, cm in cms.items()}
-        fns["ORT fp32"] = lambda s=sess: s.run(None, {"x": xb.numpy()})
         la0 = load_avg()
-        ms = interleaved_medians(fns, repeats)
+        ms = isolated_ms(cms, (xb,), repeats, ort_path=path)
         la = (la0 + load_avg()) / 2
         env = {"batch": 64}
         for label, cm in cms.items():
@@ -320,15 +326,10 @@ def _time_text(enc: torch.nn.Module, variants: dict[str, str], ib: torch.Tensor,
     """Compiles every variant on Ember's ORT program; medians of interleaved runs at (ib, mb)
     next to ORT fp32 on torch.onnx.export and eager; returns (models, ms, mean load)."""
     names = ["input_ids", "attention_mask"]
-    cms, fns = {}, {}
-    for label, pipe in variants.items():
-        cm = compile_cpu(enc, (ib, mb), pipe, names)
-        cms[label] = cm
-        fns[label] = (lambda cm=cm: cm(ib, mb))
-    fns["ORT fp32"] = ort_session(enc, (ib, mb), names)
-    fns["torch eager"] = _no_grad(enc, ib, mb)
+    cms = {label: compile_cpu(enc, (ib, mb), pipe, names) for label, pipe in variants.items()}
     la0 = load_avg()
-    ms = interleaved_medians(fns, repeats)
+    ms = isolated_ms(cms, (ib, mb), repeats, ort_path=ort_export(enc, (ib, mb), names),
+                     eager=enc)
     return cms, ms, (la0 + load_avg()) / 2
 
 

@@ -12,6 +12,10 @@ batch 128, label smoothing 0.1, random h-flip and one +-2 px roll per batch, tor
 ``examples/checkpoints/<name>.safetensors``.
 
     python examples/train_tiny_vit.py [--epochs 2] [--train 12000]   # ~10 min on 2 loaded cores
+
+The committed checkpoints (session 4) came from ``--epochs 8 --train 60000`` on 2 AVX-512
+EPYC cores, ~500 s each: test top-1 ``tiny_vit_mha`` 0.8598, ``tiny_vit_hf`` 0.8419 (10000
+test images). Earlier ones (2 epochs on 12000 images) reached 0.657.
 """
 
 from __future__ import annotations
