@@ -97,6 +97,22 @@ def _default_symbol_value(name: str) -> int:
     return 1 if ("batch" in low or low in ("n", "b", "bs")) else 16
 
 
+def pass_options(target: str, example: Sequence[torch.Tensor] | None) -> dict[str, Any]:
+    """What passes may read from ``ctx.options``: the compile's example inputs and, for the
+    CPU target, how its ONNX Runtime program is built (passes that time their rewrite in ORT
+    must build sessions the same way)."""
+    opts: dict[str, Any] = {"example_inputs": list(example) if example is not None else None}
+    if target == "cpu":
+        try:
+            from ember.backends.cpu.ort_tuning import disabled_optimizers, skip_layernorm_fusion
+        except ImportError:
+            return opts
+        threads = torch.get_num_threads()
+        opts["ort_export"] = {"skip_layernorm": skip_layernorm_fusion(threads),
+                              "disabled_optimizers": disabled_optimizers(threads)}
+    return opts
+
+
 def make_example_inputs(g: Graph, symbols: Mapping[str, int] | None = None,
                         seed: int = 0) -> list[torch.Tensor]:
     """Random inputs matching the graph signature (symbolic dims get typical values)."""
@@ -297,7 +313,7 @@ def compile(  # noqa: A001  (the public name is ember.compile)
         steps, calib = parse_pipeline(plan.pipeline), plan.pass_calib
     calib_inputs, labels = _split_calib(calib)
     ctx = PassContext(target=target, calib=calib_inputs, labels=labels)
-    ctx.options["example_inputs"] = example
+    ctx.options.update(pass_options(target, example))
     with pr.stage(f"passes [{format_pipeline(steps) or 'none'}]"):
         g = PassManager(steps, verify_each=verify,
                         progress=pr.pass_hook if progress else None).run(g0, ctx)

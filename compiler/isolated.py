@@ -49,10 +49,12 @@ class Contender:
     """How a worker process builds one contender: ``factory(*args) -> runner``.
 
     ``runner(*inputs)`` takes the numpy inputs and returns its outputs (tensors, arrays, or
-    nested lists/tuples of them)."""
+    nested lists/tuples of them). ``inputs``, when given, replace the shared inputs of
+    `time_isolated` for this contender (one model timed at several shapes)."""
 
     factory: str
     args: tuple[Any, ...] = ()
+    inputs: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -127,8 +129,11 @@ def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
         settle_s: idle time before each timed call.
         sys_path: folders added to ``sys.path`` in the workers (to import example factories).
     """
-    arrays = [np.ascontiguousarray(a.detach().numpy() if hasattr(a, "detach") else np.asarray(a))
-              for a in inputs]
+    def as_arrays(xs: Sequence[Any]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(a.detach().numpy() if hasattr(a, "detach") else
+                                     np.asarray(a)) for a in xs]
+
+    shared = as_arrays(inputs)
     ctx = mp.get_context("spawn")
     res: dict[str, IsolatedResult] = {n: IsolatedResult() for n in contenders}
     live: dict[str, Any] = {}
@@ -138,6 +143,7 @@ def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
         for name, c in contenders.items():  # one build at a time: compiles do not overlap
             say(f"building {name}")
             parent, child = ctx.Pipe()
+            arrays = shared if c.inputs is None else as_arrays(c.inputs)
             p = ctx.Process(target=_worker, args=(c, arrays, threads, list(sys_path), child),
                             daemon=True)
             p.start()

@@ -459,9 +459,11 @@ class _Search:
 
     # -- building and measuring
     def _run_passes(self, g: Graph, steps: Sequence[PassStep]) -> Graph:
+        from .driver import pass_options
+
         ctx = PassContext(target=self.target, calib=self.pass_calib, labels=self.pass_labels,
                           seed=self.seed)
-        ctx.options["example_inputs"] = self.pass_example
+        ctx.options.update(pass_options(self.target, self.pass_example))
         torch.manual_seed(self.seed)
         return PassManager(list(steps)).run(g, ctx)
 

@@ -5,7 +5,8 @@ synthetic graphs, `python -m ember.cost_models.ort_collect`), compiles each mode
 the CPU with dynamic dims (every candidate built and timed, the fastest shipped, as always),
 then at a grid of batch sizes / sequence lengths compares `CompiledModel.predicted_latency_ms`
 (the predictor `ember inspect` shows) with the measured median of >= 10 calls on 2 threads.
-All points are timed round-robin (one call of each per round) so load drift hits all alike.
+Each model's points are timed in interleaved rounds, every point the artifact loaded alone in
+its own process (`ember.isolated`), one model at a time.
 Reports the share within +-10% (target >= 90%), the timing spread (IQR) and the load average.
 
     python examples/cost_model_accuracy.py --build /tmp/cm_art          # compile + save only
@@ -24,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import zoo  # noqa: E402  (tests/zoo.py: the model zoo)
 
 import ember  # noqa: E402
 from ember import cost_models as cm  # noqa: E402
+from ember.isolated import Contender, time_isolated  # noqa: E402
 
 # symbol grids per model family: text models vary batch and seq, image models batch
 TEXT_GRID = [{"batch": b, "seq": s} for b in (1, 2, 4) for s in (8, 32, 64)]
@@ -86,9 +89,11 @@ def main() -> int:
         build(names, args.size, Path(args.build), args.mode)
         return 0
     if args.artifacts:
-        models = {n: ember.load(Path(args.artifacts) / f"{n}.ember") for n in names}
+        art = Path(args.artifacts)
+        models = {n: ember.load(art / f"{n}.ember") for n in names}
     else:
-        models = build(names, args.size, None, args.mode)
+        art = Path(tempfile.mkdtemp(prefix="cm-acc-"))
+        models = build(names, args.size, art, args.mode)
     dev = cm.get_device("cpu")
     ortm = cm.load_ort_model()
     print(f"device: {dev.summary()}\nORT model: "
@@ -102,20 +107,27 @@ def main() -> int:
             dims = {k: v for k, v in pt.items() if k in symbols_used}
             inputs = zm.make_inputs(**dims)
             try:
-                for _ in range(0 if args.rescore else 3):
-                    c.run(*inputs)
+                c.run(*inputs)
             except Exception as e:  # a shape outside what the program supports
                 print(f"  {name} {dims}: skipped ({type(e).__name__})")
                 continue
             points.append({"model": name, "dims": dims, "c": c, "inputs": inputs, "t": []})
     old = json.loads(Path(args.rescore).read_text()) if args.rescore else None
     loads = old["loadavg_1m"] if old else [os.getloadavg()[0]]
-    for _ in range(0 if old else args.repeats):   # round-robin: one call of each point a round
-        for p in points:
-            t0 = time.perf_counter()
-            p["c"].run(*p["inputs"])
-            p["t"].append((time.perf_counter() - t0) * 1e3)
-        loads.append(os.getloadavg()[0])
+    if not old:
+        # one model at a time; each of its points is the artifact loaded in its own process
+        # (ember.isolated), the points timed in interleaved rounds: in one process the other
+        # models' ORT sessions' spinning workers slowed whichever ran next
+        for name in models:
+            mine = [p for p in points if p["model"] == name]
+            cs = {str(i): Contender("ember.isolated:load_ember", (str(art / f"{name}.ember"),),
+                                    inputs=tuple(p["inputs"])) for i, p in enumerate(mine)}
+            res = time_isolated(cs, [], repeats=args.repeats, warmup=3, threads=args.threads)
+            for i, p in enumerate(mine):
+                p["t"] = res[str(i)].samples
+            loads.append(os.getloadavg()[0])
+            print(f"  timed {name}: {len(mine)} points", flush=True)
+        points = [p for p in points if p["t"]]
     if old:
         by_key = {(r["model"], r.get("batch"), r.get("seq")): r for r in old["rows"]}
     rows = []

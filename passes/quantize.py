@@ -29,6 +29,9 @@ CPU target when onnxruntime is installed, as the CPU backend ships ORT on Ember'
 is fastest) the layer's ONNX export against the fp32 layer, both in ONNX Runtime; with
 ``gate_runtime=torch`` the op's torch kernel (fbgemm) against ``F.linear``.
 ``gate=predict`` trusts the roofline, ``gate=always`` rewrites every eligible layer.
+With ``gate=measure`` and ONNX Runtime, the whole model is then timed before and after in ONNX
+Runtime on the compile's example inputs (`._model_gate`), and the rewrite is dropped unless it
+is at least ``min_model_speedup`` faster: layers that each win alone can lose together.
 With ``sensitivity=true`` and calibration data, each gated layer is quantized alone and the
 output cosine against fp32 is measured on the calibration inputs; a layer whose drop exceeds
 ``max_layer_drop`` falls back along its scheme's chain (w4 -> w8, lut2 -> lut3 -> w8,
@@ -70,6 +73,7 @@ from ember.ir.opset_quant import (
 from ember.passmanager import PassContext, register_pass
 
 from . import _calib
+from ._model_gate import compare_in_ort
 from ._qkernels import GateResult, gate
 from ._rewrite import eliminate_dead
 
@@ -88,6 +92,8 @@ class QuantizeConfig:
     scheme: str = "w8a8-dynamic"
     gate: str = "measure"  # measure | predict | always
     min_speedup: float = 1.05
+    # the whole quantized model must run at least this much faster than fp32 (gate=measure)
+    min_model_speedup: float = 1.02
     calib_method: str = "minmax"  # minmax | percentile (static scheme)
     percentile: float = 99.99
     outliers: bool | None = None  # None: on for w8a8-static when calibration data is given
@@ -514,12 +520,26 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             by_node[name].update(info)
 
     out = apply(g, final) if final else g
+    model_gate: dict[str, Any] | None = None
+    example = ctx.options.get("example_inputs")
+    if final and runtime == "onnxruntime" and cfg.gate == "measure" and example:
+        model_gate = compare_in_ort(g, out, list(example), ctx.options.get("ort_export"))
+        if model_gate is not None and model_gate["speedup"] < cfg.min_model_speedup:
+            why = (f"whole model measured {model_gate['after_ms']:.3f} ms quantized vs "
+                   f"{model_gate['before_ms']:.3f} ms fp32 in ONNX Runtime "
+                   f"({model_gate['speedup']:.2f}x < {cfg.min_model_speedup})")
+            for name in final:
+                by_node[name].update(decision="fp32", reason=why)
+            final, out = {}, g
+            model_gate["decision"] = "fp32: " + why
+        elif model_gate is not None:
+            model_gate["decision"] = "kept"
     emb: list[dict[str, Any]] = []
     if cfg.embeddings == "int8":
         out, emb = quantize_embeddings(out)
     ctx.record("quantize", scheme=cfg.scheme, gate=cfg.gate, min_speedup=cfg.min_speedup,
                gate_runtime=runtime, act_quant=act_quant,
-               candidates=len(cands), quantized=len(final),
+               candidates=len(cands), quantized=len(final), model_gate=model_gate,
                param_bytes_before=g.param_bytes(), param_bytes_after=out.param_bytes(),
                layers=layers, embeddings=emb)
     log.info("quantize %s: %d/%d linears rewritten, params %.1f -> %.1f MB", cfg.scheme,

@@ -222,6 +222,9 @@ ROUNDING_OPS = frozenset({"qlinear_dynamic", "qlinear_static", "linear_woq", "lu
                           "linear_bf16"})
 
 
+ROUNDING_MIN_COSINE = 0.998
+
+
 def ort_tolerance(g: Graph) -> float:
     """Max relative error allowed between the ORT candidate and the eager program of ``g``."""
     return 2e-2 if any(n.op in ROUNDING_OPS for n in g.nodes) else 1e-4
@@ -248,21 +251,30 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
     except Exception as e:  # noqa: BLE001  (a candidate that cannot run is not chosen)
         info["onnxruntime"] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
         return None
-    err = 0.0
+    err, cos = 0.0, 1.0
     for a, b in zip(got, reference):
         scale = max(1.0, float(b.detach().float().abs().max())) if b.numel() else 1.0
         if a.shape != b.shape:
-            err = math.inf
+            err, cos = math.inf, -1.0
             break
         if a.numel():
-            err = max(err, float((a.float() - b.detach().float()).abs().max()) / scale)
+            af, bf = a.float().flatten(), b.detach().float().flatten()
+            err = max(err, float((af - bf).abs().max()) / scale)
+            if af.is_floating_point() and float(bf.norm()) > 0:
+                cos = min(cos, float(torch.nn.functional.cosine_similarity(af, bf, dim=0)))
     tol = ort_tolerance(g)
-    if not err <= tol:
+    # rounding graphs: two exact implementations of the same quantized math part where a
+    # one-ulp difference flips a code, and deep models carry the flip on (random-init ViT-B
+    # with 49 int8 layers: 5.2% max error but cosine 0.9986 vs eager, each as far from fp32 as
+    # the other); an export bug shows as a cosine far below `ROUNDING_MIN_COSINE`
+    rounding_ok = tol > 1e-4 and cos >= ROUNDING_MIN_COSINE and err <= 10 * tol
+    if not (err <= tol or rounding_ok):
         info["onnxruntime"] = {"skipped": f"outputs differ from the eager program ({err:.2e} "
-                                          f"> {tol:.0e})"}
+                                          f"> {tol:.0e}, cosine {cos:.5f})"}
         return None
     runner, spinning, times = _choose_spinning(path, runner, ins)
-    info["onnxruntime"] = {"max_rel_error": err, "tolerance": tol, "allow_spinning": spinning,
+    info["onnxruntime"] = {"max_rel_error": err, "tolerance": tol, "cosine": round(cos, 6),
+                           "allow_spinning": spinning,
                            "spinning_ms": times, "disabled_optimizers": runner.disabled}
     return CpuProgram("onnxruntime", runner, g, info, package=path)
 
