@@ -60,13 +60,14 @@ def _unflatten(x: X, n: Node, y: str) -> str:
 
 
 def _epilogue(x: X, n: Node, ins: list[str], y: str, res_pos: int = 4) -> str:
+    """Residual and activation of a linear's output ``y``."""
     a = n.attrs
     res = _in(ins, res_pos)
     if res and a.get("residual") == "before_act":
         y = x.one("Add", [y, res])
     if a.get("activation") == "gelu" and a.get("approximate", "none") == "none":
-        # ORT's erf Gelu kernel (fused with a preceding bias Add into BiasGelu); the
-        # decomposed Div/Erf/Add/Mul/Mul form costs four more passes over the output
+        # ORT's erf Gelu kernel; the decomposed Div/Erf/Add/Mul/Mul form costs four more
+        # passes over the output
         y = x.one("Gelu", [y], domain=MS)
     else:
         y = x._activation(y, a.get("activation", "none"), a)
@@ -122,6 +123,8 @@ def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
         # ORT 1.32 adds it wrongly together with a per-row a_scale (tests catch a regression)
         y = x.one("MatMulIntegerToFloat", [xq, wt, x.one("Unsqueeze", [s, x.const([1])]),
                                             ins[2], x.const(TOKEN_ZP, u8)], domain=MS)
+        # (ORT's BiasGelu would take the bias with the activation, but on the AVX-512 EPYC
+        # its kernel ran 3.44 ms for ViT-B's 12 MLPs against 2.4 ms for Add + Gelu)
         if bias:
             y = x.one("Add", [y, bias])
     else:
