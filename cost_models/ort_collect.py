@@ -246,14 +246,18 @@ def time_graph(side: Mapping[str, Any], work: Path, repeats: int) -> list[dict[s
     for p in side["points"]:
         ins = _inputs(side, p["shapes"])
         feeds = {n: t.numpy() for n, t in zip(names, ins)}
+        # the plain calls first, then the profiled runs: interleaved, the profiling session's
+        # still-spinning workers took the cores from the call timed right after it
+        time.sleep(0.05)
         for _ in range(3):
             cm.run(*ins)
-            prof.run(None, feeds)
         e2e = []
-        for _ in range(repeats):  # interleaved: a plain call, then a profiled run
+        for _ in range(repeats):
             t0 = time.perf_counter()
             cm.run(*ins)
             e2e.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+        for _ in range(3 + repeats):
             prof.run(None, feeds)
         spans.append((n_runs + 3, n_runs + 3 + repeats))
         n_runs += 3 + repeats

@@ -484,6 +484,10 @@ def compile_graph(
         if ort_prog is None:
             raise CompilerError(f"cpu backend: ONNX Runtime path unavailable: "
                                 f"{info['onnxruntime']['skipped']}")
+        spin = info["onnxruntime"]["spinning_ms"]
+        info["candidates"]["onnxruntime"] = spin["on" if info["onnxruntime"]["allow_spinning"]
+                                                 else "off"]
+        info["timed_on"] = [list(t.shape) for t in ins]
         info.update(kind="onnxruntime", chosen="onnxruntime", why="mode=onnxruntime",
                     compile_s=round(time.perf_counter() - t_start, 3))
         return ort_prog

@@ -358,8 +358,8 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
     g = import_module(m, (x,))
     ctx = PassContext()
     ctx.options["example_inputs"] = [x]
-    PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0,gate_runtime=onnxruntime}").run(
-        g, ctx)
+    PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0,min_model_speedup=0,"
+                "gate_runtime=onnxruntime}").run(g, ctx)
     rec = ctx.records["quantize"]
     assert rec["gate_runtime"] == "onnxruntime" and rec["act_quant"] == "token"
     for la in rec["layers"]:
@@ -368,6 +368,57 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
             assert gr["fp32_ms"] > 0 and gr["kernel_ms"] > 0 and la["decision"] != "fp32"
     key = [k for k in _qkernels._MEM if k.endswith("|ort")]
     assert key, list(_qkernels._MEM)  # cached apart from the torch-kernel measurements
+
+
+@pytest.mark.parametrize("speedup", [2.0, 0.5])
+def test_whole_model_gate_keeps_or_drops_the_rewrite(speedup: float,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """gate=measure with ONNX Runtime: the quantized model is timed against fp32 as a whole
+    (`_model_gate.compare_in_ort`); unless it is ``min_model_speedup`` faster, every layer goes
+    back to fp32, with the numbers. Layer gates and the timing are stubbed: the logic is under
+    test here, the timing in `test_compare_in_ort_times_both_graphs`."""
+    from ember.frontends.fx import import_module
+    from ember.passes import quantize as qmod
+
+    monkeypatch.setattr(qmod, "gate", lambda *a, **k: _qkernels.GateResult(
+        True, 2.0, 2.0, 1.0, 0.5, "stub: faster"))
+    monkeypatch.setattr(qmod, "ort_factories", lambda *a, **k: (None, None))
+    monkeypatch.setattr(qmod, "compare_in_ort", lambda *a, **k: {
+        "before_ms": 1.0, "after_ms": 1.0 / speedup, "speedup": speedup, "rounds": 3})
+    x = torch.randn(64, 256)
+    g = import_module(_mlp(), (x,))
+    ctx = PassContext(target="cpu")
+    ctx.options["example_inputs"] = [x]
+    out = PassManager("quantize{scheme=w8a8-dynamic,gate_runtime=onnxruntime}").run(g, ctx)
+    rec = ctx.records["quantize"]
+    mg = rec["model_gate"]
+    if speedup > 1:
+        assert mg["decision"] == "kept" and rec["quantized"] == 2
+        assert out.op_counts().get("qlinear_dynamic", 0) == 2
+    else:
+        assert mg["decision"].startswith("fp32: whole model measured")
+        assert rec["quantized"] == 0 and out.op_counts() == g.op_counts()
+        assert all(la["decision"] == "fp32" and "whole model" in la["reason"]
+                   for la in rec["layers"])
+
+
+def test_compare_in_ort_times_both_graphs() -> None:
+    pytest.importorskip("onnxruntime")
+    from ember.frontends.fx import import_module
+    from ember.passes._model_gate import compare_in_ort
+
+    x = torch.randn(64, 256)
+    g = import_module(_mlp(), (x,))
+    q = PassManager("quantize{scheme=w8a8-dynamic,gate=always}").run(g, PassContext())
+    r = compare_in_ort(g, q, [x], {"skip_layernorm": False,
+                                   "disabled_optimizers": ["SkipLayerNormFusion"]})
+    assert r is not None and r["before_ms"] > 0 and r["after_ms"] > 0 and r["rounds"] >= 3
+    assert r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"], rel=1e-3)
+    # a graph without an ONNX form is not timed
+    b = GraphBuilder()
+    v = b.add_input("x", TensorType("float32", (4,)))
+    b.set_outputs([b.op("softplus", [v], {"beta": 2.0})])  # beta != 1: no ONNX form
+    assert compare_in_ort(b.build(), b.build(), [torch.randn(4)]) is None
 
 
 def test_predicted_slower_is_not_measured() -> None:
