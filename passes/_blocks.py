@@ -544,8 +544,16 @@ class _Rebuild:
         if key in self._lifted:
             return self._lifted[key]
         out = v
+        start = {a: frm.get(a, 0) for a in axes}
+        # continue from the value lifted to an earlier stage (a mask read by every block):
+        # one gather per stage and axis, not a chain from the original at each block
+        for t in range(to - 1, 0, -1):
+            prev = self._lifted.get((v.name, key[1], t))
+            if prev is not None and all(start[a] <= t for a in axes):
+                out, start = prev, {a: t for a in axes}
+                break
         for a in axes:
-            for s in range(frm.get(a, 0) + 1, to + 1):
+            for s in range(start[a] + 1, to + 1):
                 rep = self.stages[s].rep
                 assert rep is not None
                 out = self.b.op("token_gather", [out, rep], {"dim": a}, name=f"{v.name}_tok")

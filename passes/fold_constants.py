@@ -170,7 +170,12 @@ def _match_noop_mask(n: Node, idx: GraphIndex) -> EmitFn | Fail:
     if len(n.inputs) < 4 or n.inputs[3] is None:
         return Fail("no mask")
     m = n.inputs[3]
-    if not _const_all(idx, m, True if m.type.dtype == "bool" else 0.0):
+    keep = True if m.type.dtype == "bool" else 0.0
+    # an expand of such a constant to a symbolic batch is no constant, and masks nothing either
+    # (HF ViT at a dynamic batch: the token passes then carried it through every merge)
+    src = idx.producer(m, "expand")
+    if not (_const_all(idx, m, keep) or src is not None and src.inputs[0] is not None
+            and _const_all(idx, src.inputs[0], keep)):
         return Fail("mask is not a constant that keeps every score")
     ins = list(n.inputs[:3])
     if not check_types_equal(get_op("attention").infer([v.type for v in ins], n.attrs)[0],  # type: ignore[union-attr]

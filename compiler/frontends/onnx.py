@@ -404,7 +404,9 @@ class _Importer:
 
     def op(self, name: str, inputs: Sequence[Item | None], **attrs: Any) -> Item:
         """Emits one IR op, or folds it when every input is a known tensor."""
-        fold = all(i is None or isinstance(i, torch.Tensor) for i in inputs)
+        fold = all(i is None or isinstance(i, torch.Tensor) for i in inputs) and not any(
+            isinstance(v, sympy.Basic) or isinstance(v, tuple | list) and any(
+                isinstance(e, sympy.Basic) for e in v) for v in attrs.values())
         if name == "full":
             fold = not any(isinstance(d, sympy.Basic) for d in attrs["shape"]) and \
                 math.prod(attrs["shape"]) <= _FOLD_LIMIT

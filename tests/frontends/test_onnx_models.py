@@ -111,3 +111,34 @@ def test_romanizer_encoder_lists_every_unsupported_gru() -> None:
         import_onnx(path)
     assert [o.op for o in e.value.ops] == ["GRU", "GRU"]
     assert all("node '" in o.loc for o in e.value.ops)
+
+
+def test_expand_of_a_constant_to_a_symbolic_batch(tmp_path) -> None:
+    """HF ViT exported with a dynamic batch expands its CLS-token initializer to [batch, 1, d]:
+    the importer must emit an expand, not fold the constant with a symbolic shape."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ember.backends.reference import run_graph
+    from ember.frontends.onnx import import_onnx
+
+    cls = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 1, 4), "cls")
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "z", "o"], ["b"]),
+             helper.make_node("Concat", ["b", "one_d"], ["shp"], axis=0),
+             helper.make_node("Expand", ["cls", "shp"], ["e"]),
+             helper.make_node("Concat", ["e", "x"], ["y"], axis=1)]
+    inits = [cls, numpy_helper.from_array(np.array([0], np.int64), "z"),
+             numpy_helper.from_array(np.array([1], np.int64), "o"),
+             numpy_helper.from_array(np.array([1, 4], np.int64), "one_d")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["batch", 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 4])], inits)
+    p = tmp_path / "e.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    ir = import_onnx(str(p))
+    assert any(n.op == "expand" for n in ir.nodes)
+    x = torch.randn(5, 3, 4)
+    (y,) = run_graph(ir, x)
+    assert y.shape == (5, 4, 4) and torch.equal(y[:, 0], torch.arange(4.0).expand(5, 4))
