@@ -217,44 +217,19 @@ class CompiledModel:
         prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
         return cost_models.runtime_of_program(self.backend, prog)
 
-    def latency_anchor(self) -> tuple[float, list[list[int]]] | None:
-        """(ms, input shapes) of the shipped program as the backend timed it at compile time,
-        when it did (the CPU backend times its candidates on the example inputs)."""
-        prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
-        ms = (prog.get("candidates") or {}).get(prog.get("kind"))
-        shapes = prog.get("timed_on")
-        if not ms or not shapes or len(shapes) != len(self.graph.inputs):
-            return None
-        return float(ms), [list(s) for s in shapes]
-
-    def predicted_latency_ms(self, *inputs: Any, device: str | None = None,
-                             anchored: bool = True) -> float:
+    def predicted_latency_ms(self, *inputs: Any, device: str | None = None) -> float:
         """The cost model's predicted latency of one call at these inputs' shapes.
-
-        On the target's own device, with ``anchored`` and a compile-time measurement of the
-        shipped program (`latency_anchor`), the prediction is that measurement scaled by the
-        model's ratio between the two shapes: the model then only has to get the change with
-        batch and length right, not this machine's absolute speed of every kernel.
 
         Args:
             inputs: example inputs (tensors, arrays) or a single {symbol: value} mapping.
             device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.
-            anchored: scale from the compile-time measurement when there is one.
         """
         from ember import cost_models
 
-        own = DEVICE_OF_TARGET.get(self.target, "cpu")
-        dev = device or own
+        dev = device or DEVICE_OF_TARGET.get(self.target, "cpu")
         arg: Any = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], Mapping) \
             else list(inputs)
-        rt = self._runtime_kind()
-        pred = cost_models.predict_latency_ms(self.graph, dev, arg, runtime=rt)
-        anchor = self.latency_anchor() if anchored and dev == own else None
-        if anchor is None:
-            return pred
-        at = cost_models.predict_latency_ms(self.graph, dev, [tuple(s) for s in anchor[1]],
-                                            runtime=rt)
-        return anchor[0] * pred / at if at > 0 else pred
+        return cost_models.predict_latency_ms(self.graph, dev, arg, runtime=self._runtime_kind())
 
     def save(self, path: str | os.PathLike) -> Path:
         from .artifact import save_artifact

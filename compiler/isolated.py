@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -144,11 +144,19 @@ def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
             say(f"building {name}")
             parent, child = ctx.Pipe()
             arrays = shared if c.inputs is None else as_arrays(c.inputs)
-            p = ctx.Process(target=_worker, args=(c, arrays, threads, list(sys_path), child),
+            # the worker gets numpy copies only: torch tensors pickled to a spawned process
+            # travel as shared-memory storages, and with those alive an AOTI BERT package
+            # aborted in its embedding kernel ("index out of bounds") in every worker
+            bare = replace(c, inputs=None)
+            p = ctx.Process(target=_worker, args=(bare, arrays, threads, list(sys_path), child),
                             daemon=True)
             p.start()
+            child.close()  # the worker holds the other end: its death reads as EOF here
             procs.append((p, parent))
-            status, payload, build_s = parent.recv()
+            try:
+                status, payload, build_s = parent.recv()
+            except EOFError:
+                status, payload, build_s = "failed", f"worker died (exit code {p.join(5) or p.exitcode})", 0.0
             if status != "ok":
                 res[name].error = payload
                 log.warning("%s: %s", name, payload)
@@ -160,8 +168,14 @@ def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
         for r in range(warmup + repeats):
             for n in rng.sample(names, len(names)):
                 time.sleep(settle_s)
-                live[n].send("run")
-                ms = float(live[n].recv())
+                try:
+                    live[n].send("run")
+                    ms = float(live[n].recv())
+                except (EOFError, BrokenPipeError, OSError):
+                    res[n].error = "worker died while timed"
+                    names.remove(n)
+                    del live[n]
+                    continue
                 if r >= warmup:
                     res[n].samples.append(ms)
         for n in names:

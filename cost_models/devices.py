@@ -46,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the fp32 peak is the best of torch.mm and ONNX Runtime's MatMul
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -243,6 +243,31 @@ def cpu_cache_path(cache_dir: str | os.PathLike | None = None, threads: int | No
     return d / f"device_cpu_{cpu_key(threads)}.json"
 
 
+def _ort_sgemm_flops(n: int, threads: int, repeats: int) -> float | None:
+    """Best fp32 FLOP/s of an n x n x n ONNX Runtime MatMul (None without onnxruntime)."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "sgemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+        [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                                .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"x": rng.standard_normal((n, n)).astype(np.float32)}
+    t = _best_time(lambda: sess.run(None, feed), min_time=0.03, repeats=repeats)
+    return 2 * n**3 / t
+
+
 def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:
     """Best-of-``repeats`` seconds per call, each repeat timing enough calls for ``min_time``.
 
@@ -316,6 +341,13 @@ def _measure(quick: bool) -> DeviceSpec:
                 if t > 0.06 and key != "float32":
                     break
             peaks[key] = best or peaks.get("float32", 1e9)
+        # fp32 through ONNX Runtime's MLAS too: the CPU backend ships ORT (or AOTI's prepacked
+        # oneDNN) where faster, and on the AVX-512 EPYC MLAS ran 378 GFLOP/s against torch.mm's
+        # 184 (MKL on an AMD part); the roofline divides by the best library Ember calls
+        ort_peak = _ort_sgemm_flops(sizes[-1], torch.get_num_threads(), reps)
+        if ort_peak:
+            raw["float32_gemm_ort_gflops"] = ort_peak / 1e9
+            peaks["float32"] = max(peaks["float32"], ort_peak)
         # STREAM-like bandwidth: copy (2 x bytes) and add (3 x bytes) on arrays >> L3
         numel = (16 if quick else 32) * 2**20 // 4 * 4   # 64 / 128 MiB of fp32
         x = torch.randn(numel, generator=gen)

@@ -20,6 +20,12 @@ def make_broken():
     raise RuntimeError("cannot build this one\nsecond line")
 
 
+def make_dying():  # a native crash (an AOTI kernel's abort) kills the worker outright
+    import os
+
+    os._exit(3)
+
+
 def test_isolated_times_outputs_and_failures(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
@@ -32,7 +38,8 @@ def test_isolated_times_outputs_and_failures(tmp_path: Path) -> None:
     x = torch.randn(4, 3)
     res = time_isolated({"scaled": Contender("test_isolated:make_scaled", (3.0,)),
                          "ort": Contender("ember.isolated:load_ort", (str(onnx_path), 1, False)),
-                         "broken": Contender("test_isolated:make_broken")},
+                         "broken": Contender("test_isolated:make_broken"),
+                         "dying": Contender("test_isolated:make_dying")},
                         [x], repeats=4, warmup=1, threads=1, settle_s=0.0, sys_path=[HERE])
     np.testing.assert_allclose(res["scaled"].outputs[0], 3 * x.numpy(), rtol=1e-6)
     np.testing.assert_allclose(res["ort"].outputs[0], x.clamp(min=0).numpy(), rtol=1e-6)
@@ -42,3 +49,4 @@ def test_isolated_times_outputs_and_failures(tmp_path: Path) -> None:
         assert res[k].ms == (s[1] + s[2]) / 2
     assert res["broken"].ms is None and res["broken"].error == \
         "RuntimeError: cannot build this one"
+    assert res["dying"].ms is None and res["dying"].error.startswith("worker died")

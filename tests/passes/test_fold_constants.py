@@ -110,3 +110,24 @@ def test_attention_mask_that_keeps_everything_is_dropped() -> None:
     out = check_pass(b.build(), "fold_constants")
     masks = [n for n in out.nodes if n.op == "attention" and len(n.inputs) > 3]
     assert out.op_counts() == {"attention": 3} and len(masks) == 1  # only the real mask stays
+
+
+def test_all_true_mask_expanded_to_a_symbolic_batch_is_dropped() -> None:
+    """HF ViT at a dynamic batch: expand(all-True constant) to [batch, 1, S, S] is no constant
+    but masks nothing; an expanded real mask stays."""
+    from ember.ir import sym
+
+    b = GraphBuilder()
+    t = TensorType("float32", (sym("batch"), 4, 5, 8))
+    q, k, v = (b.add_input(n, t) for n in "qkv")
+    attrs = {"scale": None, "is_causal": False, "enable_gqa": False}
+    shape = {"shape": (sym("batch"), 1, 5, 5)}
+    ones = b.op("expand", [b.add_param("m", torch.ones(1, 1, 5, 5, dtype=torch.bool))], shape)
+    some_t = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    some_t[..., 0] = False
+    some = b.op("expand", [b.add_param("s", some_t)], shape)
+    b.set_outputs([b.op("attention", [q, k, v, ones], attrs),
+                   b.op("attention", [q, k, v, some], attrs)])
+    out = check_pass(b.build(), "fold_constants")
+    masks = [n for n in out.nodes if n.op == "attention" and len(n.inputs) > 3]
+    assert len(masks) == 1 and out.op_counts()["attention"] == 2
