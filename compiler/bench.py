@@ -75,13 +75,9 @@ class BenchResult:
 
 
 def ort_session(onnx_path: str | Path, threads: int) -> Any:
-    import onnxruntime as ort
+    from .ort_session import open_session, session_options
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    return open_session(onnx_path, session_options(threads, quiet=False))
 
 
 def _rel_err(got: Sequence[Any], want: Sequence[Any]) -> float:

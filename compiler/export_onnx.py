@@ -164,6 +164,8 @@ class _Exporter:
         # ONNX tensors that are a Transpose of another: name -> (its input, perm); a permute
         # that undoes one reads the input instead (the fused-attention output's layout change)
         self.transposed: dict[str, tuple[str, list[int]]] = {}
+        # tensors an emitter makes once per model and shares between nodes (attention biases)
+        self.shared: dict[tuple[str, str], str] = {}
 
     # ----- helpers ---------------------------------------------------------------
     def fresh(self, hint: str) -> str:

@@ -57,9 +57,8 @@ def _as_bsd(x: X, v: Value, name: str) -> str:
 def _bias(x: X, mask: Value, name: str, s: Any, kv: Any) -> str:
     """The additive [B|1, H|1, S, L] bias of a bool (keep) or float mask, made once per mask."""
     key = ("mha_bias", name)
-    cached = x._const_cache.get(key)
-    if cached is not None:
-        return cached
+    if key in x.shared:
+        return x.shared[key]
     shape = list(mask.type.shape)
     out = name
     if mask.type.dtype == "bool":
@@ -71,7 +70,7 @@ def _bias(x: X, mask: Value, name: str, s: Any, kv: Any) -> str:
     if not (_same(shape[2], s) and _same(shape[3], kv)):
         # the kernel broadcasts the batch and head dims of the bias, not the query/key dims
         out = x.one("Expand", [out, x.shape([1, 1, s, kv])])
-    x._const_cache[key] = out
+    x.shared[key] = out
     return out
 
 

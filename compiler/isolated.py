@@ -32,12 +32,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Contender", "IsolatedResult", "time_isolated", "load_ember", "load_ort",
-           "load_exported"]
+__all__ = ["Contender", "IsolatedResult", "time_isolated", "artifact_contenders",
+           "exported_contender", "load_ember", "load_ort", "load_exported"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,23 @@ def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,
     return res
 
 
+# ----------------------------------------------------------------------------- contenders
+def artifact_contenders(models: Mapping[str, Any], work: str | Path) -> dict[str, Contender]:
+    """Each `CompiledModel` saved under ``work`` and loaded back in its worker (as a user
+    would load it)."""
+    return {k: Contender("ember.isolated:load_ember", (str(cm.save(Path(work) / f"v{i}.ember")),))
+            for i, (k, cm) in enumerate(models.items())}
+
+
+def exported_contender(module: Any, inputs: Sequence[Any], path: str | Path,
+                       compile: bool = False) -> Contender:
+    """``module`` saved as a ``torch.export`` program at ``path``, run eagerly or by Inductor."""
+    import torch
+
+    torch.export.save(torch.export.export(module, tuple(inputs)), str(path))
+    return Contender("ember.isolated:load_exported", (str(path), compile))
+
+
 # ----------------------------------------------------------------------------- factories
 def load_ember(path: str) -> Runner:
     """An Ember artifact, as a user loads it."""
@@ -202,15 +220,9 @@ def load_ember(path: str) -> Runner:
 
 def load_ort(path: str, threads: int = 2, spinning: bool = True) -> Runner:
     """ONNX Runtime's CPU provider on an ONNX file, all graph optimizations on."""
-    import onnxruntime as ort
+    from ember.ort_session import open_session, session_options
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = open_session(path, session_options(threads, spinning=spinning, quiet=False))
     names = [i.name for i in sess.get_inputs()]
 
     def run(*xs: np.ndarray) -> Any:

@@ -69,13 +69,13 @@ def get_device(name: str = "cpu", **kw: Any) -> DeviceSpec:
 
 
 def _paired_cpu_spec() -> DeviceSpec | None:
-    from .devices import _cpu_model
+    from ember.hostinfo import cpu_model
 
     corr = load_correction()
     if corr is None or "device_spec" not in corr.meta:
         return None
     spec = DeviceSpec.from_json(corr.meta["device_spec"])
-    if spec.measured.get("cpu_model") != _cpu_model():
+    if spec.measured.get("cpu_model") != cpu_model():
         return None
     import torch
 

@@ -20,13 +20,15 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ember.hostinfo import cache_dir as ember_cache_dir
+from ember.hostinfo import cpu_model
 
 __all__ = [
     "DeviceSpec",
@@ -196,16 +198,6 @@ _ALIASES = {"cuda": "h100", "gpu": "h100", "h100_sxm": "h100", "a100_80gb": "a10
 
 
 # ----------------------------------------------------------------------------- measured CPU
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cache_sizes() -> tuple[int, int, int]:
     """(L1d per core, L2 per core, L3 shared) in bytes from sysfs; zeros where unknown."""
     out = {1: 0, 2: 0, 3: 0}
@@ -229,17 +221,12 @@ def cpu_key(threads: int | None = None) -> str:
     import torch
 
     threads = threads or torch.get_num_threads()
-    raw = f"{_cpu_model()}|{torch.__version__}|{threads}|{torch.backends.cpu.get_cpu_capability()}"
+    raw = f"{cpu_model()}|{torch.__version__}|{threads}|{torch.backends.cpu.get_cpu_capability()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ember"
-
-
 def cpu_cache_path(cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> Path:
-    d = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    d = Path(cache_dir) if cache_dir is not None else ember_cache_dir()
     return d / f"device_cpu_{cpu_key(threads)}.json"
 
 
@@ -247,22 +234,20 @@ def _ort_sgemm_flops(n: int, threads: int, repeats: int) -> float | None:
     """Best fp32 FLOP/s of an n x n x n ONNX Runtime MatMul (None without onnxruntime)."""
     try:
         import numpy as np
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
+    from ember.ort_session import open_session, session_options
+
     rng = np.random.default_rng(0)
     g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "sgemm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
         [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-                                .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = open_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                        .SerializeToString(), session_options(threads))
     feed = {"x": rng.standard_normal((n, n)).astype(np.float32)}
     t = _best_time(lambda: sess.run(None, feed), min_time=0.03, repeats=repeats)
     return 2 * n**3 / t
@@ -378,13 +363,13 @@ def _measure(quick: bool) -> DeviceSpec:
     except OSError:
         load = -1.0
     raw.update(threads=threads, loadavg_1m=load, seconds=time.perf_counter() - t_start,
-               cpu_model=_cpu_model(), torch=torch.__version__,
+               cpu_model=cpu_model(), torch=torch.__version__,
                capability=torch.backends.cpu.get_cpu_capability(), quick=quick)
     spec = DeviceSpec(
         name="cpu", kind="cpu", peak_flops=peaks, mem_bw=bw, launch_overhead_s=overhead,
         cores=threads, l1_bytes=l1, l2_bytes=l2, l3_bytes=l3,
         efficiency=dict(_DEFAULT_EFF), source="measured",
-        notes=f"measured on {_cpu_model()} with torch {torch.__version__}, {threads} threads",
+        notes=f"measured on {cpu_model()} with torch {torch.__version__}, {threads} threads",
         measured=raw,
     )
     log.info("measured CPU: %s (%.1f s, load %.1f)", spec.summary(), raw["seconds"], load)

@@ -125,24 +125,18 @@ def _trimmed_mean(xs: Sequence[float]) -> float:
 def _session(path: Path, profile_prefix: str | None = None,
              optimized: Path | None = None) -> Any:
     """An ORT session with the CPU backend's options (`_OrtRunner`), optionally profiling."""
-    import onnxruntime as ort
     import torch
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    from ember.backends.cpu.ort_tuning import disabled_optimizers
+    from ember.ort_session import open_session, session_options
+
+    so = session_options(torch.get_num_threads())
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
-    from ember.backends.cpu.ort_tuning import disabled_optimizers
-
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled_optimizers(so.intra_op_num_threads)
-                                or None)
+    return open_session(path, so, disabled_optimizers(so.intra_op_num_threads))
 
 
 def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:

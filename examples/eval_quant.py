@@ -44,7 +44,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import ember  # noqa: E402
-from ember.isolated import Contender, time_isolated  # noqa: E402
+from ember.isolated import (  # noqa: E402
+    Contender,
+    artifact_contenders,
+    exported_contender,
+    time_isolated,
+)
 from ember.passes._qkernels import time_interleaved  # noqa: E402
 
 log = logging.getLogger("eval_quant")
@@ -123,15 +128,12 @@ def isolated_latency(cms: dict[str, ember.CompiledModel], ort: dict[str, Any], e
                      inductor: torch.nn.Module | None = None) -> dict[str, float]:
     """Median ms of every Ember variant (saved, then loaded as a user would), the ORT files and
     Inductor, each alone in its own process, interleaved rounds (`ember.isolated`)."""
-    contenders: dict[str, Contender] = {}
-    for i, (k, cm) in enumerate(cms.items()):
-        contenders[k] = Contender("ember.isolated:load_ember", (str(cm.save(work / f"v{i}.ember")),))
+    contenders = artifact_contenders(cms, work)
     for k, entry in ort.items():
         contenders[k] = Contender("ember.isolated:load_ort", (str(entry[2]),))
     if inductor is not None:
-        pt2 = work / "model.pt2"
-        torch.export.save(torch.export.export(inductor, example), str(pt2))
-        contenders["inductor-fp32"] = Contender("ember.isolated:load_exported", (str(pt2), True))
+        contenders["inductor-fp32"] = exported_contender(inductor, example, work / "model.pt2",
+                                                         compile=True)
     timed = time_isolated(contenders, example, repeats=repeats, warmup=2)
     bad = {k: r.error for k, r in timed.items() if r.ms is None}
     if bad:
@@ -178,14 +180,13 @@ def w8a8_table(name: str, model: torch.nn.Module, example: tuple, names: list[st
     load0 = os.getloadavg()[0]
     lat = isolated_latency(cms, ort, example, work, args.repeats,
                            model if args.inductor else None)
-    fns = dict.fromkeys(lat)
     load1 = os.getloadavg()[0]
     runs: dict[str, Callable[..., Any]] = {k: (lambda *a, cm=cm: cm(*a)) for k, cm in cms.items()}
     for k, (sess, *_) in ort.items():
         runs[k] = lambda *a, sess=sess: torch.as_tensor(
             sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
     rows = []
-    for k in fns:
+    for k in lat:
         q = quality(runs[k]) if k in runs else quality(None)
         cm = cms.get(k)
         rec = cm.records.get("quantize", {}) if cm is not None else {}

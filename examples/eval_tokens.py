@@ -52,7 +52,12 @@ PLOTS = HERE / "plots"
 import ember  # noqa: E402
 from ember.backends.reference.interpreter import run_graph  # noqa: E402
 from ember.frontends import fx  # noqa: E402
-from ember.isolated import Contender, time_isolated  # noqa: E402
+from ember.isolated import (  # noqa: E402
+    Contender,
+    artifact_contenders,
+    exported_contender,
+    time_isolated,
+)
 from ember.passes._blocks import find_blocks, graph_flops  # noqa: E402
 from ember.passmanager import PassContext, PassManager  # noqa: E402
 
@@ -71,14 +76,11 @@ def isolated_ms(cms: dict[str, Any], inputs: tuple, repeats: int, *,
 
     work = Path(tempfile.mkdtemp(prefix="eval-tokens-"))
     try:
-        cs = {k: Contender("ember.isolated:load_ember", (str(cm.save(work / f"v{i}.ember")),))
-              for i, (k, cm) in enumerate(cms.items())}
+        cs = artifact_contenders(cms, work)
         if ort_path is not None:
             cs["ORT fp32"] = Contender("ember.isolated:load_ort", (ort_path,))
         if eager is not None:
-            pt2 = work / "eager.pt2"
-            torch.export.save(torch.export.export(eager, inputs), str(pt2))
-            cs["torch eager"] = Contender("ember.isolated:load_exported", (str(pt2),))
+            cs["torch eager"] = exported_contender(eager, inputs, work / "eager.pt2")
         res = time_isolated(cs, inputs, repeats=repeats, warmup=2)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,22 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def _session(g: Graph, path: Path, opts: dict[str, Any]) -> Any:
-    import onnxruntime as ort
-
     from ember.export_onnx import export_onnx
+    from ember.ort_session import open_session, session_options
 
     rep = export_onnx(g, path, contrib_ops=True,
                       skip_layernorm=bool(opts.get("skip_layernorm", True)))
     if rep.custom:
         raise ValueError(f"no ONNX form for {sorted(rep.custom)}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(opts.get("disabled_optimizers", ()))
-                                or None)
+    return open_session(path, session_options(torch.get_num_threads()),
+                        opts.get("disabled_optimizers", ()))
 
 
 def compare_in_ort(before: Graph, after: Graph, inputs: Sequence[torch.Tensor],

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ember.hostinfo import cpu_flags
+
 __all__ = ["GateResult", "predict_speedup", "measure_speedup", "gate", "time_interleaved",
            "clear_cache", "CPU_SPEC"]
 
@@ -48,19 +50,8 @@ class CpuSpec:
     call_overhead_us: float
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _detect() -> CpuSpec:
-    flags = _cpu_flags()
+    flags = cpu_flags()
     wide = "avx512f" in flags
     vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
     amx = "amx_int8" in flags
@@ -180,7 +171,7 @@ def _cache_path() -> Path | None:
 
 def _machine_key() -> str:
     return f"{platform.processor() or platform.machine()}|{torch.__version__}|" \
-           f"t{torch.get_num_threads()}|{sorted(_cpu_flags() & {'avx2', 'avx512f', 'amx_int8'})}"
+           f"t{torch.get_num_threads()}|{sorted(cpu_flags() & {'avx2', 'avx512f', 'amx_int8'})}"
 
 
 def _load_disk() -> None:

@@ -370,20 +370,17 @@ def ort_factories(spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
     import tempfile
     from pathlib import Path
 
-    import onnxruntime as ort
+    import onnxruntime  # noqa: F401  (ImportError without it: the caller times torch kernels)
 
     from ember.export_onnx import export_onnx
+    from ember.ort_session import open_session, session_options
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen) * 0.05
     bias = torch.zeros(n)
     idx = list(range(0, k, 50)) if spec.outliers else []
     prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx, act_quant=act_quant)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so = session_options(torch.get_num_threads())
     sessions = []
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate((None, prep)):
@@ -391,8 +388,7 @@ def ort_factories(spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
             rep = export_onnx(_one_linear_graph(k, p, w, bias), path)
             if rep.custom:
                 raise CompilerError(f"no ONNX form for {sorted(rep.custom)}")
-            sessions.append(ort.InferenceSession(str(path), so,
-                                                 providers=["CPUExecutionProvider"]))
+            sessions.append(open_session(path, so))
 
     def factory(sess: Any) -> Callable[[torch.Tensor], Callable]:
         def make(x: torch.Tensor) -> Callable[[], Any]:

@@ -66,18 +66,21 @@ CASES = {  # name -> (module kwargs, kv length differs from q length, fused kern
 }
 
 
+def _inputs(b: int, s: int, kv: int, cross: bool, pad_row: int, pad: int) -> tuple:
+    """(x, mem, keep): ``pad`` padded keys in row ``pad_row``; self-attention reads x twice."""
+    x = torch.randn(b, s, H * D)
+    mem = torch.randn(b, kv, H * D) if cross else x
+    keep = torch.ones(b, kv if cross else s)
+    keep[pad_row, -pad:] = 0
+    return x, mem, keep
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> None:
     kw, cross, fused = CASES[case]
     torch.manual_seed(0)
     m = Attn(**kw).eval()
-    b, s = 2, 6
-    L = 9 if cross else s
-    x, mem = torch.randn(b, s, H * D), torch.randn(b, L, H * D)
-    keep = torch.ones(b, L)
-    keep[0, -3:] = 0
-    if not cross:
-        mem = x
+    x, mem, keep = _inputs(2, 6, 9, cross, pad_row=0, pad=3)
     dyn = {"x": {0: "batch", 1: "seq"}, "mem": {0: "batch", 1: "kv" if cross else "seq"},
            "keep": {0: "batch", 1: "kv" if cross else "seq"}}
     g = import_module(m, (x, mem, keep), dynamic_dims=dyn, input_names=["x", "mem", "keep"])
@@ -92,13 +95,7 @@ def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> 
         assert "Softmax" not in ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # other batch / lengths than traced: the bias and reshapes follow the symbolic dims
-    b2, s2 = 3, 5
-    L2 = 7 if cross else s2
-    x2, mem2 = torch.randn(b2, s2, H * D), torch.randn(b2, L2, H * D)
-    keep2 = torch.ones(b2, L2)
-    keep2[1, -2:] = 0
-    if not cross:
-        mem2 = x2
+    x2, mem2, keep2 = _inputs(3, 5, 7, cross, pad_row=1, pad=2)
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
     got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
     with torch.no_grad():

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from ember.hostinfo import cache_dir, cpu_flags, cpu_model
 
 __all__ = ["ort_kernel_choices", "skip_layernorm_fusion", "disabled_optimizers"]
 
@@ -34,42 +35,22 @@ FUSED_MARGIN = 1.10
 _SHAPES = ((8, 128, 384), (1, 128, 768))  # MiniLM / BERT-base residual streams
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cache_path(threads: int) -> Path:
     import hashlib
 
     import onnxruntime as ort
 
-    raw = f"{_cpu_model()}|{' '.join(sorted(_cpu_flags()))}|ort{ort.__version__}|{threads}"
+    raw = f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|ort{ort.__version__}|{threads}"
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ember" / f"ort_kernels_{key}.json"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return cache_dir() / f"ort_kernels_{key}.json"
 
 
 def _time_session(nodes: list[Any], shape: tuple[int, int, int], threads: int,
                   repeats: int = 30) -> float:
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from ember.ort_session import open_session, session_options
 
     b, s, d = shape
     rng = np.random.default_rng(0)
@@ -80,13 +61,9 @@ def _time_session(nodes: list[Any], shape: tuple[int, int, int], threads: int,
                                                                           [b, s, d])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
                                             helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
     # the separate form must stay separate while it is timed
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["SkipLayerNormFusion"])
+    sess = open_session(m.SerializeToString(), session_options(threads),
+                        ["SkipLayerNormFusion"])
     feed = {"a": rng.standard_normal((b, s, d)).astype(np.float32),
             "b": rng.standard_normal((b, s, d)).astype(np.float32)}
     for _ in range(5):
@@ -115,7 +92,7 @@ def _measure(threads: int) -> dict[str, Any]:
     ratio = statistics.median(r["fused_ms"] / r["separate_ms"] for r in rows)
     return {"skip_layernorm": {"use_fused": ratio <= FUSED_MARGIN, "fused_over_separate":
                                round(ratio, 3), "timings": rows},
-            "threads": threads, "machine": _cpu_model(),
+            "threads": threads, "machine": cpu_model(),
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 

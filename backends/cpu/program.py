@@ -175,13 +175,9 @@ class _OrtRunner:
                  spinning: bool = True, disabled: Sequence[str] = ()) -> None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        if not spinning:  # idle workers sleep instead of busy-waiting for the next op
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # errors only: unused-initializer notes are not for users
+        from ember.ort_session import open_session, session_options
+
+        so = session_options(threads, spinning=spinning)
         self._params = _external_params(path, weights)
         if self._params:
             names = list(self._params)
@@ -189,8 +185,7 @@ class _OrtRunner:
                                                  for a in self._params.values()])
         # ORT transformers measured slower on this machine (`ort_tuning`) stay off
         self.disabled = list(disabled)
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=self.disabled or None)
+        self.session = open_session(path, so, self.disabled)
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
@@ -225,9 +220,13 @@ ROUNDING_OPS = frozenset({"qlinear_dynamic", "qlinear_static", "linear_woq", "lu
 ROUNDING_MIN_COSINE = 0.998
 
 
+def has_rounding_ops(g: Graph) -> bool:
+    return any(n.op in ROUNDING_OPS for n in g.nodes)
+
+
 def ort_tolerance(g: Graph) -> float:
     """Max relative error allowed between the ORT candidate and the eager program of ``g``."""
-    return 2e-2 if any(n.op in ROUNDING_OPS for n in g.nodes) else 1e-4
+    return 2e-2 if has_rounding_ops(g) else 1e-4
 
 
 def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict[str, Any],
@@ -267,7 +266,7 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
     # one-ulp difference flips a code, and deep models carry the flip on (random-init ViT-B
     # with 49 int8 layers: 5.2% max error but cosine 0.9986 vs eager, each as far from fp32 as
     # the other); an export bug shows as a cosine far below `ROUNDING_MIN_COSINE`
-    rounding_ok = tol > 1e-4 and cos >= ROUNDING_MIN_COSINE and err <= 10 * tol
+    rounding_ok = has_rounding_ops(g) and cos >= ROUNDING_MIN_COSINE and err <= 10 * tol
     if not (err <= tol or rounding_ok):
         info["onnxruntime"] = {"skipped": f"outputs differ from the eager program ({err:.2e} "
                                           f"> {tol:.0e}, cosine {cos:.5f})"}

@@ -1,0 +1,42 @@
+"""What the host CPU is: model name, feature flags, and Ember's per-machine cache folder.
+
+A leaf module (no imports of ours), read by the cost model's device probe, the CPU backend's
+ONNX Runtime tuning and the quantization gate, each of which keys its cached measurements on
+the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["cpu_model", "cpu_flags", "cache_dir"]
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    v = _cpuinfo_field("model name")
+    return v.strip() if v is not None else platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags (``avx2``, ``avx512_vnni``, ...); empty where unknown."""
+    v = _cpuinfo_field("flags")
+    return set(v.split()) if v is not None else set()
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ember`` (default ``~/.cache/ember``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ember"

@@ -1,0 +1,41 @@
+"""ONNX Runtime sessions built the one way Ember times and ships them.
+
+CPU execution provider, ``threads`` intra-op threads and one inter-op thread, every graph
+optimization on, busy-waiting workers unless ``spinning=False``, errors-only logging unless
+``quiet=False``, and the graph transformers the CPU backend measured slower on this machine
+switched off (``disabled``). The CPU backend's program, its per-machine kernel tuning, the
+quantization gates, the cost-model collector and the benchmarks all open sessions here, so a
+layer timed by a gate runs as the shipped program runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["session_options", "open_session"]
+
+
+def session_options(threads: int, *, spinning: bool = True, quiet: bool = True) -> Any:
+    """``onnxruntime.SessionOptions`` with Ember's settings (callers may add to them)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:  # idle workers sleep instead of busy-waiting for the next op
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if quiet:  # errors only: unused-initializer notes are not for users
+        so.log_severity_level = 3
+    return so
+
+
+def open_session(model: str | Path | bytes, options: Any, disabled: Sequence[str] = ()) -> Any:
+    """A CPU ``InferenceSession`` on a model file or serialized model bytes."""
+    import onnxruntime as ort
+
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled) or None)
