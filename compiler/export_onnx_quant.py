@@ -12,6 +12,8 @@ params, reshaped or transposed by nodes that ONNX Runtime constant-folds at sess
                      act_quant=token:   |x|max per row / 63 -> QuantizeLinear (axis 0, zp 64)
                                         -> MatMulIntegerToFloat (a_scale [M, 1] per row,
                                         b_scale per column) -> Add bias
+                     act_quant=tensor_u8: DynamicQuantizeMatMul (com.microsoft: quantization,
+                                        int8 GEMM, scales and bias in one kernel)
     qlinear_static   Clip to the u7 range -> QuantizeLinear -> MatMulIntegerToFloat
     epilogues        exact (erf) gelu as com.microsoft Gelu (ORT fuses bias + Gelu)
     linear_woq       int4, power-of-two groups: MatMulNBits (com.microsoft, zero point 8);
@@ -107,7 +109,15 @@ def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
     wt = x.one("Transpose", [ins[1]], perm=[1, 0])  # [K, N] int8, folded by ORT at load
     bias = _in(ins, 3)
     u8 = "uint8"
-    if n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "token":
+    if n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "tensor_u8":
+        src = x2
+        if _in(ins, 5):  # outlier channels are zeroed before quantization in the reference
+            mask = _outlier_mask(x, n)
+            if mask is not None:
+                src = x.one("Mul", [x2, mask])
+        y = x.one("DynamicQuantizeMatMul", [src, wt, ins[2], "", bias] if bias
+                  else [src, wt, ins[2]], domain=MS)
+    elif n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "token":
         mask = _outlier_mask(x, n)
         if mask is not None:
             am = _reduce_node(x, "ReduceMax", x.one("Mul", [x.one("Abs", [x2]), mask]), [1],

@@ -11,7 +11,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_flags", "cache_dir"]
+__all__ = ["cpu_model", "cpu_flags", "has_int8_dot", "cache_dir"]
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -34,6 +34,17 @@ def cpu_flags() -> set[str]:
     """The CPU feature flags (``avx2``, ``avx512_vnni``, ...); empty where unknown."""
     v = _cpuinfo_field("flags")
     return set(v.split()) if v is not None else set()
+
+
+# u8 x s8 dot-product instructions that accumulate straight into int32 (no int16 pair sums that
+# saturate, as AVX2's vpmaddubsw does): full-range u8 activations are exact in MLAS with these
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_int8_dot() -> bool:
+    """Whether the CPU has VNNI or AMX int8 (x86); aarch64's sdot/udot count too."""
+    f = cpu_flags()
+    return any(x in f for x in INT8_DOT_FLAGS) or "asimddp" in f
 
 
 def cache_dir() -> Path:

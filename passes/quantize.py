@@ -11,7 +11,13 @@ Schemes (``quantize{scheme=...}``):
 - ``w8a8-dynamic``: int8 per-channel weights, activations quantized per call to u7, with one
   scale per token (``act_quant=token``, the default when ONNX Runtime runs the graph: MiniLM
   cosine 0.993 with every layer quantized) or per tensor (``act_quant=tensor``, fbgemm's
-  scheme: 0.973); with ``outliers=true`` (needs calibration) the few massive-activation input channels
+  scheme: 0.973) or per tensor in full-range u8 (``act_quant=tensor_u8``: ONNX
+  DynamicQuantizeLinear, which ONNX Runtime runs as one fused DynamicQuantizeMatMul kernel; exact
+  only on CPUs with VNNI/AMX int8 dot products). ``act_quant=measure`` on such a CPU, with ONNX
+  Runtime, picks per layer (not yet the default: its speed is unmeasured on a VNNI machine): it runs the layer's activations from the example (or calibration)
+  inputs through both references and takes tensor_u8 unless its output error exceeds
+  ``act_error_ratio`` x the per-token error (massive-activation channels make per-tensor
+  scales coarse; plain ViT activations do not); with ``outliers=true`` (needs calibration) the few massive-activation input channels
   (abs-max >= ``outlier_ratio`` x the median channel's, at most 2%) are computed in fp32:
   MiniLM cosine 0.973 -> 0.994, at the cost of a copy of x per call (the gate times it).
   For ``w8a8-static`` outliers are on by default (no copy: the kernel clamps them away).
@@ -48,8 +54,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ember.errors import CompilerError
+from ember.hostinfo import has_int8_dot
 from ember.ir import (
     Graph,
     GraphBuilder,
@@ -63,6 +71,7 @@ from ember.ir import (
     sym,
 )
 from ember.ir.opset_quant import (
+    ACT_QUANT_MODES,
     EPILOGUE_ATTRS,
     choose_u7_qparams,
     fit_hlq,
@@ -102,9 +111,12 @@ class QuantizeConfig:
     max_layer_drop: float = 0.002  # 1 - cosine, per layer quantized alone
     skip: str = ""  # "|"-separated substrings of weight names left in fp32
     min_features: int = 32
-    # w8a8-dynamic activations: one u7 scale per token (ONNX Runtime form) or per tensor
-    # (fbgemm); auto: token when the gate times ONNX Runtime, else tensor
+    # w8a8-dynamic activations: one u7 scale per token (ONNX Runtime form), per tensor u7
+    # (fbgemm) or per tensor u8 (ONNX Runtime's fused DynamicQuantizeMatMul; VNNI/AMX only);
+    # auto: token when the gate times ONNX Runtime, else tensor; measure: per layer token or
+    # tensor_u8 by measured error (VNNI/AMX CPUs with ONNX Runtime; else as auto)
     act_quant: str = "auto"
+    act_error_ratio: float = 1.0  # measure: tensor_u8 while its error <= this x token's
     embeddings: str = "none"  # none | int8: embedding tables as int8 rows + fp32 row scales
     gate_runtime: str = "auto"  # auto | onnxruntime | torch: whose kernels the gate times
 
@@ -114,8 +126,9 @@ class QuantizeConfig:
             raise ValueError(f"gate must be measure, predict or always, got '{self.gate}'")
         if self.calib_method not in ("minmax", "percentile"):
             raise ValueError("calib_method must be minmax or percentile")
-        if self.act_quant not in ("auto", "token", "tensor"):
-            raise ValueError(f"act_quant must be auto, token or tensor, got '{self.act_quant}'")
+        if self.act_quant not in ("auto", "measure", *ACT_QUANT_MODES):
+            raise ValueError(f"act_quant must be auto, measure, {', '.join(ACT_QUANT_MODES)}; got "
+                             f"'{self.act_quant}'")
         if self.embeddings not in ("none", "int8"):
             raise ValueError(f"embeddings must be none or int8, got '{self.embeddings}'")
         if self.gate_runtime not in ("auto", "onnxruntime", "torch"):
@@ -398,6 +411,44 @@ def ort_factories(spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
     return factory(sessions[0]), factory(sessions[1])
 
 
+def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
+                     inputs: Sequence[Any], modes: Sequence[str] = ("token", "tensor_u8"),
+                     max_rows: int = 4096) -> dict[str, dict[str, float]]:
+    """Mean per-token relative output error ||y_q - y|| / ||y|| of each activation mode per
+    layer (by output name), on the layers' real inputs from one run of ``g`` on ``inputs`` (per-tensor modes see
+    the whole activation, as at run time; at most ``max_rows`` rows are scored)."""
+    want = {n.inputs[0].name: n for n, _ in layers if n.inputs[0] is not None}
+    acts: dict[str, torch.Tensor] = {}
+
+    def watch(name: str, t: torch.Tensor) -> None:
+        if name in want and name not in acts and t.is_floating_point():
+            acts[name] = t
+    _calib.run_graph(g, list(inputs), watch)
+    d = get_op("qlinear_dynamic")
+    out: dict[str, dict[str, float]] = {}
+    spec = SchemeSpec("w8a8-dynamic", "dynamic")
+    with torch.no_grad():
+        for n, w in layers:
+            x = acts.get(n.inputs[0].name)  # type: ignore[union-attr]
+            if x is None:
+                continue
+            x = x.float()
+            ref = F.linear(x, w)
+            errs: dict[str, float] = {}
+            for mode in modes:
+                prep = prepare(spec, w, act_quant=mode)
+                y = d.reference([x] + [t for _, t in prep.tensors],
+                                d.normalize_attrs(dict(prep.attrs)))
+                r2 = ref.reshape(-1, ref.shape[-1])[:max_rows]
+                y2 = y.reshape(-1, y.shape[-1])[:max_rows]
+                # mean of per-token errors: a few huge tokens must not hide the rest
+                rn = r2.norm(dim=1)
+                errs[mode] = float(((y2 - r2).norm(dim=1) / rn.clamp_min(
+                    1e-6 * float(rn.max().clamp_min(1e-12)))).mean())
+            out[n.output.name] = errs
+    return out
+
+
 def _gate_runtime(cfg: QuantizeConfig, ctx: PassContext) -> str:
     if cfg.gate_runtime != "auto":
         return cfg.gate_runtime
@@ -432,6 +483,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         stats = _calib.collect_stats(g, calib, xs, seed=ctx.seed)
 
     def prep_for(s: SchemeSpec, n: Node, w: torch.Tensor) -> tuple[_Prepared, dict[str, Any]]:
+        act_quant = act_for.get(n.output.name, default_act)
         x = n.inputs[0]
         assert x is not None
         st = stats.get(x.name)
@@ -449,8 +501,18 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
     layers: list[dict[str, Any]] = []
     plan: dict[str, tuple[SchemeSpec, Node, torch.Tensor, GateResult]] = {}
     runtime = _gate_runtime(cfg, ctx)
-    act_quant = cfg.act_quant if cfg.act_quant != "auto" else \
+    default_act = cfg.act_quant if cfg.act_quant not in ("auto", "measure") else \
         "token" if runtime == "onnxruntime" else "tensor"
+    act_for: dict[str, str] = {}
+    act_errs: dict[str, dict[str, float]] = {}
+    score_on = calib[0] if calib else ctx.options.get("example_inputs")
+    if cfg.act_quant == "measure" and spec.kind == "dynamic" and not spec.outliers \
+            and runtime == "onnxruntime" and has_int8_dot() and score_on and cands:
+        act_errs = act_quant_errors(g, [(n, w) for n, w in cands if not eligible(spec, w)],
+                                    score_on)
+        for name, e in act_errs.items():
+            act_for[name] = "tensor_u8" if \
+                e["tensor_u8"] <= cfg.act_error_ratio * e["token"] else "token"
     for n, w in cands:
         nn_, k = w.shape
         x = n.inputs[0]
@@ -464,8 +526,12 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             layers.append(rec)
             continue
         tag = cfg.scheme + ("+outliers" if spec.outliers else "")
+        act_quant = act_for.get(n.output.name, default_act)
         if spec.kind == "dynamic":
             tag += f"+{act_quant}"
+            rec["act_quant"] = act_quant
+            if n.output.name in act_errs:
+                rec["act_error"] = {k: round(v, 6) for k, v in act_errs[n.output.name].items()}
         gr = None
         if runtime == "onnxruntime" and cfg.gate == "measure":
             try:
@@ -534,7 +600,10 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
     if cfg.embeddings == "int8":
         out, emb = quantize_embeddings(out)
     ctx.record("quantize", scheme=cfg.scheme, gate=cfg.gate, min_speedup=cfg.min_speedup,
-               gate_runtime=runtime, act_quant=act_quant,
+               gate_runtime=runtime,
+               act_quant=default_act if not act_for
+               else "measure: " + ", ".join(f"{m} {sum(v == m for v in act_for.values())}"
+                                         for m in ("tensor_u8", "token")),
                candidates=len(cands), quantized=len(final), model_gate=model_gate,
                param_bytes_before=g.param_bytes(), param_bytes_after=out.param_bytes(),
                layers=layers, embeddings=emb)

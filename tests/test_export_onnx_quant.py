@@ -18,12 +18,19 @@ import torch
 import ember
 from ember.backends.reference import run_graph
 from ember.export_onnx import export_onnx
+from ember.hostinfo import has_int8_dot
 from ember.ir import GraphBuilder, TensorType, sym
 from ember.passes.quantize import SchemeSpec, prepare
 
 ort = pytest.importorskip("onnxruntime")
 
 QTOL = 5e-3  # max |ORT - reference| / max |reference|: well under one u7 step of the output
+
+# full-range u8 codes are exact in ORT only where its u8 x s8 dot products cannot saturate
+VNNI = has_int8_dot()
+ACT_MODES = ["tensor", "token",
+             pytest.param("tensor_u8", marks=pytest.mark.skipif(
+                 not VNNI, reason="no VNNI/AMX: MLAS's u8 x s8 pair sums can saturate"))]
 
 
 def _run_ort(path: Path, feeds: list[torch.Tensor]) -> list[np.ndarray]:
@@ -75,7 +82,7 @@ def _linear_node(b: GraphBuilder, x, spec: SchemeSpec, w: torch.Tensor,  # noqa:
 EPILOGUES = [{}, {"activation": "gelu"}, {"activation": "relu", "residual": "after_act"}]
 
 
-@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("act_quant", ACT_MODES)
 @pytest.mark.parametrize("epi", EPILOGUES)
 @pytest.mark.parametrize("rank3", [False, True])
 def test_qlinear_dynamic(tmp_path: Path, act_quant: str, epi: dict, rank3: bool) -> None:
@@ -93,7 +100,7 @@ def test_qlinear_dynamic(tmp_path: Path, act_quant: str, epi: dict, rank3: bool)
     _check(b, y, feeds, tmp_path)
 
 
-@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("act_quant", ACT_MODES)
 def test_qlinear_dynamic_many_rows(tmp_path: Path, act_quant: str) -> None:
     """Rows split over ORT's threads keep their own scales (per-row a_scale)."""
     k, n = 128, 96
@@ -116,7 +123,7 @@ def test_qlinear_dynamic_many_rows(tmp_path: Path, act_quant: str) -> None:
     assert err.max() <= QTOL, err.max()  # per row, so small rows cannot hide behind big ones
 
 
-@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("act_quant", ACT_MODES)
 def test_qlinear_dynamic_outlier_channels(tmp_path: Path, act_quant: str) -> None:
     k, n = 96, 40
     b = GraphBuilder()
@@ -145,6 +152,51 @@ def test_qlinear_token_beats_tensor_on_outlier_rows() -> None:
         y = d.reference([x, wq, ws], d.normalize_attrs({"act_quant": mode}))
         errs[mode] = float((y[1:] - want[1:]).abs().max())
     assert errs["token"] < errs["tensor"] / 10, errs
+
+
+def test_u8_codes_match_ort_dynamic_quantize_linear() -> None:
+    """tensor_u8's (scale, zero point, codes) are ONNX Runtime's DynamicQuantizeLinear, bit for
+    bit (the quantization half of DynamicQuantizeMatMul; no GEMM, so exact on any CPU)."""
+    from onnx import TensorProto, helper
+
+    from ember.ir.opset_quant import U8_QMAX, u8_qparams
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    gr = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", 1, [None, None])],
+                           [helper.make_tensor_value_info("y", TensorProto.UINT8, None),
+                            helper.make_tensor_value_info("s", 1, None),
+                            helper.make_tensor_value_info("z", TensorProto.UINT8, None)])
+    m = helper.make_model(gr, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed, shift in [(0, 0.0), (1, 4.0), (2, -4.0), (3, 0.3)]:
+        x = _x((37, 53), seed) + shift
+        y, s, z = sess.run(None, {"x": x.numpy()})
+        scale, zp = u8_qparams(x)
+        q = torch.clamp(torch.round(x / scale) + zp, 0.0, float(U8_QMAX))
+        assert float(scale) == float(s) and int(zp) == int(z)
+        assert np.array_equal(q.numpy().astype(np.uint8), y)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_qlinear_dynamic_u8_unsaturated_on_any_cpu(tmp_path: Path, bias: bool) -> None:
+    """DynamicQuantizeMatMul against the tensor_u8 reference with weights |w_q| <= 64, whose u8
+    pair sums (255 * 64 * 2 < 2**15) cannot saturate AVX2's int16 either: the export's scales,
+    zero point, per-column weight scales and fused bias checked on every CPU."""
+    k, n = 80, 24
+    g = torch.Generator().manual_seed(5)
+    wq = torch.randint(-64, 65, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-3
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("batch"), 3, k)))
+    ins = [x, b.add_param("w_q", wq), b.add_param("w_scale", ws)]
+    if bias:
+        ins.append(b.add_param("bias", torch.randn(n, generator=g)))
+    y = b.op("qlinear_dynamic", ins, {"act_quant": "tensor_u8", "activation": "gelu"})
+    err = _check(b, y, [_x((2, 3, k), 9) + 1.0], tmp_path, tol=1e-5)
+    import onnx
+    ops = [nd.op_type for nd in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "DynamicQuantizeMatMul" in ops and "Add" not in ops, ops  # bias inside the kernel
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("outliers", [(), (7,)])
@@ -192,7 +244,7 @@ def test_woq_int4_uses_matmulnbits(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- whole models
-@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("act_quant", ACT_MODES)
 def test_quantized_bert_ships_onnxruntime(act_quant: str) -> None:
     import zoo
 

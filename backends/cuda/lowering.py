@@ -108,8 +108,8 @@ class _QLinear(KernelLowering):
 
     def supports(self, node: Node, g: Graph) -> str | None:
         if node.attrs.get("act_quant", "tensor") != "tensor":
-            return (f"act_quant={node.attrs['act_quant']} (per-row u7 codes) has no Triton "
-                    "kernel yet; the per-tensor kernel would compute other numbers")
+            return (f"act_quant={node.attrs['act_quant']} has no Triton kernel yet (the "
+                    "per-tensor u7 kernel would compute other numbers)")
         return None
 
     def prepare(self, node: Node, g: Graph) -> dict[str, torch.Tensor]:

@@ -123,6 +123,16 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
         amax = F.max_pool1d(xs.abs().reshape(-1, 1, k), k).reshape(*xs.shape[:-1], 1)
         s = (amax / 63.0).clamp_min(1e-12)
         acc = _int8_gemm(torch.clamp(torch.round(inp / s), -64.0, 63.0), wq)
+    elif a.get("act_quant") == "tensor_u8":
+        # full-range u8 codes minus their zero point span -255..255: not int8, so an int32
+        # GEMM (exact, without sdot); the u7 forms are the fast ones on Arm
+        lo, hi = torch.min(xs).clamp(max=0.0), torch.max(xs).clamp(min=0.0)
+        s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255.0)
+        zp = torch.round(torch.clamp(0.0 - lo / s, 0.0, 255.0))
+        codes = torch.clamp(torch.round(xs / s) + zp, 0.0, 255.0) - zp
+        k = codes.shape[-1]
+        acc = torch.mm(codes.reshape(-1, k).to(torch.int32), wq.to(torch.int32).t())
+        acc = acc.reshape(*codes.shape[:-1], wq.shape[0]).to(torch.float32)
     else:
         lo, hi = torch.min(xs).clamp(max=0.0), torch.max(xs).clamp(min=0.0)
         s = ((hi - lo) / 127.0).clamp_min(torch.finfo(torch.float32).eps)

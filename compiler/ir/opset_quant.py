@@ -10,6 +10,9 @@ by the same epilogue as ``fused_linear`` (optional residual before/after an acti
         ``act_quant="token"``: one symmetric scale per row instead (|x|max / 63, codes -63..63
         stored as u7 with zero point 64: the form ONNX Runtime runs as QuantizeLinear +
         MatMulIntegerToFloat without int16 saturation on AVX2).
+        ``act_quant="tensor_u8"``: one asymmetric full-range u8 scale per tensor, exactly ONNX's
+        DynamicQuantizeLinear (the form ONNX Runtime fuses into one DynamicQuantizeMatMul
+        kernel; exact only where the CPU's u8 x s8 dot products do not saturate: VNNI / AMX).
         ``outlier_idx`` lists input channels computed in fp32 instead (``w_outlier`` [N, k]):
         their activations are zeroed before quantization and added back exactly.
     qlinear_static(x, w_q, w_scale, b?, residual?, outlier_idx?, w_outlier?)
@@ -65,6 +68,8 @@ __all__ = [
     "qgemm_dynamic",
     "qgemm_static",
     "qgemm_token",
+    "qgemm_u8",
+    "u8_qparams",
     "token_u7_scale",
     "spmm_linear",
     "encode_sparse",
@@ -74,6 +79,8 @@ U7_QMAX = 127  # 7-bit unsigned activations (reduce_range): exact int16 pair sum
 TOKEN_QMAX = 63  # act_quant="token": symmetric codes -63..63 stored as u7 with zero point 64
 TOKEN_ZP = 64
 TOKEN_MIN_SCALE = 1e-12
+U8_QMAX = 255  # act_quant="tensor_u8": ONNX DynamicQuantizeLinear codes
+ACT_QUANT_MODES = ("tensor", "token", "tensor_u8")
 
 EPILOGUE_ATTRS: dict[str, Any] = {
     "activation": "none",
@@ -399,9 +406,9 @@ def _qlinear_infer(op: str) -> Any:
             raise OpTypeError(f"{op}: w_scale must be float32 [out], got {ws}")
         y = _linear_out(op, x, wq.shape[0], wq.shape[1])
         _check_epilogue(op, y, types, attrs)
-        if attrs.get("act_quant", "tensor") not in ("tensor", "token"):
-            raise OpTypeError(f"{op}: act_quant must be tensor or token, got "
-                              f"'{attrs['act_quant']}'")
+        if attrs.get("act_quant", "tensor") not in ACT_QUANT_MODES:
+            raise OpTypeError(f"{op}: act_quant must be one of {', '.join(ACT_QUANT_MODES)}, "
+                              f"got '{attrs['act_quant']}'")
         idx = types[5] if len(types) > 5 else None
         wo = types[6] if len(types) > 6 else None
         if (idx is None) != (wo is None):
@@ -447,17 +454,53 @@ def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Ten
     return x.new_empty(*x.shape[:-1], w_q.shape[0])
 
 
+def u8_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of ONNX DynamicQuantizeLinear over all of ``x`` (fp32 scalars).
+
+    The range is widened to contain 0; scale = (max - min) / 255 (1 for an all-zero tensor);
+    zero point = round-half-even(clamp(-min / scale, 0, 255)), as ONNX Runtime computes them.
+    """
+    lo = torch.clamp(x.amin(), max=0.0)
+    hi = torch.clamp(x.amax(), min=0.0)
+    same = hi == lo
+    scale = torch.where(same, torch.ones_like(hi), (hi - lo) / U8_QMAX)
+    zp = torch.round(torch.clamp(-lo / scale, 0.0, float(U8_QMAX)))
+    return scale, zp
+
+
+@torch.library.custom_op("ember::qgemm_u8", mutates_args=())
+def qgemm_u8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-tensor full-range u8 activations (DynamicQuantizeLinear) x int8 weights, fp32 out.
+
+    Codes ``q = clamp(round(x / s) + zp, 0, 255)``; the integer products ``(q - zp) * w`` are
+    summed in fp64 (exact: |sum| < 2**53), then ``acc * (s * w_scale) + bias`` in fp32, the
+    order ONNX Runtime's kernel uses.
+    """
+    s, zp = u8_qparams(x)
+    q = torch.clamp(torch.round(x / s) + zp, 0.0, float(U8_QMAX)) - zp
+    acc = F.linear(q.double(), _float_weight(w_q, torch.float64)).float()
+    y = acc * (s * w_scale)
+    return y if bias is None else y + bias
+
+
+@qgemm_u8.register_fake
+def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w_q.shape[0])
+
+
 _FLOATW: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
-def _float_weight(w_q: torch.Tensor) -> torch.Tensor:
-    """The int8 weight as fp32 (cached per weight, as the fbgemm packs are)."""
-    key = _pack_key(w_q, w_q.new_zeros(1, dtype=torch.float32), None)
+def _float_weight(w_q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The int8 weight as fp32 or fp64 (cached per weight, as the fbgemm packs are)."""
+    key = (*_pack_key(w_q, w_q.new_zeros(1, dtype=torch.float32), None), dtype)
     with _PACK_LOCK:
         t = _FLOATW.get(key)
         if t is not None:
             return t
-    t = w_q.float()
+    t = w_q.to(dtype)
     with _PACK_LOCK:
         _FLOATW[key] = t
         while len(_FLOATW) > _PACK_CAP // 16:
@@ -479,6 +522,12 @@ def _qlinear_dynamic_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Te
         if idx is not None and wo is not None:
             y = y + F.linear(inp.index_select(-1, idx), wo)
         return _epilogue(y, x, a)
+    if a["act_quant"] == "tensor_u8":
+        xin = inp if idx is None or wo is None else inp.index_fill(-1, idx, 0.0)
+        y = qgemm_u8(xin, wq, ws, _opt(x, 3))
+        if idx is not None and wo is not None:
+            y = y + F.linear(inp.index_select(-1, idx), wo)
+        return _epilogue(y, x, a)
     if idx is not None and wo is not None:
         xo = inp.index_select(-1, idx)
         y = qgemm_dynamic(inp.index_fill(-1, idx, 0.0), wq, ws, _opt(x, 3))
@@ -490,7 +539,8 @@ def _qlinear_dynamic_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Te
 
 _reg("qlinear_dynamic", _qlinear_infer("qlinear_dynamic"), _qlinear_dynamic_ref,
      {"act_quant": "tensor"}, 3, 7,
-     "int8 W (per-channel) x dynamic u7 activations (per tensor or per token), fp32 epilogue")
+     "int8 W (per-channel) x dynamic activations (u7 per tensor or per token, or u8 per "
+     "tensor), fp32 epilogue")
 
 
 def _qlinear_static_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:

@@ -343,7 +343,7 @@ def test_onnx_symbolic_batch_needs_a_shape(tmp_path: Path,
     assert not (tmp_path / "m.ember").exists()
 
 
-@pytest.mark.parametrize("act_quant", ["tensor", "token"])
+@pytest.mark.parametrize("act_quant", ["tensor", "token", "tensor_u8"])
 @pytest.mark.parametrize("outliers", [False, True])
 def test_int8_lowering_matches_the_op_reference(act_quant: str, outliers: bool) -> None:
     """The plain-ATen qlinear_dynamic that TVM compiles does the reference's (fbgemm's) math."""

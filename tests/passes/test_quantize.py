@@ -131,6 +131,38 @@ def test_qlinear_dynamic_token_matches_naive_integers(outlier: bool) -> None:
     assert (y - exact)[others].abs().max() < 0.2 * (plain - exact)[others].abs().max()
 
 
+@pytest.mark.parametrize("case", ["mixed", "positive", "zeros"])
+def test_qlinear_dynamic_u8_matches_naive_integers(case: str) -> None:
+    """act_quant=tensor_u8 is ONNX DynamicQuantizeLinear: range widened to contain 0, scale
+    (max - min) / 255 (1 for all zeros), zp = round(-min / scale), codes round(x / s) + zp
+    clamped to [0, 255]; then exact integer products (q - zp) * w_q."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 7, 96, generator=g) * 3
+    if case == "positive":
+        x = x.abs() + 0.5  # min > 0: the range still starts at 0 (zp 0)
+    if case == "zeros":
+        x = torch.zeros_like(x)
+    w = torch.randn(40, 96, generator=g) * 0.1
+    b = torch.randn(40, generator=g)
+    wq, ws = quantize_weight_per_channel(w)
+    y = _ref("qlinear_dynamic", [x, wq, ws, b], act_quant="tensor_u8")
+    xn = x.numpy().astype(np.float32)
+    lo, hi = np.float32(min(xn.min(), 0.0)), np.float32(max(xn.max(), 0.0))
+    scale = np.float32(1.0) if hi == lo else np.float32((hi - lo) / np.float32(255))
+    zp = np.rint(np.clip(-lo / scale, 0, 255))  # numpy rounds half to even, as ONNX does
+    q = np.clip(np.rint(xn / scale) + zp, 0, 255).astype(np.int64) - int(zp)
+    acc = q.reshape(-1, 96) @ wq.numpy().astype(np.int64).T  # exact int64
+    want = acc.astype(np.float32) * (scale * ws.numpy()) + b.numpy()
+    np.testing.assert_allclose(y.reshape(-1, 40).numpy(), want, rtol=1e-6, atol=1e-5)
+    if case == "positive":
+        assert zp == 0
+    if case == "mixed":  # 8 bits per tensor: within a few steps of fp32 on a plain tensor
+        exact = F.linear(x, w, b)
+        assert float((y - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
 def test_qlinear_epilogue_matches_fused_linear() -> None:
     x, r = torch.randn(4, 32), torch.randn(4, 16)
     w, b = torch.randn(16, 32) * 0.1, torch.randn(16)
@@ -361,7 +393,8 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
     PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0,min_model_speedup=0,"
                 "gate_runtime=onnxruntime}").run(g, ctx)
     rec = ctx.records["quantize"]
-    assert rec["gate_runtime"] == "onnxruntime" and rec["act_quant"] == "token"
+    assert rec["gate_runtime"] == "onnxruntime"
+    assert rec["act_quant"] == "token"
     for la in rec["layers"]:
         gr = la["gate"]
         if gr["predicted"] >= 1:
@@ -476,3 +509,50 @@ def test_int8_embedding_tables(tmp_path: Path) -> None:
     assert _cos(got, m(ids)) > 0.99
     rep = export_onnx(q, tmp_path / "m.onnx")
     assert rep.runnable_by_onnxruntime, rep.custom
+
+
+def test_auto_act_quant_picks_per_layer_by_measured_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with int8 dot products, act_quant=measure gives a layer whose input has a few huge
+    tokens (attention-sink rows) per-token scales and a plain layer the fused per-tensor u8 form;
+    the errors behind each choice are recorded."""
+    import ember.passes.quantize as q
+
+    monkeypatch.setattr(q, "has_int8_dot", lambda: True)
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64)
+            self.b = torch.nn.Linear(64, 32)
+            rows = torch.ones(24, 1)
+            rows[0] = 200.0  # a sink token
+            self.register_buffer("rows", rows)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) * self.rows)
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    x = torch.randn(24, 64)
+    from ember.frontends.fx import import_module
+    g = import_module(m, (x,))
+    ctx = PassContext(target="cpu")
+    ctx.options["example_inputs"] = [x]
+    out = PassManager("quantize{scheme=w8a8-dynamic,gate=always,act_quant=measure}").run(g, ctx)
+    rec = ctx.records["quantize"]
+    if rec["gate_runtime"] != "onnxruntime":
+        pytest.skip("onnxruntime not installed: auto stays on the torch kernels")
+    by_w = {la["weight"]: la for la in rec["layers"]}
+    first, second = (by_w[k] for k in sorted(by_w))  # a.weight, b.weight
+    assert first["act_quant"] == "tensor_u8", first
+    assert second["act_quant"] == "token", second
+    assert second["act_error"]["tensor_u8"] > second["act_error"]["token"]
+    assert first["act_error"]["tensor_u8"] <= first["act_error"]["token"]
+    assert rec["act_quant"] == "measure: tensor_u8 1, token 1"
+    modes = sorted(n.attrs["act_quant"] for n in out.nodes if n.op == "qlinear_dynamic")
+    assert modes == ["tensor_u8", "token"]
+    with torch.no_grad():
+        want = m(x)
+    (got,) = run_graph(out, x)
+    rel = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert float(rel.max()) < 0.05
