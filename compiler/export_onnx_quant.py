@@ -97,6 +97,15 @@ def _outlier_mask(x: X, n: Node) -> str | None:
     return x.const(m, "float32")
 
 
+def _zero_outliers(x: X, n: Node, ins: list[str], x2: str) -> str:
+    """x with its outlier channels zeroed, as the references quantize it (else x itself)."""
+    if _in(ins, 5):
+        mask = _outlier_mask(x, n)
+        if mask is not None:
+            return x.one("Mul", [x2, mask])
+    return x2
+
+
 # ----------------------------------------------------------------------------- int8 GEMMs
 @register_emitter("qlinear_dynamic", "qlinear_static")
 def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
@@ -110,11 +119,7 @@ def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
     bias = _in(ins, 3)
     u8 = "uint8"
     if n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "tensor_u8":
-        src = x2
-        if _in(ins, 5):  # outlier channels are zeroed before quantization in the reference
-            mask = _outlier_mask(x, n)
-            if mask is not None:
-                src = x.one("Mul", [x2, mask])
+        src = _zero_outliers(x, n, ins, x2)
         y = x.one("DynamicQuantizeMatMul", [src, wt, ins[2], "", bias] if bias
                   else [src, wt, ins[2]], domain=MS)
     elif n.op == "qlinear_dynamic" and a.get("act_quant", "tensor") == "token":
@@ -156,11 +161,7 @@ def _qlinear(x: X, n: Node, ins: list[str]) -> list[str]:
 
 def _u7_qparams(x: X, x2: str, ins: list[str], n: Node) -> tuple[str, str]:
     """fbgemm's ChooseQuantizationParams(min(x, 0), max(x, 0)) for u7, in the graph."""
-    src = x2
-    if _in(ins, 5):  # outlier channels are zeroed before quantization in the reference
-        mask = _outlier_mask(x, n)
-        if mask is not None:
-            src = x.one("Mul", [x2, mask])
+    src = _zero_outliers(x, n, ins, x2)
     f = "float32"
     zero = x.const(0.0, f)
     lo = x.one("Min", [_reduce_node(x, "ReduceMin", src, [0, 1], False), zero])

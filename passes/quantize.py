@@ -14,10 +14,11 @@ Schemes (``quantize{scheme=...}``):
   scheme: 0.973) or per tensor in full-range u8 (``act_quant=tensor_u8``: ONNX
   DynamicQuantizeLinear, which ONNX Runtime runs as one fused DynamicQuantizeMatMul kernel; exact
   only on CPUs with VNNI/AMX int8 dot products). ``act_quant=measure`` on such a CPU, with ONNX
-  Runtime, picks per layer (not yet the default: its speed is unmeasured on a VNNI machine): it runs the layer's activations from the example (or calibration)
-  inputs through both references and takes tensor_u8 unless its output error exceeds
-  ``act_error_ratio`` x the per-token error (massive-activation channels make per-tensor
-  scales coarse; plain ViT activations do not); with ``outliers=true`` (needs calibration) the few massive-activation input channels
+  Runtime, picks per layer (not yet the default: its speed is unmeasured on a VNNI machine):
+  it runs the layer's activations from the example (or calibration) inputs through both
+  references and takes tensor_u8 unless its output error exceeds ``act_error_ratio`` x the
+  per-token error (a few huge tokens make per-tensor scales coarse; plain ViT activations do
+  not); with ``outliers=true`` (needs calibration) the few massive-activation input channels
   (abs-max >= ``outlier_ratio`` x the median channel's, at most 2%) are computed in fp32:
   MiniLM cosine 0.973 -> 0.994, at the cost of a copy of x per call (the gate times it).
   For ``w8a8-static`` outliers are on by default (no copy: the kernel clamps them away).
@@ -415,9 +416,10 @@ def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
                      inputs: Sequence[Any], modes: Sequence[str] = ("token", "tensor_u8"),
                      max_rows: int = 4096) -> dict[str, dict[str, float]]:
     """Mean per-token relative output error ||y_q - y|| / ||y|| of each activation mode per
-    layer (by output name), on the layers' real inputs from one run of ``g`` on ``inputs`` (per-tensor modes see
-    the whole activation, as at run time; at most ``max_rows`` rows are scored)."""
-    want = {n.inputs[0].name: n for n, _ in layers if n.inputs[0] is not None}
+    layer (by output name), on the layers' real inputs from one run of ``g`` on ``inputs``
+    (per-tensor modes see the whole activation, as at run time; at most ``max_rows`` rows are
+    scored)."""
+    want = {n.inputs[0].name for n, _ in layers if n.inputs[0] is not None}
     acts: dict[str, torch.Tensor] = {}
 
     def watch(name: str, t: torch.Tensor) -> None:
@@ -433,18 +435,17 @@ def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
             if x is None:
                 continue
             x = x.float()
-            ref = F.linear(x, w)
+            r2 = F.linear(x, w).reshape(-1, w.shape[0])[:max_rows]
+            # mean of per-token errors: a few huge tokens must not hide the rest
+            rn = r2.norm(dim=1)
+            rn = rn.clamp_min(1e-6 * float(rn.max().clamp_min(1e-12)))
             errs: dict[str, float] = {}
             for mode in modes:
                 prep = prepare(spec, w, act_quant=mode)
                 y = d.reference([x] + [t for _, t in prep.tensors],
                                 d.normalize_attrs(dict(prep.attrs)))
-                r2 = ref.reshape(-1, ref.shape[-1])[:max_rows]
-                y2 = y.reshape(-1, y.shape[-1])[:max_rows]
-                # mean of per-token errors: a few huge tokens must not hide the rest
-                rn = r2.norm(dim=1)
-                errs[mode] = float(((y2 - r2).norm(dim=1) / rn.clamp_min(
-                    1e-6 * float(rn.max().clamp_min(1e-12)))).mean())
+                y2 = y.reshape(-1, w.shape[0])[:max_rows]
+                errs[mode] = float(((y2 - r2).norm(dim=1) / rn).mean())
             out[n.output.name] = errs
     return out
 

@@ -21,6 +21,7 @@ import torch
 
 from ember.errors import UnsupportedOp, UnsupportedOpError
 from ember.ir import Graph, GraphBuilder, Node, TensorType, to_torch_dtype
+from ember.ir.opset_quant import U8_QMAX, u8_qparams
 from ember.ir.shapes import free_symbols
 
 __all__ = ["RelaxModel", "to_relax", "export_graph", "unsupported_nodes", "probe_node",
@@ -126,10 +127,8 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
     elif a.get("act_quant") == "tensor_u8":
         # full-range u8 codes minus their zero point span -255..255: not int8, so an int32
         # GEMM (exact, without sdot); the u7 forms are the fast ones on Arm
-        lo, hi = torch.min(xs).clamp(max=0.0), torch.max(xs).clamp(min=0.0)
-        s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255.0)
-        zp = torch.round(torch.clamp(0.0 - lo / s, 0.0, 255.0))
-        codes = torch.clamp(torch.round(xs / s) + zp, 0.0, 255.0) - zp
+        s, zp = u8_qparams(xs)
+        codes = torch.clamp(torch.round(xs / s) + zp, 0.0, float(U8_QMAX)) - zp
         k = codes.shape[-1]
         acc = torch.mm(codes.reshape(-1, k).to(torch.int32), wq.to(torch.int32).t())
         acc = acc.reshape(*codes.shape[:-1], wq.shape[0]).to(torch.float32)

@@ -460,10 +460,9 @@ def u8_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The range is widened to contain 0; scale = (max - min) / 255 (1 for an all-zero tensor);
     zero point = round-half-even(clamp(-min / scale, 0, 255)), as ONNX Runtime computes them.
     """
-    lo = torch.clamp(x.amin(), max=0.0)
-    hi = torch.clamp(x.amax(), min=0.0)
-    same = hi == lo
-    scale = torch.where(same, torch.ones_like(hi), (hi - lo) / U8_QMAX)
+    lo = torch.clamp(torch.min(x), max=0.0)  # full reductions (TVM builds these, not max.dim)
+    hi = torch.clamp(torch.max(x), min=0.0)
+    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / U8_QMAX)
     zp = torch.round(torch.clamp(-lo / scale, 0.0, float(U8_QMAX)))
     return scale, zp
 
@@ -522,18 +521,13 @@ def _qlinear_dynamic_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Te
         if idx is not None and wo is not None:
             y = y + F.linear(inp.index_select(-1, idx), wo)
         return _epilogue(y, x, a)
-    if a["act_quant"] == "tensor_u8":
-        xin = inp if idx is None or wo is None else inp.index_fill(-1, idx, 0.0)
-        y = qgemm_u8(xin, wq, ws, _opt(x, 3))
-        if idx is not None and wo is not None:
-            y = y + F.linear(inp.index_select(-1, idx), wo)
-        return _epilogue(y, x, a)
+    gemm = qgemm_u8 if a["act_quant"] == "tensor_u8" else qgemm_dynamic  # per tensor
     if idx is not None and wo is not None:
         xo = inp.index_select(-1, idx)
-        y = qgemm_dynamic(inp.index_fill(-1, idx, 0.0), wq, ws, _opt(x, 3))
+        y = gemm(inp.index_fill(-1, idx, 0.0), wq, ws, _opt(x, 3))
         y = y + F.linear(xo, wo)
     else:
-        y = qgemm_dynamic(inp, wq, ws, _opt(x, 3))
+        y = gemm(inp, wq, ws, _opt(x, 3))
     return _epilogue(y, x, a)
 
 
