@@ -104,11 +104,11 @@ def pass_options(target: str, example: Sequence[torch.Tensor] | None) -> dict[st
     opts: dict[str, Any] = {"example_inputs": list(example) if example is not None else None}
     if target == "cpu":
         try:
-            from ember.backends.cpu.ort_tuning import disabled_optimizers, skip_layernorm_fusion
+            from ember.backends.cpu.ort_tuning import disabled_optimizers, export_choices
         except ImportError:
             return opts
         threads = torch.get_num_threads()
-        opts["ort_export"] = {"skip_layernorm": skip_layernorm_fusion(threads),
+        opts["ort_export"] = {**export_choices(threads),
                               "disabled_optimizers": disabled_optimizers(threads)}
     return opts
 

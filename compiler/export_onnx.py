@@ -64,7 +64,8 @@ class ExportReport:
 
 
 def export_onnx(g: Graph, path: str | Path, opset: int = 17, *,
-                contrib_ops: bool = False, skip_layernorm: bool = True) -> ExportReport:
+                contrib_ops: bool = False, skip_layernorm: bool = True,
+                masked_mha: bool = True) -> ExportReport:
     """Writes ``g`` as an ONNX model at ``path`` and returns what was exported how.
 
     Args:
@@ -77,11 +78,14 @@ def export_onnx(g: Graph, path: str | Path, opset: int = 17, *,
         skip_layernorm: with ``contrib_ops``, write residual-add + LayerNorm pairs as
             ``SkipLayerNormalization`` (the CPU backend measures whether that kernel is the
             faster form on the machine: `ember.backends.cpu.ort_tuning`).
+        masked_mha: with ``contrib_ops``, write masked attention as ``MultiHeadAttention``;
+            False: as standard ops with one additive [B, 1, 1, L] bias per mask (also measured
+            per machine).
     """
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
         raise CompilerError(f"ONNX export supports opsets 13..{onnx.defs.onnx_opset_version()}, "
                             f"got {opset}")
-    ex = _Exporter(g, opset, contrib_ops, skip_layernorm)
+    ex = _Exporter(g, opset, contrib_ops, skip_layernorm, masked_mha)
     model = ex.build()
     try:
         onnx.checker.check_model(model)
@@ -135,11 +139,12 @@ MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 
 class _Exporter:
     def __init__(self, g: Graph, opset: int, contrib_ops: bool = False,
-                 skip_layernorm: bool = True) -> None:
+                 skip_layernorm: bool = True, masked_mha: bool = True) -> None:
         self.g = g
         self.opset = opset
         self.contrib = contrib_ops
         self.skip_ln = contrib_ops and skip_layernorm
+        self.masked_mha = masked_mha
         self.producer: dict[str, Node] = {v.name: n for n in g.nodes for v in n.outputs}
         self.users: dict[str, list[int]] = {}  # value -> positions of its consumers (-1: output)
         for i, n in enumerate(g.nodes):
@@ -857,7 +862,10 @@ def _group_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
 
 @_e("attention")
-def _attention(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
+def _attention(x: _Exporter, n: Node, ins: list[str], additive_bias: str | None = None,
+               ) -> list[str]:
+    """Attention as standard ops; ``additive_bias``: a float bias to add to the scores in place
+    of the node's mask (one made per mask and shared by the layers that read it)."""
     q, k = n.inputs[0], n.inputs[1]
     a = n.attrs
     ins = list(ins)
@@ -882,7 +890,9 @@ def _attention(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     else:
         sc = x.const(scale, dt)
     s = x.one("Mul", [s, sc])
-    if len(ins) > 3 and ins[3]:
+    if additive_bias is not None:
+        s = x.one("Add", [s, additive_bias])
+    elif len(ins) > 3 and ins[3]:
         mask = n.inputs[3]
         if mask.type.dtype == "bool":
             s = x.one("Where", [ins[3], s, x.const(float("-inf"), dt)])

@@ -19,6 +19,11 @@ output) explicit Reshape/Transpose nodes convert, and the exporter cancels a Tra
 the inverse permute that follows it. Anything the kernel does not cover (grouped-query heads,
 symbolic head counts, a causal mask with different query and key lengths, non-fp32) keeps the
 decomposed standard-op form.
+
+The kernel needs the mask as a full [B, 1, S, L] bias, which doubles its time on some CPUs
+(`ember.backends.cpu.ort_tuning` measures it); with ``masked_mha=False`` masked attention keeps
+the standard ops, the bool mask turned into an additive bias once (its own broadcast shape,
+shared by every layer) instead of a ``Where`` over every layer's [B, H, S, L] scores.
 """
 
 from __future__ import annotations
@@ -52,6 +57,17 @@ def _as_bsd(x: X, v: Value, name: str) -> str:
             return src.name
     t = x.one("Transpose", [name], perm=_HEADS_FIRST)
     return x.one("Reshape", [t, x.shape([b, s, h * d])])
+
+
+def _additive(x: X, mask: Value, name: str) -> str:
+    """The float additive form of a mask in its own (broadcast) shape, made once per mask."""
+    if mask.type.dtype != "bool":
+        return name
+    key = ("additive_mask", name)
+    if key not in x.shared:
+        x.shared[key] = x.one("Where", [name, x.const(0.0, "float32"),
+                                        x.const(float("-inf"), "float32")])
+    return x.shared[key]
 
 
 def _bias(x: X, mask: Value, name: str, s: Any, kv: Any) -> str:
@@ -93,6 +109,10 @@ def _mha(x: X, n: Node, ins: list[str]) -> list[str]:
             and mask.type.shape[1] in (1, q.type.shape[1]))
     if ok and a["is_causal"]:
         ok = _same(q.type.shape[2], k.type.shape[2])
+    if ok and mask is not None and not x.masked_mha:
+        if q.type.dtype == "float32" and mask.type.dtype in ("bool", "float32"):
+            return _attention(x, n, ins, additive_bias=_additive(x, mask, ins[3]))
+        return _attention(x, n, ins)
     if not ok:
         return _attention(x, n, ins)
     b, h, s, d = q.type.shape

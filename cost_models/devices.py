@@ -48,7 +48,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPEC_VERSION = 2  # 2: the fp32 peak is the best of torch.mm and ONNX Runtime's MatMul
+# 2: the fp32 peak is the best of torch.mm and ONNX Runtime's MatMul
+# 3: ONNX Runtime's own kernels measured at several shapes (``measured["ort"]``: a GEMM grid,
+#    depthwise / dense conv, attention, per-node and per-call overhead) for the ORT program
+SPEC_VERSION = 3
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -253,6 +256,91 @@ def _ort_sgemm_flops(n: int, threads: int, repeats: int) -> float | None:
     return 2 * n**3 / t
 
 
+# GEMM shapes ONNX Runtime is timed at (M rows, K, N): transformer projections and MLPs from
+# one short sequence to a batch of long ones, and the narrow layers of small CNNs / tiny ViTs
+_ORT_GEMM_M = (16, 64, 256, 1024, 4096)
+_ORT_GEMM_KN = ((64, 64), (128, 512), (384, 384), (384, 1536), (768, 768), (768, 3072),
+                (3072, 768))
+_ORT_GEMM_M_QUICK = (64, 1024)
+_ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
+
+
+def _ort_session(nodes: list[Any], inputs: dict[str, Any], inits: dict[str, Any],
+                 threads: int) -> Any:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ember.ort_session import open_session, session_options
+
+    vi = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
+                                        else TensorProto.INT64, list(v.shape))
+          for k, v in inputs.items()]
+    g = helper.make_graph(nodes, "k", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                          None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.microsoft", 1)])
+    return open_session(m.SerializeToString(), session_options(threads))
+
+
+def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any] | None:
+    """ONNX Runtime's own kernels, the ones the CPU backend's ORT program runs, at several
+    shapes: the cost model's per-op efficiency for that runtime (`ember.cost_models.ort`).
+
+    Returns ``{"gemm": [[M, K, N, FLOP/s], ...], "dwconv_flops", "conv_flops",
+    "attention_flops", "node_overhead_s", "call_overhead_s"}`` or None without onnxruntime.
+    Each figure is the best of ``reps`` (other load only ever adds time)."""
+    try:
+        import numpy as np
+        import onnxruntime  # noqa: F401
+        from onnx import helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+
+    def rnd(*shape: int) -> Any:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def best(sess: Any, feed: dict[str, Any]) -> float:
+        return _best_time(lambda: sess.run(None, feed), min_time=0.02, repeats=reps)
+
+    out: dict[str, Any] = {"gemm": []}
+    ms = _ORT_GEMM_M_QUICK if quick else _ORT_GEMM_M
+    kns = _ORT_GEMM_KN_QUICK if quick else _ORT_GEMM_KN
+    for k, n in kns:
+        w = rnd(k, n)
+        for m in ms:
+            sess = _ort_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                {"x": rnd(m, k)}, {"w": w}, threads)
+            t = best(sess, {"x": rnd(m, k)})
+            out["gemm"].append([m, k, n, round(2.0 * m * k * n / t)])
+    # depthwise 3x3 and dense 3x3 convolutions at MobileNet / ResNet-like sizes
+    for key, (c, hw, groups, cout) in (("dwconv", (144, 56, 144, 144)),
+                                       ("conv", (64, 56, 1, 64))):
+        sess = _ort_session([helper.make_node("Conv", ["x", "w"], ["y"], group=groups,
+                                              pads=[1, 1, 1, 1])],
+                            {"x": rnd(1, c, hw, hw)}, {"w": rnd(cout, c // groups, 3, 3)},
+                            threads)
+        t = best(sess, {"x": rnd(1, c, hw, hw)})
+        out[f"{key}_flops"] = round(2.0 * cout * (c // groups) * 9 * hw * hw / t)
+    # attention: ORT's MultiHeadAttention, 12 heads of 64 at 128 tokens
+    b, s_, h, d = 1, 128, 12, 64
+    qkv = {n: rnd(b, s_, h * d) for n in "qkv"}
+    sess = _ort_session([helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"],
+                                          domain="com.microsoft", num_heads=h)], qkv, {},
+                        threads)
+    out["attention_flops"] = round(4.0 * b * h * s_ * s_ * d / best(sess, qkv))
+    # overheads: one call of a 1-node graph, and the slope of a chain of 64 tiny Adds
+    one = {"x": rnd(1, 8)}
+    chain = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "x"],
+                              ["y" if i == 63 else f"a{i}"]) for i in range(64)]
+    t1 = best(_ort_session([helper.make_node("Add", ["x", "x"], ["y"])], one, {}, threads), one)
+    t64 = best(_ort_session(chain, one, {}, threads), one)
+    out["call_overhead_s"] = t1
+    out["node_overhead_s"] = max(0.0, (t64 - t1) / 63)
+    return out
+
+
 def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:
     """Best-of-``repeats`` seconds per call, each repeat timing enough calls for ``min_time``.
 
@@ -333,6 +421,9 @@ def _measure(quick: bool) -> DeviceSpec:
         if ort_peak:
             raw["float32_gemm_ort_gflops"] = ort_peak / 1e9
             peaks["float32"] = max(peaks["float32"], ort_peak)
+        ort_k = _measure_ort_kernels(torch.get_num_threads(), quick, reps)
+        if ort_k is not None:
+            raw["ort"] = ort_k
         # STREAM-like bandwidth: copy (2 x bytes) and add (3 x bytes) on arrays >> L3
         numel = (16 if quick else 32) * 2**20 // 4 * 4   # 64 / 128 MiB of fp32
         x = torch.randn(numel, generator=gen)

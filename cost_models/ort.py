@@ -56,6 +56,7 @@ __all__ = [
     "load_ort_model",
     "node_features",
     "node_roofline_s",
+    "gemm_flops_per_s",
     "estimate_graph_ort",
 ]
 
@@ -171,15 +172,60 @@ def _ort_bytes(n: Node, env: Mapping[str, int]) -> float:
     return _ev(c.bytes, env)
 
 
+def _gemm_mkn(n: Node, env: Mapping[str, int]) -> tuple[float, float, float]:
+    """(M, K, N) of a gemm-class node: rows (every leading dim folded in), reduction, columns."""
+    x, out = n.inputs[0], n.outputs[0]
+    if x is None or not x.type.rank:
+        return 1.0, 1.0, 1.0
+    k = float(evaluate(x.type.shape[-1], env))
+    nn = float(evaluate(out.type.shape[-1], env)) if out.type.rank else 1.0
+    m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+    return m, k, nn
+
+
+def gemm_flops_per_s(grid: Sequence[Sequence[float]], m: float, k: float, n: float) -> float:
+    """ONNX Runtime's fp32 GEMM throughput at (M, K, N), interpolated from the device's
+    measured grid (``measured["ort"]["gemm"]``): inverse-distance weights over the four nearest
+    grid points in log space, each coordinate clamped to the grid's range."""
+    pts = [(math.log2(r[0]), math.log2(r[1]), math.log2(r[2]), math.log(r[3])) for r in grid]
+    lo = [min(p[i] for p in pts) for i in range(3)]
+    hi = [max(p[i] for p in pts) for i in range(3)]
+    q = [min(max(math.log2(max(v, 1.0)), lo[i]), hi[i]) for i, v in enumerate((m, k, n))]
+    near = sorted((sum((p[i] - q[i]) ** 2 for i in range(3)), p[3]) for p in pts)[:4]
+    if near[0][0] < 1e-9:
+        return math.exp(near[0][1])
+    w = [1.0 / d for d, _ in near]
+    return math.exp(sum(wi * v for wi, (_, v) in zip(w, near)) / sum(w))
+
+
+# op class -> the key of its measured ONNX Runtime throughput in ``measured["ort"]``
+_ORT_CLASS_FLOPS = {"dwconv": "dwconv_flops", "conv": "conv_flops",
+                    "attention": "attention_flops"}
+
+
 def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tuple[float, float, float]:
-    """(roofline seconds incl. the device's dispatch overhead, flops, bytes) of one node."""
+    """(roofline seconds incl. the per-node overhead, flops, bytes) of one node.
+
+    With ONNX Runtime's kernels measured on this device (``device.measured["ort"]``, spec
+    version 3) compute-bound nodes divide by the throughput ORT itself reached: GEMMs at the
+    interpolated (M, K, N) of its grid, convolutions and attention at their measured shapes;
+    every node pays ORT's measured per-node overhead. Otherwise the device peaks x the op-class
+    efficiencies and the torch dispatch overhead."""
     c = node_cost(n)
     cls = c.op_class
     flops = _ev(c.flops, env)
     nbytes = _ort_bytes(n, env)
     ce, me = _effs(device, cls if cls != "view" else "data")
-    t = max(flops / (device.peak(c.compute_dtype) * ce), nbytes / (device.mem_bw * me))
-    return t + device.launch_overhead_s, flops, nbytes
+    ortk = (device.measured or {}).get("ort") or {}
+    rate = device.peak(c.compute_dtype) * ce
+    if ortk and c.compute_dtype == "float32":
+        if cls == "gemm" and ortk.get("gemm"):
+            rate = gemm_flops_per_s(ortk["gemm"], *_gemm_mkn(n, env))
+        elif cls in _ORT_CLASS_FLOPS and ortk.get(_ORT_CLASS_FLOPS[cls]):
+            rate = float(ortk[_ORT_CLASS_FLOPS[cls]])
+    ovh = float(ortk.get("node_overhead_s", device.launch_overhead_s))
+    t = max(flops / rate, nbytes / (device.mem_bw * me))
+    return t + ovh, flops, nbytes
 
 
 def node_features(g: Graph, env: Mapping[str, int], device: DeviceSpec,
@@ -201,9 +247,7 @@ def node_features(g: Graph, env: Mapping[str, int], device: DeviceSpec,
         m = nn = k = 1.0
         x = n.inputs[0] if n.inputs else None
         if cls == "gemm" and x is not None and x.type.rank:
-            k = float(evaluate(x.type.shape[-1], env))
-            nn = float(evaluate(out.type.shape[-1], env)) if out.type.rank else 1.0
-            m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+            m, k, nn = _gemm_mkn(n, env)
         elif cls in ("conv", "dwconv") and len(n.inputs) > 1 and n.inputs[1] is not None:
             w = n.inputs[1]
             nn = float(evaluate(w.type.shape[0], env))
@@ -275,7 +319,7 @@ def estimate_graph_ort(g: Graph, device: DeviceSpec, symbols: Mapping[str, int] 
         node_us.append(lat * 1e6)
         groups.append(GroupEstimate((i,), op_class(g.nodes[i]), "float32", f, b, lat, t,
                                     feats[i]))
-    call = 0.0
+    call = float(((device.measured or {}).get("ort") or {}).get("call_overhead_s", 0.0))
     if m is not None:
         call = m.call_overhead_s + m.per_io_s * (len(g.inputs) + len(g.outputs))
     total_us = sum(node_us) + call * 1e6

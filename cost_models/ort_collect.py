@@ -146,7 +146,7 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     import onnx
     import torch
 
-    from ember.backends.cpu.ort_tuning import skip_layernorm_fusion
+    from ember.backends.cpu.ort_tuning import export_choices
     from ember.driver import import_model
     from ember.export_onnx import export_onnx
     from ember.passmanager import PassContext, PassManager, parse_pipeline
@@ -158,8 +158,7 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     g = PassManager(parse_pipeline(DEFAULT_PIPELINE)).run(g0, ctx)
     raw = work / f"{sm.name}.raw.onnx"
     # exactly as the CPU backend's candidate
-    rep = export_onnx(g, raw, contrib_ops=True,
-                      skip_layernorm=skip_layernorm_fusion(torch.get_num_threads()))
+    rep = export_onnx(g, raw, contrib_ops=True, **export_choices(torch.get_num_threads()))
     if rep.custom:
         log.info("%s: skipped (custom ops %s)", sm.name, rep.custom)
         return False

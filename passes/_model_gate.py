@@ -37,7 +37,8 @@ def _session(g: Graph, path: Path, opts: dict[str, Any]) -> Any:
     from ember.ort_session import open_session, session_options
 
     rep = export_onnx(g, path, contrib_ops=True,
-                      skip_layernorm=bool(opts.get("skip_layernorm", True)))
+                      skip_layernorm=bool(opts.get("skip_layernorm", True)),
+                      masked_mha=bool(opts.get("masked_mha", True)))
     if rep.custom:
         raise ValueError(f"no ONNX form for {sorted(rep.custom)}")
     return open_session(path, session_options(torch.get_num_threads()),

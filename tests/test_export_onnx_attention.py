@@ -101,3 +101,67 @@ def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> 
     with torch.no_grad():
         want = m(x2, mem2, keep2)
     assert relative_error(got, [want]) <= 1e-5
+
+
+class TwoLayers(nn.Module):
+    """Two attention layers reading one padding mask (as every encoder layer does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Attn(mask="bool"), Attn(mask="bool")
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x, x, keep), x, keep)
+
+
+@pytest.mark.parametrize("case", ["bool_mask", "float_mask", "mask_2d", "causal"])
+def test_masked_attention_as_standard_ops_with_one_shared_bias(case: str,
+                                                               tmp_path: Path) -> None:
+    # masked_mha=False (ort_tuning measured the fused masked kernel slower): masked attention
+    # stays standard ops with the bool mask turned into an additive bias once, no Where over
+    # the scores; unmasked attention still uses the kernel
+    kw, cross, _ = CASES[case]
+    torch.manual_seed(0)
+    m = Attn(**kw).eval()
+    x, mem, keep = _inputs(2, 6, 9, cross, pad_row=0, pad=3)
+    dyn = {"x": {0: "batch", 1: "seq"}, "mem": {0: "batch", 1: "kv" if cross else "seq"},
+           "keep": {0: "batch", 1: "kv" if cross else "seq"}}
+    g = PassManager("O2").run(import_module(m, (x, mem, keep), dynamic_dims=dyn,
+                                            input_names=["x", "mem", "keep"]))
+    path = tmp_path / "a.onnx"
+    export_onnx(g, path, contrib_ops=True, masked_mha=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ("MultiHeadAttention" in ops) == (kw.get("mask", "none") == "none"), ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x2, mem2, keep2 = _inputs(3, 5, 7, cross, pad_row=1, pad=2)
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
+    got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
+    with torch.no_grad():
+        want = m(x2, mem2, keep2)
+    assert relative_error(got, [want]) <= 1e-5
+
+
+def test_one_additive_bias_per_mask_for_every_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = TwoLayers().eval()
+    x = torch.randn(2, 6, H * D)
+    keep = torch.ones(2, 6)
+    keep[0, -2:] = 0
+    dyn = {"x": {0: "batch", 1: "seq"}, "keep": {0: "batch", 1: "seq"}}
+    g = PassManager("O2").run(import_module(m, (x, keep), dynamic_dims=dyn,
+                                            input_names=["x", "keep"]))
+    path = tmp_path / "two.onnx"
+    export_onnx(g, path, contrib_ops=True, masked_mha=False)
+    nodes = onnx.load(str(path)).graph.node
+    assert [n.op_type for n in nodes].count("Softmax") == 2
+    # the scores are never masked by a Where: only the mask itself is turned into a bias
+    softmax_in = {n.input[0] for n in nodes if n.op_type == "Softmax"}
+    prod = {o: n for n in nodes for o in n.output}
+    assert all(prod[s].op_type == "Add" for s in softmax_in)
+    wheres = [n for n in nodes if n.op_type == "Where"]
+    assert len({n.output[0] for n in wheres}) <= 1
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy(), "keep": keep.numpy()})
+    with torch.no_grad():
+        want = m(x, keep)
+    assert relative_error([torch.from_numpy(got[0])], [want]) <= 1e-5

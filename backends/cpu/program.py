@@ -236,12 +236,12 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
     # the ONNX exporter lives with the frontends; imported lazily (backends stay light)
     from ember.export_onnx import export_onnx
 
-    from .ort_tuning import disabled_optimizers, skip_layernorm_fusion
+    from .ort_tuning import disabled_optimizers, export_choices
 
     path = work / ORT_FILE
     threads = torch.get_num_threads()
     try:
-        rep = export_onnx(g, path, contrib_ops=True, skip_layernorm=skip_layernorm_fusion(threads))
+        rep = export_onnx(g, path, contrib_ops=True, **export_choices(threads))
         if rep.custom:
             info["onnxruntime"] = {"skipped": f"ops without an ONNX form: {sorted(rep.custom)}"}
             return None

@@ -84,7 +84,9 @@ def test_estimate_is_call_overhead_plus_corrected_nodes(cpu: DeviceSpec) -> None
     assert len(est.node_us) == len(g.nodes) and est.runtime == "onnxruntime"
     call_us = (m.call_overhead_s + m.per_io_s * 2) * 1e6
     assert est.total_us == pytest.approx(sum(est.node_us) + call_us)
-    assert bare.total_us == pytest.approx(sum(gr.analytical_s for gr in est.groups) * 1e6)
+    call0 = cpu.measured.get("ort", {}).get("call_overhead_s", 0.0)  # ORT's measured call cost
+    assert bare.total_us == pytest.approx((sum(gr.analytical_s for gr in est.groups) + call0)
+                                          * 1e6)
     # views are ORT kernels too: the permute copies, so it has a cost
     assert bare.node_us[-1] > 0
     # larger batches never predict less for a GEMM-only graph under the bare roofline
@@ -136,3 +138,33 @@ def test_ort_program_is_predicted_with_the_ort_runtime(tmp_path: Path) -> None:
     assert cm.runtime_of_program("reference", {"kind": "interpreter"}) == "eager"
     # another device than the CPU predicts the fused-kernel runtime instead of failing
     assert cm.predict_latency_ms(g, "h100", [x], runtime="onnxruntime") > 0
+
+
+def test_ort_kernels_are_measured_with_the_device(cpu: DeviceSpec) -> None:
+    k = cpu.measured["ort"]
+    assert len(k["gemm"]) >= 4 and all(r[3] > 0 for r in k["gemm"])
+    for key in ("dwconv_flops", "conv_flops", "attention_flops", "call_overhead_s"):
+        assert k[key] > 0, key
+    assert k["node_overhead_s"] >= 0
+
+
+def test_gemm_throughput_interpolates_the_measured_grid() -> None:
+    grid = [[m, k, n, 1e9 * m] for m in (16, 256) for k, n in ((64, 64), (768, 768))]
+    assert ort.gemm_flops_per_s(grid, 16, 64, 64) == pytest.approx(16e9)
+    mid = ort.gemm_flops_per_s(grid, 64, 768, 768)
+    assert 16e9 < mid < 256e9
+    # outside the grid: clamped to its edge, never extrapolated
+    assert ort.gemm_flops_per_s(grid, 1, 768, 768) == pytest.approx(16e9)
+    assert ort.gemm_flops_per_s(grid, 10**6, 768, 768) == pytest.approx(256e9)
+
+
+def test_roofline_divides_gemms_by_the_throughput_ort_reached(cpu: DeviceSpec) -> None:
+    from dataclasses import replace
+
+    g = _mlp()
+    lin = next(n for n in g.nodes if n.op in ("linear", "fused_linear"))
+    slow = {**cpu.measured["ort"], "gemm": [[m, 64, 128, 1e8] for m in (16, 4096)],
+            "node_overhead_s": 0.0}
+    dev = replace(cpu, measured={**cpu.measured, "ort": slow}, mem_bw=1e15)
+    t, flops, _ = ort.node_roofline_s(lin, dev, {"batch": 512})
+    assert t == pytest.approx(flops / 1e8)
