@@ -165,9 +165,11 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
             return float((torch.cat(outs).argmax(-1) == cal_y).float().mean())
 
         floor = acc_cal32 - 0.005  # half the 1% budget: the test split is another sample
+        # merge amounts scale with the token count (r=8 of 50 tokens is r=32 of 197)
+        unit = max(1, round(int(rep.tokens) / 50)) if isinstance(rep.tokens, int) else 1
         t0 = time.time()
         per, trace = search_merge_schedule(g0, calib, cal_acc, floor, env,
-                                           step=4 if quick else 2,
+                                           step=(4 if quick else 2) * unit,
                                            max_rounds=4 if quick else 16)
         print(f"   merge schedule search ({len(trace)} candidates, {time.time() - t0:.0f} s): "
               f"{per}", flush=True)
@@ -183,7 +185,7 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
         print(f"   prune grid choice: {best_p}", flush=True)
         variants: dict[str, str] = {"O2": "O2"}
         for r in ([2, 4, 8] if quick else [2, 4, 6, 8]):
-            variants[f"merge r={r}"] = f"O2,merge_tokens{{r={r}}}"
+            variants[f"merge r={r * unit}"] = f"O2,merge_tokens{{r={r * unit}}}"
         for k in ([0.5] if quick else [0.7, 0.5, 0.35]):
             variants[f"prune attn keep={k}"] = \
                 f"O2,prune_tokens{{method=attention,keep={k},layers=1|3}}"
@@ -198,7 +200,7 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
             variants["prune per-layer (calib grid)"] = "O2," + best_p[0]
         if best_p is not None and not quick:
             ctx = PassContext()
-            per2, _ = search_merge_schedule(g0, calib, cal_acc, floor, env, step=2,
+            per2, _ = search_merge_schedule(g0, calib, cal_acc, floor, env, step=2 * unit,
                                             prefix=best_p[0])
             if per2 and any(int(v) for v in per2.split("|")):
                 variants["prune+merge (calib search)"] = \

@@ -4,7 +4,7 @@ Before -> After::
 
     %kt = permute(%k) {perm=[0, 1, 3, 2]}         (last two dims swapped)
     %s  = matmul(%q, %kt)
-    %s2 = mul(%s, c)   | div(%s, c)               (optional scale; also on %q / %k first)
+    %s2 = mul(%s, c)   | div(%s, c)               (optional scale; also on %q, %k or %kt)
     %s3 = add(%s2, %mask)                         (optional additive mask, dtype of %q)
         | where(%keep, %s2, -inf)                 (or a boolean mask)
     %p  = softmax(%s3) {dim=-1}                   (optionally cast to f32 and back around it)
@@ -83,14 +83,17 @@ def _scores(v: Value, idx: GraphIndex) -> tuple[Value, Value | tuple, float] | F
     if mm is None:
         return Fail("scores are not a matmul (times a constant)")
     q, qs = _unscale(mm.inputs[0], idx)  # type: ignore[arg-type]
-    kt = idx.producer(mm.inputs[1], "permute")
+    # the scale may also sit on the transposed key (torch.onnx splits SDPA's scale into
+    # sqrt(scale) * q and sqrt(scale) * k^T)
+    kt_v, kts = _unscale(mm.inputs[1], idx)  # type: ignore[arg-type]
+    kt = idx.producer(kt_v, "permute")
     if kt is None:
         return Fail("key is not transposed by a permute")
     src, perm = _key_from_transposed(kt)  # type: ignore[misc]
     if perm == tuple(range(len(perm))):
         k, ks = _unscale(src, idx)
-        return q, k, scale * qs * ks
-    return q, (src, perm), scale * qs
+        return q, k, scale * qs * ks * kts
+    return q, (src, perm), scale * qs * kts
 
 def _match(n: Node, idx: GraphIndex, cfg: FuseAttentionConfig) -> EmitFn | Fail:
     p, v = n.inputs

@@ -4,6 +4,7 @@ Before -> After (one rule per step; the engine runs them to a fixed point, so ch
 
     add(linear(%x, %w), %b)          -> linear(%x, %w, %b)             (%b a [out] constant)
     add(matmul(%x, %W), %b)          -> linear(%x, %W^T, %b)           (%W a 2-d param)
+    matmul(%x, %W)                   -> linear(%x, %W^T)               (%W read only here)
     add(conv(%x, %w), %b)            -> conv(%x, %w, %b)               (%b one per channel)
     act(linear(%x, %w, %b?))         -> fused_linear(%x, %w, %b?) {activation=act}
     act(conv(%x, %w, %b?))           -> fused_conv(%x, %w, %b?) {activation=act}
@@ -11,7 +12,8 @@ Before -> After (one rule per step; the engine runs them to a fixed point, so ch
     act(fused_*(..., %r) {residual=before_act, activation=none})
                                      -> fused_*(..., %r) {residual=before_act, activation=act}
     add(fused_*(...) {activation=act}, %r) -> fused_*(..., %r) {residual=after_act}
-    mul(mul(%x, 0.5), add(tanh(...) | erf(...), 1))  -> gelu(%x)      (decomposed GELU)
+    mul(mul(%x, 0.5), add(tanh(...) | erf(...), 1))  -> gelu(%x)      (decomposed GELU; also
+    mul(mul(%x, add(erf(...), 1)), 0.5), torch.onnx's association)
 
 An activation or residual reached through a reshape of a linear output that keeps the last
 dim (``[b*s, n] -> [b, s, n]``, as GPT-2's Conv1D produces) is fused too: the reshape moves
@@ -127,6 +129,25 @@ def _match_bias(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | 
     return Fail("no linear/conv/matmul-by-param output plus a per-channel constant")
 
 
+def _match_matmul_param(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
+    """matmul(x, W) with a 2-d constant W read by nothing else -> linear(x, W^T).
+
+    ONNX exporters write bias-free projections as a bare MatMul by an initializer; as linears
+    they join QKV fusion and residual/activation epilogues like the FX graph's."""
+    if not cfg.matmul_to_linear or not cfg.linear:
+        return Fail("matmul_to_linear disabled")
+    x, wv = n.inputs
+    w = idx.const(wv)
+    if w is None or w.dim() != 2 or x is None or x.type.rank < 2:  # type: ignore[union-attr]
+        return Fail("right operand is not a 2-d constant")
+    if not idx.single_use(wv):  # type: ignore[arg-type]
+        return Fail("the weight has other readers (a transposed copy would duplicate it)")
+    wt = w.t().contiguous()
+    if str(wt.dtype).removeprefix("torch.") != n.output.type.dtype:
+        return Fail("weight dtype differs from the output's")
+    return lambda e: [e.op("linear", [x, e.param("linear_weight", wt)])]
+
+
 # ----------------------------------------------------------------------------- decomposed GELU
 def _near(a: float | None, b: float) -> bool:
     return a is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
@@ -178,10 +199,25 @@ def _gelu_inner(f: Value | None, idx: GraphIndex) -> tuple[Value, str] | None:
     return None
 
 
+def _gelu_factors(n: Node, idx: GraphIndex) -> list[tuple[Value | None, Value | None]]:
+    """(x, 1 + f(x)) candidates of a GELU product rooted at mul ``n``: (x * 0.5) * (1 + f)
+    either order, or (x * (1 + f)) * 0.5 (torch.onnx's erf-GELU association)."""
+    a, b = n.inputs
+    out: list[tuple[Value | None, Value | None]] = []
+    for half, one_plus in ((a, b), (b, a)):
+        out.append((_scaled(half, idx, 0.5), one_plus))
+    for prod, c in ((a, b), (b, a)):
+        inner = idx.producer(prod, "mul")
+        if inner is not None and _near(idx.scalar(c), 0.5) and idx.single_use(prod):
+            u, v = inner.inputs
+            out += [(u, v), (v, u)]
+    return out
+
+
 def _match_gelu(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitFn | Fail:
-    """(x * 0.5) * (1 + f(x)) with f the tanh or erf form of GELU -> gelu(x)."""
-    for half, one_plus in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
-        x = _scaled(half, idx, 0.5)
+    """(x * 0.5) * (1 + f(x)) (any association) with f the tanh or erf form of GELU ->
+    gelu(x)."""
+    for x, one_plus in _gelu_factors(n, idx):
         inner = _gelu_inner(_plus(one_plus, idx, 1.0), idx)
         if x is None or inner is None or inner[0].name != x.name:
             continue
@@ -281,6 +317,8 @@ def fuse_linear_act(g: Graph, cfg: FuseLinearActConfig, ctx: PassContext) -> Gra
              "decomposed GELU (tanh or erf form) -> gelu"),
         Rule("bias", ("add",), lambda n, idx: _match_bias(n, idx, cfg),
              "linear/conv/matmul + per-channel constant -> bias"),
+        Rule("matmul", ("matmul",), lambda n, idx: _match_matmul_param(n, idx, cfg),
+             "matmul by a 2-d constant -> linear"),
         Rule("activation", tuple(_ACT_OF_OP), lambda n, idx: _match_act(n, idx, cfg),
              "act(linear/conv) -> fused_linear/fused_conv"),
     ]

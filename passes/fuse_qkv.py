@@ -99,8 +99,13 @@ def fuse_qkv(g: Graph, cfg: FuseQkvConfig, ctx: PassContext) -> Graph:
     plan: dict[Node, EmitFn] = {}
     for group in groups:
         plan.update(_plan_group(group, idx))
-    ctx.record("fuse_qkv", hits={"qkv": len(groups)} if groups else {},
-               group_sizes=[len(gr) for gr in groups])
+    # O2 runs this pass twice (before and after epilogue fusion): the record accumulates
+    prev = ctx.records.get("fuse_qkv", {})
+    hits = dict(prev.get("hits", {}))
+    if groups:
+        hits["qkv"] = hits.get("qkv", 0) + len(groups)
+    ctx.record("fuse_qkv", hits=hits,
+               group_sizes=list(prev.get("group_sizes", [])) + [len(gr) for gr in groups])
     if not plan:
         return g
     log.debug("fuse_qkv: %d groups", len(groups))

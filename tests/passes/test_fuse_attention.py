@@ -32,6 +32,9 @@ def _attn(variant: str, mask: str = "none", split_heads: bool = False) -> Graph:
         q = b.op("mul", [q, _c(b, 8 ** -0.25)])
         k = b.op("mul", [_c(b, 8 ** -0.25), k])
     kt = b.op("permute", [k], {"perm": (0, 1, 3, 2)})
+    if variant == "qkt_scaled":  # torch.onnx's SDPA: sqrt(scale) on q and on k^T
+        q = b.op("mul", [q, _c(b, 8 ** -0.25)])
+        kt = b.op("mul", [kt, _c(b, 8 ** -0.25)])
     s = b.op("matmul", [q, kt])
     if variant == "div":
         s = b.op("div", [s, _c(b, math.sqrt(8))])
@@ -59,7 +62,8 @@ def _inputs(g: Graph, mask: str) -> list[torch.Tensor]:
     return ins
 
 
-@pytest.mark.parametrize("variant", ["none", "div", "mul", "q_scaled", "qk_scaled", "cast"])
+@pytest.mark.parametrize("variant", ["none", "div", "mul", "q_scaled", "qk_scaled", "qkt_scaled",
+                                     "cast"])
 @pytest.mark.parametrize("mask", ["none", "additive", "keep", "drop"])
 def test_fuses_variants(variant: str, mask: str) -> None:
     g = _attn(variant, mask)

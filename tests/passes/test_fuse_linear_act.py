@@ -67,10 +67,12 @@ def _gelu_decomposed(b: GraphBuilder, x: Value, form: str) -> Value:
         f = b.op("tanh", [inner])
     else:
         f = b.op("erf", [b.op("div", [x, _c(b, math.sqrt(2.0))])])
+    if form == "erf_onnx":  # torch.onnx's association: (x * (1 + erf)) * 0.5
+        return b.op("mul", [b.op("mul", [x, b.op("add", [f, _c(b, 1.0)])]), _c(b, 0.5)])
     return b.op("mul", [half, b.op("add", [f, _c(b, 1.0)])])
 
 
-@pytest.mark.parametrize("form,approx", [("tanh", "tanh"), ("erf", "none")])
+@pytest.mark.parametrize("form,approx", [("tanh", "tanh"), ("erf", "none"), ("erf_onnx", "none")])
 def test_decomposed_gelu_after_reshaped_linear(form: str, approx: str) -> None:
     """GPT-2 MLP: linear on [b*s, k] -> reshape [b, s, n] -> decomposed GELU."""
     b = GraphBuilder()

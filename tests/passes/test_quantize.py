@@ -394,7 +394,11 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
                 "gate_runtime=onnxruntime}").run(g, ctx)
     rec = ctx.records["quantize"]
     assert rec["gate_runtime"] == "onnxruntime"
-    assert rec["act_quant"] == "token"
+    from ember.hostinfo import has_int8_dot
+
+    # auto: per layer by measured error where int8 dot products make tensor_u8 exact
+    assert rec["act_quant"].startswith("measure:") if has_int8_dot() else \
+        rec["act_quant"] == "token"
     for la in rec["layers"]:
         gr = la["gate"]
         if gr["predicted"] >= 1:
