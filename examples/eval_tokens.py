@@ -535,11 +535,13 @@ def run_lm(repeats: int, quick: bool) -> None:
 
 # ----------------------------------------------------------------------------- report
 def _keep_other_parts(parts: Sequence[str]) -> None:
-    """Starts ROWS with the saved rows of the parts not re-run now (one part's re-run keeps
-    the others' results in the JSON, tables and plots)."""
+    """Starts ROWS with the saved rows of the parts (and ViT models) not re-run now (one
+    part's or model's re-run keeps the others' results in the JSON, tables and plots)."""
     f = PLOTS / "token_results.json"
+    rerun = set(VIT_MODELS) | {f"{m}.onnx" for m in VIT_MODELS}
     if f.exists():
-        ROWS.extend(r for r in json.loads(f.read_text()) if r.get("part") not in parts)
+        ROWS.extend(r for r in json.loads(f.read_text()) if r.get("part") not in parts
+                    or (r.get("part") in ("vit", "onnx") and r.get("model") not in rerun))
 
 
 def _dump() -> None:
