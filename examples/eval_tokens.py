@@ -170,7 +170,7 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
         t0 = time.time()
         per, trace = search_merge_schedule(g0, calib, cal_acc, floor, env,
                                            step=(4 if quick else 2) * unit,
-                                           max_rounds=4 if quick else 16)
+                                           max_rounds=4 if quick else 16 if unit == 1 else 32)
         print(f"   merge schedule search ({len(trace)} candidates, {time.time() - t0:.0f} s): "
               f"{per}", flush=True)
         best_p: tuple[str, float] | None = None
@@ -184,7 +184,7 @@ def run_vit(repeats: int, quick: bool, n_test: int) -> None:
                     best_p = (pipe, fl)
         print(f"   prune grid choice: {best_p}", flush=True)
         variants: dict[str, str] = {"O2": "O2"}
-        for r in ([2, 4, 8] if quick else [2, 4, 6, 8]):
+        for r in ([2, 4, 8] if quick else [2, 4, 6, 8] + ([10, 12] if unit > 1 else [])):
             variants[f"merge r={r * unit}"] = f"O2,merge_tokens{{r={r * unit}}}"
         for k in ([0.5] if quick else [0.7, 0.5, 0.35]):
             variants[f"prune attn keep={k}"] = \
