@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["session_options", "open_session"]
+__all__ = ["session_options", "open_session", "graph_session"]
 
 
 def session_options(threads: int, *, spinning: bool = True, quiet: bool = True) -> Any:
@@ -39,3 +39,20 @@ def open_session(model: str | Path | bytes, options: Any, disabled: Sequence[str
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(disabled) or None)
+
+
+def graph_session(nodes: Sequence[Any], inputs: dict[str, Any], threads: int,
+                  inits: dict[str, Any] | None = None, disabled: Sequence[str] = ()) -> Any:
+    """A session on a one-off graph of ONNX ``nodes`` (default and ``com.microsoft`` domains)
+    reading ``inputs`` (name -> example array, for dtype and shape) and the constant arrays
+    ``inits``, writing one float output ``y``: the form micro-benchmarks time kernels in."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vi = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                        list(v.shape)) for k, v in inputs.items()]
+    g = helper.make_graph(list(nodes), "k", vi,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.microsoft", 1)])
+    return open_session(m.SerializeToString(), session_options(threads), disabled)

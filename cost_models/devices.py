@@ -267,20 +267,9 @@ _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
 
 def _ort_session(nodes: list[Any], inputs: dict[str, Any], inits: dict[str, Any],
                  threads: int) -> Any:
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from ember.ort_session import graph_session
 
-    from ember.ort_session import open_session, session_options
-
-    vi = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32
-                                        else TensorProto.INT64, list(v.shape))
-          for k, v in inputs.items()]
-    g = helper.make_graph(nodes, "k", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                          None)],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                            helper.make_opsetid("com.microsoft", 1)])
-    return open_session(m.SerializeToString(), session_options(threads))
+    return graph_session(nodes, inputs, threads, inits)
 
 
 def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any] | None:

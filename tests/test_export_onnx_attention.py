@@ -19,6 +19,7 @@ from torch import nn
 from ember.driver import relative_error
 from ember.export_onnx import export_onnx
 from ember.frontends.fx import import_module
+from ember.ir import Graph
 from ember.passmanager import PassManager
 
 ort = pytest.importorskip("onnxruntime")
@@ -75,16 +76,33 @@ def _inputs(b: int, s: int, kv: int, cross: bool, pad_row: int, pad: int) -> tup
     return x, mem, keep
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> None:
-    kw, cross, fused = CASES[case]
+def _optimized(kw: dict, cross: bool) -> tuple[nn.Module, Graph]:
+    """``Attn(**kw)`` and its graph imported with symbolic batch / lengths and run through O2."""
     torch.manual_seed(0)
     m = Attn(**kw).eval()
     x, mem, keep = _inputs(2, 6, 9, cross, pad_row=0, pad=3)
     dyn = {"x": {0: "batch", 1: "seq"}, "mem": {0: "batch", 1: "kv" if cross else "seq"},
            "keep": {0: "batch", 1: "kv" if cross else "seq"}}
     g = import_module(m, (x, mem, keep), dynamic_dims=dyn, input_names=["x", "mem", "keep"])
-    g = PassManager("O2", verify_each=True).run(g)
+    return m, PassManager("O2", verify_each=True).run(g)
+
+
+def _error_at_other_shapes(m: nn.Module, path: Path, cross: bool) -> float:
+    """Relative error of the exported model under ORT against ``m`` at another batch and other
+    lengths than traced: the bias and reshapes must follow the symbolic dims."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x2, mem2, keep2 = _inputs(3, 5, 7, cross, pad_row=1, pad=2)
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
+    got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
+    with torch.no_grad():
+        want = m(x2, mem2, keep2)
+    return relative_error(got, [want])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> None:
+    kw, cross, fused = CASES[case]
+    m, g = _optimized(kw, cross)
     assert any(n.op == "attention" for n in g.nodes)
     path = tmp_path / "a.onnx"
     rep = export_onnx(g, path, contrib_ops=True)
@@ -93,14 +111,7 @@ def test_attention_exports_to_multihead_attention(case: str, tmp_path: Path) -> 
     assert ("MultiHeadAttention" in ops) == fused, ops
     if fused:
         assert "Softmax" not in ops
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # other batch / lengths than traced: the bias and reshapes follow the symbolic dims
-    x2, mem2, keep2 = _inputs(3, 5, 7, cross, pad_row=1, pad=2)
-    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
-    got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
-    with torch.no_grad():
-        want = m(x2, mem2, keep2)
-    assert relative_error(got, [want]) <= 1e-5
+    assert _error_at_other_shapes(m, path, cross) <= 1e-5
 
 
 class TwoLayers(nn.Module):
@@ -121,24 +132,12 @@ def test_masked_attention_as_standard_ops_with_one_shared_bias(case: str,
     # stays standard ops with the bool mask turned into an additive bias once, no Where over
     # the scores; unmasked attention still uses the kernel
     kw, cross, _ = CASES[case]
-    torch.manual_seed(0)
-    m = Attn(**kw).eval()
-    x, mem, keep = _inputs(2, 6, 9, cross, pad_row=0, pad=3)
-    dyn = {"x": {0: "batch", 1: "seq"}, "mem": {0: "batch", 1: "kv" if cross else "seq"},
-           "keep": {0: "batch", 1: "kv" if cross else "seq"}}
-    g = PassManager("O2").run(import_module(m, (x, mem, keep), dynamic_dims=dyn,
-                                            input_names=["x", "mem", "keep"]))
+    m, g = _optimized(kw, cross)
     path = tmp_path / "a.onnx"
     export_onnx(g, path, contrib_ops=True, masked_mha=False)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ("MultiHeadAttention" in ops) == (kw.get("mask", "none") == "none"), ops
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x2, mem2, keep2 = _inputs(3, 5, 7, cross, pad_row=1, pad=2)
-    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x2, mem2, keep2))}
-    got = [torch.from_numpy(np.asarray(a)) for a in sess.run(None, feeds)]
-    with torch.no_grad():
-        want = m(x2, mem2, keep2)
-    assert relative_error(got, [want]) <= 1e-5
+    assert _error_at_other_shapes(m, path, cross) <= 1e-5
 
 
 def test_one_additive_bias_per_mask_for_every_layer(tmp_path: Path) -> None:

@@ -57,49 +57,23 @@ def _cache_path(threads: int) -> Path:
 
 def _time_session(nodes: list[Any], shape: tuple[int, int, int], threads: int,
                   repeats: int = 30) -> float:
+    """Median ms of the residual-add + LayerNorm graph ``nodes`` over inputs ``a``, ``b``."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ember.ort_session import open_session, session_options
 
     b, s, d = shape
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), n)
-             for n in ("gamma", "beta", "bias")]
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b, s, d]) for n in ("a", "b")]
-    g = helper.make_graph(nodes, "k", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                          [b, s, d])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                            helper.make_opsetid("com.microsoft", 1)])
+    inits = {n: rng.standard_normal(d).astype(np.float32) for n in ("gamma", "beta", "bias")}
+    feeds = {n: rng.standard_normal((b, s, d)).astype(np.float32) for n in ("a", "b")}
     # the separate form must stay separate while it is timed
-    sess = open_session(m.SerializeToString(), session_options(threads),
-                        ["SkipLayerNormFusion"])
-    feed = {"a": rng.standard_normal((b, s, d)).astype(np.float32),
-            "b": rng.standard_normal((b, s, d)).astype(np.float32)}
-    for _ in range(5):
-        sess.run(None, feed)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return _time_model(nodes, feeds, threads, repeats, inits, disabled=("SkipLayerNormFusion",))
 
 
 def _time_model(nodes: list[Any], feeds: dict[str, Any], threads: int, repeats: int = 30,
-                inits: list[Any] | None = None) -> float:
-    from onnx import TensorProto, helper
+                inits: dict[str, Any] | None = None, disabled: tuple[str, ...] = ()) -> float:
+    """Median ms of one ORT run of the graph ``nodes`` (inputs ``feeds``, output ``y``)."""
+    from ember.ort_session import graph_session
 
-    from ember.ort_session import open_session, session_options
-
-    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype.kind == "f"
-                                         else TensorProto.BOOL, list(v.shape))
-           for k, v in feeds.items()]
-    g = helper.make_graph(nodes, "k", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                          None)], inits or [])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                            helper.make_opsetid("com.microsoft", 1)])
-    sess = open_session(m.SerializeToString(), session_options(threads))
+    sess = graph_session(nodes, feeds, threads, inits, disabled)
     for _ in range(5):
         sess.run(None, feeds)
     ts = []
@@ -116,7 +90,7 @@ def _measure_attention(threads: int) -> dict[str, Any]:
     standard ops the exporter writes otherwise (head transposes, MatMul, scale, Add of the
     [B, 1, 1, L] bias made once per mask, Softmax, MatMul)."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     rows = []
@@ -128,9 +102,8 @@ def _measure_attention(threads: int) -> dict[str, Any]:
         add = np.where(keep, 0.0, -np.inf).astype(np.float32)
         fused = [helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], ["y"],
                                   domain="com.microsoft", num_heads=h)]
-        shp = numpy_helper.from_array(np.array([b, s, h, d], np.int64), "shp")
-        shp2 = numpy_helper.from_array(np.array([b, s, e], np.int64), "shp2")
-        sc = numpy_helper.from_array(np.array(d ** -0.5, np.float32), "sc")
+        consts = {"shp": np.array([b, s, h, d], np.int64), "shp2": np.array([b, s, e], np.int64),
+                  "sc": np.array(d ** -0.5, np.float32)}
         dec = [helper.make_node("Reshape", [n, "shp"], [n + "4"]) for n in "qkv"]
         dec += [helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
                 helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
@@ -146,7 +119,7 @@ def _measure_attention(threads: int) -> dict[str, Any]:
         rows.append({"shape": [b, s, h, d],
                      "fused_ms": round(_time_model(fused, {**qkv, "bias": full}, threads), 4),
                      "separate_ms": round(_time_model(dec, {**qkv, "bias": add}, threads,
-                                                      inits=[shp, shp2, sc]), 4)})
+                                                      inits=consts), 4)})
     ratio = statistics.median(r["fused_ms"] / r["separate_ms"] for r in rows)
     return {"use_fused": ratio <= FUSED_MARGIN, "fused_over_separate": round(ratio, 3),
             "timings": rows}
