@@ -10,7 +10,12 @@ For each: the chosen pipeline, the drop measured on the held-out half of the cal
 (never seen by the search), and the measured speedup of the compiled result over the fp32
 compile.
 
-    python examples/plan_budget.py [--only vit|minilm] [--max-drop 1%] [--target cpu]
+    python examples/plan_budget.py [--only vit|minilm] [--max-drop 1%] [--target cpu] [--cli]
+
+``--cli`` goes through the command line a user types instead of ``ember.compile``: the model
+saved as a torch.export ``.pt2`` (symbolic batch / sequence), the calibration set as ``.npz``
+(labels ``.npy``), then ``ember compile model.pt2 --max-drop 1% --calib calib.npz ...``; the
+plan is read back from the written artifact's manifest.
 """
 
 from __future__ import annotations
@@ -35,6 +40,37 @@ sys.path.insert(0, str(HERE))
 
 import ember  # noqa: E402
 from ember.cli import _parse_drop  # noqa: E402
+
+
+def compile_cli(a: argparse.Namespace, model: nn.Module, example: tuple[torch.Tensor, ...],
+                dyn: dict[str, dict[int, str]], calib: tuple[torch.Tensor, ...],
+                labels: torch.Tensor | None, metric: str | None, name: str) -> ember.CompiledModel:
+    """``ember compile MODEL.pt2 --max-drop ... --calib ...`` on files written to a scratch
+    directory (kept under --workdir); returns the artifact it wrote."""
+    import numpy as np
+    from torch.export import Dim
+
+    from ember.cli import main
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    dims: dict[str, Dim] = {}
+    shapes = {k: {ax: dims.setdefault(n, Dim(n, min=2 if n == "batch" else 8))
+                  for ax, n in axes.items()} for k, axes in dyn.items()}
+    pt2, npz, out = work / f"{name}.pt2", work / f"{name}_calib.npz", work / f"{name}.ember"
+    torch.export.save(torch.export.export(model, example, dynamic_shapes=shapes), str(pt2))
+    np.savez(npz, **{k: t.numpy() for k, t in zip(dyn, calib)})
+    argv = ["compile", str(pt2), "--target", a.target, "--max-drop", a.max_drop_text,
+            "--calib", str(npz), "-o", str(out)]
+    if labels is not None:
+        np.save(work / f"{name}_labels.npy", labels.numpy())
+        argv += ["--labels", str(work / f"{name}_labels.npy")]
+    if metric:
+        argv += ["--metric", metric]
+    print("$ ember " + " ".join(argv))
+    if main(argv) != 0:
+        raise SystemExit(f"ember compile failed on {pt2}")
+    return ember.load(out)
 
 
 def show(name: str, cm: ember.CompiledModel, seconds: float) -> None:
@@ -79,8 +115,11 @@ def run_vit(a: argparse.Namespace) -> None:
         acc = float((model(x).argmax(-1) == y).float().mean())
     print(f"fp32 top-1 on the {len(x)} Fashion-MNIST test images of the budget: {acc:.4f}")
     t0 = time.perf_counter()
-    cm = ember.compile(model, (x[:64],), target=a.target, max_drop=a.max_drop, calib=(x, y),
-                       progress=True, dynamic_dims={"x": {0: "batch"}})
+    if a.cli:
+        cm = compile_cli(a, model, (x[:64],), {"x": {0: "batch"}}, (x,), y, None, "tiny_vit")
+    else:
+        cm = ember.compile(model, (x[:64],), target=a.target, max_drop=a.max_drop,
+                           calib=(x, y), progress=True, dynamic_dims={"x": {0: "batch"}})
     show("tiny ViT x Fashion-MNIST (top-1)", cm, time.perf_counter() - t0)
 
 
@@ -122,9 +161,14 @@ def run_minilm(a: argparse.Namespace) -> None:
         batches.append((b["input_ids"], b["attention_mask"]))
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     t0 = time.perf_counter()
-    cm = ember.compile(model, batches[0], target=a.target, dynamic_dims=dyn,
-                       max_drop=a.max_drop, calib=(batches, None), metric="cosine",
-                       progress=True)
+    if a.cli:  # one .npz: every sentence padded to the longest
+        b = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        cm = compile_cli(a, model, batches[0], dyn, (b["input_ids"], b["attention_mask"]),
+                         None, "cosine", "minilm")
+    else:
+        cm = ember.compile(model, batches[0], target=a.target, dynamic_dims=dyn,
+                           max_drop=a.max_drop, calib=(batches, None), metric="cosine",
+                           progress=True)
     show(f"all-MiniLM-L6-v2 x {len(texts)} Pang&Lee sentences (cosine)", cm,
          time.perf_counter() - t0)
 
@@ -137,7 +181,10 @@ if __name__ == "__main__":
     ap.add_argument("--images", type=int, default=1000, help="Fashion-MNIST images (ViT)")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cli", action="store_true", help="through `ember compile` on files")
+    ap.add_argument("--workdir", default="/tmp/ember_plan_budget", help="files for --cli")
     a = ap.parse_args()
+    a.max_drop_text = a.max_drop
     a.max_drop = _parse_drop(a.max_drop)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)

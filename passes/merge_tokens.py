@@ -77,21 +77,36 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
     else:
         rs = [cfg.r] * nb
     out: list[Dim] = []
-    frac = Fraction(cfg.ratio).limit_denominator(1000)
+    half = Fraction(cfg.ratio).limit_denominator(1000) / 2
     delta: Dim = 0  # tokens merged by this schedule since the last reduction already there
+    since = 0  # blocks of this schedule since then
+    asked = 0  # tokens the schedule asked to merge since then
     for blk, r in zip(rep.blocks, rs):
         n0 = blk.tokens if blk.tokens is not None else rep.tokens
         if blk.reduced:
-            delta = 0
+            delta, since, asked = 0, 0, 0
         n: Dim = simplify(n0 - delta) if n0 is not None else 0
-        if cfg.ratio > 0 and not str(cfg.per_layer).strip():
-            r = floor_div(simplify((n - rep.protect) * frac.numerator), 2 * frac.denominator)
+        if cfg.ratio > 0 and not str(cfg.per_layer).strip() and n0 is not None:
+            # ratio/2 of the unrounded unprotected count, (n0 - p) * (1 - ratio/2)^since,
+            # as one floor of the count at the last reduction: a symbolic count stays a sum
+            # of floors of one linear expression (nesting floors doubles it block by block)
+            q = (half * (1 - half) ** since).limit_denominator(100000)
+            r = floor_div(simplify((n0 - rep.protect) * q.numerator), q.denominator)
         elif isinstance(n, int):
             r = max(0, min(r, (n - rep.protect) // 2))
-        elif r:  # symbolic length: never more than half the tokens, whatever the length
-            r = simplify(sympy.Min(r, floor_div(simplify(n - rep.protect), 2)))
+        elif r and n0 is not None:
+            # symbolic length: never more than half the tokens, whatever the length. At least
+            # max(rest0 - (the r's asked before), rest0 / 2^since) unprotected tokens reach
+            # this block (exact while no earlier block was clamped): a bound in terms of the
+            # count at the last reduction keeps the counts sums of terms in it (bounding by
+            # the previous count nests it, doubling the expression block by block)
+            rest0 = simplify(n0 - rep.protect)
+            r = simplify(sympy.Min(r, sympy.Max(floor_div(simplify(rest0 - asked), 2),
+                                                floor_div(rest0, 2 ** (since + 1)))))
+        asked += int(r) if isinstance(r, int) else int(rs[len(out)])
         out.append(r)
         delta = simplify(delta + r)
+        since += 1
     return out
 
 

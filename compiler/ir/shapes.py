@@ -34,6 +34,9 @@ __all__ = [
 Dim = int | sympy.Expr
 
 _SYMBOLS: dict[str, sympy.Symbol] = {}
+_SIMPLIFIED: dict[Any, Any] = {}  # expression -> its simplified form
+_SIMPLIFIED_MAX = 20000
+_SIMPLIFY_MAX_OPS = 80
 
 
 class ShapeError(ValueError):
@@ -58,10 +61,17 @@ def simplify(d: Any) -> Dim:
     if isinstance(d, float) and d.is_integer():
         return int(d)
     if isinstance(d, sympy.Basic):
-        e = sympy.simplify(d) if not d.is_Atom else d
-        if e.is_Integer:
-            return int(e)
-        return e
+        if d.is_Atom:
+            return int(d) if d.is_Integer else d
+        e = _SIMPLIFIED.get(d)
+        if e is None:
+            # the same dims are simplified again for every value typed with them; and
+            # sympy.simplify's cost grows steeply with size, so large dims keep their form
+            e = sympy.simplify(d) if sympy.count_ops(d) <= _SIMPLIFY_MAX_OPS else d
+            if len(_SIMPLIFIED) >= _SIMPLIFIED_MAX:
+                _SIMPLIFIED.clear()
+            _SIMPLIFIED[d] = e
+        return int(e) if e.is_Integer else e
     # torch.SymInt and friends expose their sympy expression on .node.expr
     node = getattr(d, "node", None)
     if node is not None and hasattr(node, "expr"):

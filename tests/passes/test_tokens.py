@@ -224,3 +224,37 @@ def test_passes_compose(name: str, first: str, second: str) -> None:
         cos = torch.nn.functional.cosine_similarity(u.flatten(1), v2.flatten(1)).min()
         assert cos > 0.5, float(cos)
         assert not torch.equal(v1, v2)  # the second reduction did something
+
+
+@pytest.mark.parametrize("knobs", [{"ratio": 0.1}, {"ratio": 0.3}, {"r": 8},
+                                   {"r": 8, "schedule": "decreasing"}])
+def test_symbolic_merge_schedule_stays_small_and_matches_static(knobs: dict) -> None:
+    """12 blocks on a symbolic length: every count is a sum of terms in the input length
+    (the schedule used to nest the previous count, doubling the expression per block: a
+    6-block MiniLM compile with ratio=0.1 hung in sympy), and at concrete lengths it merges
+    what the static schedule merges, never more than half the unprotected tokens."""
+    from types import SimpleNamespace
+
+    import sympy
+
+    from ember.ir.shapes import evaluate, sym
+    from ember.passes.merge_tokens import MergeTokensConfig, merge_schedule
+
+    cfg = MergeTokensConfig(**knobs)
+    blocks = [SimpleNamespace(tokens=None, reduced=False) for _ in range(12)]
+
+    def rep(tokens: object) -> SimpleNamespace:
+        return SimpleNamespace(blocks=blocks, tokens=tokens, protect=1)
+
+    sched = merge_schedule(cfg, rep(sym("seq")))
+    count = sym("seq") - sum(sched)
+    assert sympy.count_ops(count) < 60 * len(blocks), count
+    for seq in (3, 17, 64, 197):
+        got = [evaluate(r, {"seq": seq}) for r in sched]
+        rest = seq - 1
+        for r in got:
+            assert 0 <= r <= rest // 2
+            rest -= r
+        static = merge_schedule(cfg, rep(seq))
+        if "ratio" in knobs or seq >= 197:  # no clamp reached: the same schedule
+            assert got == static, (seq, got, static)
