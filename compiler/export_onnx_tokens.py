@@ -259,9 +259,16 @@ def _token_select(x: X, n: Node, ins: list[str]) -> list[str]:
     den = _axes_reduce(x, "ReduceSum", wd, [1], True)
     fused = x.one("Div", [num, x.one("Max", [den, x.one("CastLike", [
         x.const(_EPS, "float32"), den])])])
-    sf = _axes_reduce(x, "ReduceSum", x.one("Where", [d3, srest_sz, zero]), [1], True)
-    rep = x.one("Concat", [idx, x.one("Slice", [idx, x.const([0]), x.const([1]),
-                                                x.const([1])])], axis=1)
+    counted = d3
+    if a["weighting"] == "score":  # the fused token counts the tokens of nonzero weight
+        counted = x.one("And", [d3, _unsq(x, x.one("Greater", [srest, x.const(0.0, "float32")]),
+                                           -1)])
+    sf = _axes_reduce(x, "ReduceSum", x.one("Where", [counted, srest_sz, zero]), [1], True)
+    # the fused token's representative: the highest-scoring dropped token (first on ties)
+    ninf = x.one("CastLike", [x.const(float("-inf"), "float32"), srest])
+    best = x.one("ArgMax", [x.one("Where", [dropped, srest, ninf])], axis=1, keepdims=1,
+                 select_last_index=0)
+    rep = x.one("Concat", [idx, x.one("Add", [best, x.const(p)]) if p else best], axis=1)
     return [x.one("Concat", [y, fused], axis=1), x.one("Concat", [s, sf], axis=1), mp, rep]
 
 

@@ -446,6 +446,7 @@ class _Search:
         self.deadline = deadline
         self.records: list[CandidateRecord] = []
         self.graphs: dict[tuple[str, ...], Graph | Exception] = {}
+        self.pass_records: dict[tuple[str, ...], dict[str, Any]] = {}
         # shapes for the predictions: the calibration batch; for the passes (quantize gates
         # on the GEMM rows): the compile's example inputs, as ember.compile will use them
         self.example = list(search.batches[0])
@@ -465,7 +466,30 @@ class _Search:
                           seed=self.seed)
         ctx.options.update(pass_options(self.target, self.pass_example))
         torch.manual_seed(self.seed)
-        return PassManager(list(steps)).run(g, ctx)
+        out = PassManager(list(steps)).run(g, ctx)
+        self.pass_records[tuple(str(s) for s in steps)] = dict(ctx.records)
+        return out
+
+    def why_unchanged(self, steps: Sequence[PassStep]) -> str:
+        """The passes' own account of leaving the graph as it was (their records)."""
+        parts = []
+        for name, rec in self.pass_records.get(tuple(str(s) for s in steps), {}).items():
+            if not isinstance(rec, dict):
+                continue
+            gate = rec.get("model_gate") or {}
+            if rec.get("reason"):
+                parts.append(f"{name}: {rec['reason']}")
+            elif str(gate.get("decision", "")).startswith("fp32"):
+                parts.append(f"{name}: {gate['decision'][len('fp32: '):]}")
+            elif "quantized" in rec and "candidates" in rec:
+                layers = rec.get("layers") or []
+                reasons = {str(x.get("reason", "")) for x in layers if isinstance(x, dict)}
+                reasons.discard("")
+                parts.append(f"{name}: {rec['quantized']}/{rec['candidates']} layers rewritten"
+                             + (f" ({sorted(reasons)[0][:80]}" + (", ..." if len(reasons) > 1
+                                                                   else "") + ")"
+                                if reasons and not rec["quantized"] else ""))
+        return "; ".join(parts)
 
     def build(self, steps: Sequence[PassStep]) -> Graph:
         key = tuple(str(s) for s in steps)
@@ -702,9 +726,12 @@ def _sweep(st: _Search, families: Mapping[str, list[PassStep]], baseline: _Cand,
                 st.add("sweep", [s], None, None, "error", _short(e), t0)
                 continue
             if pred >= baseline.pred * (1 - min_gain):
-                why = "graph unchanged" if g is st.g_base or len(g.nodes) == len(
-                    st.g_base.nodes) and g.param_bytes() == st.g_base.param_bytes() else \
-                    f"not predicted faster than the base ({pred:.3f} vs {baseline.pred:.3f} ms)"
+                unchanged = g is st.g_base or len(g.nodes) == len(
+                    st.g_base.nodes) and g.param_bytes() == st.g_base.param_bytes()
+                why = f"not predicted faster than the base ({pred:.3f} vs {baseline.pred:.3f} ms)"
+                if unchanged:
+                    own = st.why_unchanged([s])
+                    why = "graph unchanged" + (f": {own}" if own else "")
                 st.add("sweep", [s], pred, None, "skipped", why, t0)
                 continue
             built.append(_Cand((s,), g, pred))

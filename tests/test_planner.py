@@ -183,6 +183,16 @@ def test_time_budget_stops_the_search(digits: tuple) -> None:
     assert p.measured_ms is None and p.speedup is None
 
 
+def test_unchanged_candidates_say_why(digits: tuple) -> None:
+    """A knob that leaves the graph as it is is skipped with the pass's own reason."""
+    _, x, y, g = digits
+    p = _plan(g, x, y, LOOSE, measure_latency=False,
+              space={"quantize": ["quantize{scheme=w8,min_features=100000}"]})
+    rec = next(r for r in p.records if r.stage == "sweep")
+    assert rec.decision == "skipped" and rec.reason.startswith("graph unchanged: quantize: 0/")
+    assert "layers rewritten" in rec.reason and p.steps == []
+
+
 def test_split_and_metrics(digits: tuple) -> None:
     _, x, y, g = digits
     s1, h1 = split_calib(g, (x, y), 0.5, seed=0)

@@ -231,6 +231,8 @@ class _TokenSelect(KernelLowering):
 
     def __call__(self, xs: Tensors, a: Attrs, ex: Mapping[str, torch.Tensor],
                  opts: Mapping[str, Any]) -> Any:
+        from ember.ir.opset_tokens import fused_representative
+
         x, score, size = xs[0], xs[1], _opt(xs, 2)
         assert x is not None and score is not None
         b, n, _ = x.shape
@@ -253,11 +255,13 @@ class _TokenSelect(KernelLowering):
         dropped = torch.cat([torch.full((b, p), -1, dtype=torch.int64, device=dev),
                              torch.where(rest_map < 0, 0, -1)], dim=1)
         w = size.reshape(b, n)
-        if a["weighting"] == "score":
+        counted = size
+        if a["weighting"] == "score":  # the fused token counts the tokens of nonzero weight
             w = w * score.clamp_min(0).to(w.dtype)
-        yf, sf = ops.pool_tokens(x, w, size, dropped, 1)
+            counted = torch.where(score.unsqueeze(-1) > 0, size, torch.zeros_like(size))
+        yf, sf = ops.pool_tokens(x, w, counted, dropped, 1)
         mp = torch.cat([head, p + torch.where(rest_map < 0, keep, rest_map)], dim=1)
-        rep = torch.cat([idx, idx[:, :1]], dim=1)
+        rep = torch.cat([idx, p + fused_representative(score[:, p:], rest_map < 0)[:, None]], 1)
         return torch.cat([y, yf], 1), torch.cat([s, sf], 1), mp, rep
 
 

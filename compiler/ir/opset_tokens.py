@@ -12,7 +12,11 @@ stream with a *static* length, so every shape downstream stays compile-time know
 - ``token_merge``: ToMe bipartite soft matching (Bolya et al. 2023) on a similarity metric
   (attention keys or hidden states); merges ``r`` tokens by size-weighted averaging.
 - ``token_select``: keep the ``keep`` highest-scoring tokens (EViT/ATF/DART style), optionally
-  fusing the dropped ones into one extra token (EViT's "inattentive token fusion").
+  fusing the dropped ones into one extra token (EViT's "inattentive token fusion"). With
+  ``weighting=score`` the fused token averages the dropped tokens by score and counts (size)
+  only those of nonzero score, and it takes the side data (mask entry) of the highest-scoring
+  dropped token: padding (never attended, score 0) fused alone stays masked, and adds nothing
+  to a fused token that holds attended tokens.
 - ``token_unmerge``: scatter a reduced stream back to every original position.
 - ``token_gather``: batched gather of a side tensor (an attention mask) along one axis.
 - ``attention_score``: attention received per key (from one query or all), from q and k, so a
@@ -82,7 +86,9 @@ def _rep_from_map(mp: torch.Tensor, n_out: int) -> torch.Tensor:
 
 def _pool(x: torch.Tensor, size: torch.Tensor, mp: torch.Tensor, n_out: int,
           weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of the tokens that map to each output position."""
+    """Size-weighted average of the tokens that map to each output position, and the size of
+    each: the summed sizes of the tokens averaged into it (those of nonzero ``weight``; a
+    kept token of token_select maps to itself alone and is overwritten by its caller)."""
     b, n, d = x.shape
     w = size if weight is None else size * weight
     valid = (mp >= 0).unsqueeze(-1)
@@ -90,8 +96,9 @@ def _pool(x: torch.Tensor, size: torch.Tensor, mp: torch.Tensor, n_out: int,
     w = torch.where(valid, w, torch.zeros((), dtype=w.dtype))
     num = x.new_zeros(b, n_out, d).scatter_add(1, idx.expand(b, n, d), x * w)
     den = w.new_zeros(b, n_out, 1).scatter_add(1, idx, w)
+    counted = valid if weight is None else valid & (weight > 0)
     s = size.new_zeros(b, n_out, 1).scatter_add(
-        1, idx, torch.where(valid, size, torch.zeros((), dtype=size.dtype)))
+        1, idx, torch.where(counted, size, torch.zeros((), dtype=size.dtype)))
     return num / den.clamp_min(_EPS), s
 
 
@@ -174,6 +181,7 @@ def select_reference(x: torch.Tensor, score: torch.Tensor, size: torch.Tensor | 
     kept = kept.sort(-1).values
     rest_map = torch.full((b, rest), -1, dtype=torch.int64, device=dev)
     rest_map.scatter_(1, kept, torch.arange(keep, device=dev).expand(b, keep))
+    fused_rep = protect + fused_representative(score[:, protect:], rest_map < 0)
     if fuse:
         rest_map = torch.where(rest_map < 0, keep, rest_map)
     head = torch.arange(protect, device=dev).expand(b, protect)
@@ -188,8 +196,18 @@ def select_reference(x: torch.Tensor, score: torch.Tensor, size: torch.Tensor | 
     # kept tokens are copies (exactly), only the fused token is an average
     idx = torch.cat([head, protect + kept], dim=1)
     y[:, : protect + keep] = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    rep = torch.cat([idx, idx[:, :1]], dim=1)
+    s[:, : protect + keep] = size.gather(1, idx.unsqueeze(-1))
+    rep = torch.cat([idx, fused_rep.unsqueeze(1)], dim=1)
     return y, s, mp, rep
+
+
+def fused_representative(score: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """[B] position (among the unprotected tokens) whose side data the fused token of
+    token_select takes (its mask entry, position row): the highest-scoring dropped token,
+    the lowest position on ties. A fused token of only padding (scores 0) then stays masked,
+    and one holding any attended token is visible."""
+    s = torch.where(dropped, score.float(), torch.tensor(float("-inf"), device=score.device))
+    return s.argmax(dim=-1)
 
 
 def _select_infer(types: Types, attrs: Attrs) -> list[TensorType]:
