@@ -567,7 +567,10 @@ class _Rebuild:
         if s not in self._bias:
             size = self.stages[s].size
             assert size is not None
-            lg = self.b.op("log", [size], name="size_log")
+            # a fused token of nothing attended (padding) has size 0: clamped, so its bias
+            # is finite (-27.6) and a later pass's log-size difference is not inf - inf
+            lg = self.b.op("log", [self.b.op("clamp", [size], {"min": 1e-12, "max": None},
+                                             name="size_floor")], name="size_log")
             t = self.b.op("permute", [lg], {"perm": (0, 2, 1)}, name="size_log")
             self._bias[s] = self.b.op("reshape", [t], {"shape": (size.type.shape[0], 1, 1,
                                                                  size.type.shape[1])},

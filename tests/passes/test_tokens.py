@@ -118,6 +118,15 @@ def test_pruning_only_padding_leaves_real_tokens_exact() -> None:
     assert not torch.allclose(got[0], want[0], atol=1e-3)  # row 0 did lose two real tokens
 
 
+def test_merging_after_pruning_padding_stays_finite() -> None:
+    """The fused padding token has size 0: merging after it (which adds the log-size
+    difference to every attention) must not produce inf - inf."""
+    z, g = _graph("bert", "O2")
+    g2 = PassManager("prune_tokens{keep=5,layers=0},merge_tokens{r=1}").run(g, PassContext())
+    out = run_graph(g2, *z.example_inputs)[0]
+    assert torch.isfinite(out).all()
+
+
 def test_attention_score_matches_probabilities() -> None:
     q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
     probs = ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1)
