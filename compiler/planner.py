@@ -840,6 +840,14 @@ def _time_compiled(st: _Search, g_base: Graph, g_chosen: Graph, target: str, bat
     except CompilerError as e:
         log.warning("planner: cannot compile for timing (%s)", _short(e))
         return None, None, None
+    if p_chosen is not p_base and name != "reference":
+        # each program alone in its own process, as a user runs it: in one process the
+        # runtimes' idle workers (ONNX Runtime's spinning threads) slow whichever runs next
+        with pr.stage("planner: timing base and chosen, each in its own process"):
+            iso = _time_apart({"base": (g_base, p_base), "chosen": (g_chosen, p_chosen)},
+                              name, example)
+        if iso is not None:
+            return name, iso["base"], iso["chosen"]
     fns = {"base": lambda: p_base(*example)}
     if p_chosen is not p_base:
         fns["chosen"] = lambda: p_chosen(*example)
@@ -854,6 +862,31 @@ def _time_compiled(st: _Search, g_base: Graph, g_chosen: Graph, target: str, bat
             again = _interleaved(fns, rounds=15)
             best = {k: min(best[k], min(v)) for k, v in again.items()}
     return name, best["base"], best.get("chosen", best["base"])
+
+
+def _time_apart(progs: Mapping[str, tuple[Graph, Any]], backend: str,
+                example: Sequence[torch.Tensor]) -> dict[str, float] | None:
+    """Median ms of each compiled program saved as an artifact and loaded in its own worker
+    process (`ember.isolated`), or None when that cannot run here (then the caller times
+    in process)."""
+    import tempfile
+
+    from .driver import CompiledModel
+    from .isolated import artifact_contenders, time_isolated
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="ember_plan_") as work:
+            cms = {k: CompiledModel(g, p, target=backend, backend=backend, pipeline="",
+                                    records={}) for k, (g, p) in progs.items()}
+            res = time_isolated(artifact_contenders(cms, work), list(example), repeats=9)
+    except Exception as e:  # noqa: BLE001  (a timing method, never a failed plan)
+        log.info("planner: isolated timing unavailable (%s); timing in process", _short(e))
+        return None
+    if any(r.ms is None for r in res.values()):
+        log.info("planner: isolated timing failed (%s); timing in process",
+                 "; ".join(f"{k}: {r.error}" for k, r in res.items() if r.error))
+        return None
+    return {k: float(r.ms) for k, r in res.items()}  # type: ignore[arg-type]
 
 
 def _interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 9,
