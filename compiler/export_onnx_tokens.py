@@ -266,8 +266,7 @@ def _token_select(x: X, n: Node, ins: list[str]) -> list[str]:
     sf = _axes_reduce(x, "ReduceSum", x.one("Where", [counted, srest_sz, zero]), [1], True)
     # the fused token's representative: the highest-scoring dropped token (first on ties)
     ninf = x.one("CastLike", [x.const(float("-inf"), "float32"), srest])
-    best = x.one("ArgMax", [x.one("Where", [dropped, srest, ninf])], axis=1, keepdims=1,
-                 select_last_index=0)
+    best = x.one("ArgMax", [x.one("Where", [dropped, srest, ninf])], axis=1, keepdims=1)
     rep = x.one("Concat", [idx, x.one("Add", [best, x.const(p)]) if p else best], axis=1)
     return [x.one("Concat", [y, fused], axis=1), x.one("Concat", [s, sf], axis=1), mp, rep]
 
