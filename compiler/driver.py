@@ -331,9 +331,16 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     if not runnable:
         warnings.warn(f"ember: building a '{target}' artifact that cannot run on this machine "
                       f"({avail.reason})", stacklevel=2)
-    with pr.stage(f"backend {target}: codegen"):
+    reuse = None
+    if plan is not None and plan.program is not None and plan.graph is not None \
+            and runnable and _reusable(plan, g, example):
+        reuse = plan.program  # the planner built and timed this very graph for this target
+        placement["reused_planner_build"] = True
+    with pr.stage(f"backend {target}: codegen" + (" (the planner's timed build)" if reuse
+                                                 is not None else "")):
         try:
-            program = be.compile(g, example, **dict(backend_options or {}))
+            program = reuse if reuse is not None else be.compile(g, example,
+                                                                 **dict(backend_options or {}))
         except RuntimeError as e:  # torch refusing the example inputs (e.g. too small an image)
             shapes = ", ".join(str(tuple(t.shape)) for t in example)
             raise CompilerError(
@@ -372,6 +379,21 @@ def compile(  # noqa: A001  (the public name is ember.compile)
     return CompiledModel(g, program, target=target, backend=backend_name,
                          pipeline=format_pipeline(steps), records=ctx.records, source_graph=g0,
                          fidelity=fidelity, placement=placement)
+
+
+def _reusable(plan: Any, g: Graph, example: Sequence[torch.Tensor]) -> bool:
+    """The planner's program for its chosen graph serves this compile: the same graph, and
+    every example input fits the graph's input types (a static dim the timing batch had)."""
+    from .ir.shapes import is_static
+    from .planner import same_graph
+
+    if not same_graph(g, plan.graph):
+        return False
+    for v, t in zip(g.inputs, example):
+        if len(v.type.shape) != t.dim() or any(
+                is_static(d) and d != n for d, n in zip(v.type.shape, t.shape)):
+            return False
+    return True
 
 
 def _split_calib(calib: Any) -> tuple[list[tuple[Any, ...]] | None, Any]:

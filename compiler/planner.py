@@ -139,6 +139,9 @@ class Plan:
     # the search split's first, which may be shaped otherwise): base and chosen, ms
     timed_predicted_ms: tuple[float, float] | None = None
     timed_shape: list[list[int]] | None = None
+    # the chosen graph's program as compiled for the timing (not serialized): ember.compile
+    # ships it when its own rewrite of the source is the same graph (`same_graph`)
+    program: Any = None
 
     @property
     def within_budget(self) -> bool:
@@ -457,6 +460,7 @@ class _Search:
         self.records: list[CandidateRecord] = []
         self.graphs: dict[tuple[str, ...], Graph | Exception] = {}
         self.pass_records: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.programs: dict[str, Any] = {}  # compiled for the latency check
         # shapes for the predictions: the calibration batch; for the passes (quantize gates
         # on the GEMM rows): the compile's example inputs, as ember.compile will use them
         self.example = list(search.batches[0])
@@ -676,6 +680,7 @@ def plan(
                    f"{base_measured:.3f} ms (> {SLOWER_MARGIN:.0%} slower): shipping the base "
                    "pipeline", t0, split="heldout")
             chosen, g_chosen, measured = baseline, st.g_base, base_measured
+            st.programs["chosen"] = st.programs.get("base")
             held_drop = ref_held_score - st.score(st.g_base, held)
     verify_s = time.perf_counter() - t_verify
     timed_pred = timed_shape = None
@@ -695,7 +700,8 @@ def plan(
         measured_ms=measured, baseline_measured_ms=base_measured, latency_backend=lat_backend,
         n_search=search.n, n_heldout=held.n, search_s=search_s, verify_s=verify_s,
         records=st.records, graph=g_chosen, stopped_early=st.stopped,
-        pass_calib=st.pass_calib, timed_predicted_ms=timed_pred, timed_shape=timed_shape)
+        pass_calib=st.pass_calib, timed_predicted_ms=timed_pred, timed_shape=timed_shape,
+        program=st.programs.get("chosen"))
     pr.note("planner: " + result.summary().splitlines()[0])
     log.info("planner:\n%s", result.summary())
     return result
@@ -822,7 +828,9 @@ def _short(e: BaseException) -> str:
 def _time_compiled(st: _Search, g_base: Graph, g_chosen: Graph, target: str, batch: Batch,
                    options: Mapping[str, Any] | None,
                    pr: Progress) -> tuple[str | None, float | None, float | None]:
-    """(backend, base ms, chosen ms): both graphs compiled for ``target``, timed interleaved."""
+    """(backend, base ms, chosen ms): both graphs compiled for ``target``, timed interleaved.
+    The compiled programs are left in ``st.programs`` ("base", "chosen") when ``st`` is a
+    search."""
     from ember.backends.registry import get_backend
 
     be = get_backend(target)
@@ -840,6 +848,8 @@ def _time_compiled(st: _Search, g_base: Graph, g_chosen: Graph, target: str, bat
     except CompilerError as e:
         log.warning("planner: cannot compile for timing (%s)", _short(e))
         return None, None, None
+    if st is not None and name == target:
+        st.programs = {"base": p_base, "chosen": p_chosen}
     if p_chosen is not p_base and name != "reference":
         # each program alone in its own process, as a user runs it: in one process the
         # runtimes' idle workers (ONNX Runtime's spinning threads) slow whichever runs next
@@ -862,6 +872,19 @@ def _time_compiled(st: _Search, g_base: Graph, g_chosen: Graph, target: str, bat
             again = _interleaved(fns, rounds=15)
             best = {k: min(best[k], min(v)) for k, v in again.items()}
     return name, best["base"], best.get("chosen", best["base"])
+
+
+def same_graph(a: Graph, b: Graph) -> bool:
+    """Whether two graphs are the same program: equal IR text (ops, attributes, types, value
+    names) and bit-equal weights."""
+    from ember.ir.printer import format_graph
+
+    if a is b:
+        return True
+    if a.weights.keys() != b.weights.keys() or format_graph(a) != format_graph(b):
+        return False
+    return all(a.weights[k].dtype == b.weights[k].dtype and a.weights[k].shape ==
+               b.weights[k].shape and torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
 
 
 def _time_apart(progs: Mapping[str, tuple[Graph, Any]], backend: str,

@@ -279,8 +279,11 @@ def test_compile_with_max_drop(digits: tuple, monkeypatch: pytest.MonkeyPatch,
     assert rec["pipeline"] == cm.pipeline and rec["within_budget"]
     assert rec["candidates"] >= len(SPACE) and rec["heldout_drop"] <= LOOSE
     assert any(s.split("{")[0] in SPACE for s in rec["steps"])
-    # the compile rebuilt exactly the graph the planner verified
+    # the compile rebuilt exactly the graph the planner verified, and shipped the program the
+    # planner built and timed for it instead of compiling it again
     assert cm.predicted_latency_ms(x[:64]) < rec["baseline_predicted_ms"]
+    assert cm.placement["reused_planner_build"] and not planner.same_graph(cm.graph, cm.source_graph)
+    torch.testing.assert_close(cm(x[:64]), run_graph(cm.graph, x[:64])[0])
     path = cm.save(tmp_path / "m.ember")  # type: ignore[operator]
     from ember.artifact import read_manifest
 
