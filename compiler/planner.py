@@ -496,13 +496,12 @@ class _Search:
             elif str(gate.get("decision", "")).startswith("fp32"):
                 parts.append(f"{name}: {gate['decision'][len('fp32: '):]}")
             elif "quantized" in rec and "candidates" in rec:
-                layers = rec.get("layers") or []
-                reasons = {str(x.get("reason", "")) for x in layers if isinstance(x, dict)}
-                reasons.discard("")
-                parts.append(f"{name}: {rec['quantized']}/{rec['candidates']} layers rewritten"
-                             + (f" ({sorted(reasons)[0][:80]}" + (", ..." if len(reasons) > 1
-                                                                   else "") + ")"
-                                if reasons and not rec["quantized"] else ""))
+                text = f"{name}: {rec['quantized']}/{rec['candidates']} layers rewritten"
+                reasons = sorted({str(x["reason"]) for x in rec.get("layers") or []
+                                  if isinstance(x, dict) and x.get("reason")})
+                if reasons and not rec["quantized"]:
+                    text += f" ({reasons[0][:80]}{', ...' if len(reasons) > 1 else ''})"
+                parts.append(text)
         return "; ".join(parts)
 
     def build(self, steps: Sequence[PassStep]) -> Graph:

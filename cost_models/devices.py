@@ -265,13 +265,6 @@ _ORT_GEMM_M_QUICK = (64, 1024)
 _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
 
 
-def _ort_session(nodes: list[Any], inputs: dict[str, Any], inits: dict[str, Any],
-                 threads: int) -> Any:
-    from ember.ort_session import graph_session
-
-    return graph_session(nodes, inputs, threads, inits)
-
-
 def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any] | None:
     """ONNX Runtime's own kernels, the ones the CPU backend's ORT program runs, at several
     shapes: the cost model's per-op efficiency for that runtime (`ember.cost_models.ort`).
@@ -283,6 +276,8 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
         import numpy as np
         import onnxruntime  # noqa: F401
         from onnx import helper
+
+        from ember.ort_session import graph_session
     except ImportError:
         return None
     rng = np.random.default_rng(0)
@@ -299,32 +294,31 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
     for k, n in kns:
         w = rnd(k, n)
         for m in ms:
-            sess = _ort_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
-                                {"x": rnd(m, k)}, {"w": w}, threads)
+            sess = graph_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                 {"x": rnd(m, k)}, threads, {"w": w})
             t = best(sess, {"x": rnd(m, k)})
             out["gemm"].append([m, k, n, round(2.0 * m * k * n / t)])
     # depthwise 3x3 and dense 3x3 convolutions at MobileNet / ResNet-like sizes
     for key, (c, hw, groups, cout) in (("dwconv", (144, 56, 144, 144)),
                                        ("conv", (64, 56, 1, 64))):
-        sess = _ort_session([helper.make_node("Conv", ["x", "w"], ["y"], group=groups,
-                                              pads=[1, 1, 1, 1])],
-                            {"x": rnd(1, c, hw, hw)}, {"w": rnd(cout, c // groups, 3, 3)},
-                            threads)
+        sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], group=groups,
+                                               pads=[1, 1, 1, 1])],
+                             {"x": rnd(1, c, hw, hw)}, threads,
+                             {"w": rnd(cout, c // groups, 3, 3)})
         t = best(sess, {"x": rnd(1, c, hw, hw)})
         out[f"{key}_flops"] = round(2.0 * cout * (c // groups) * 9 * hw * hw / t)
     # attention: ORT's MultiHeadAttention, 12 heads of 64 at 128 tokens
     b, s_, h, d = 1, 128, 12, 64
     qkv = {n: rnd(b, s_, h * d) for n in "qkv"}
-    sess = _ort_session([helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"],
-                                          domain="com.microsoft", num_heads=h)], qkv, {},
-                        threads)
+    sess = graph_session([helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"],
+                                           domain="com.microsoft", num_heads=h)], qkv, threads)
     out["attention_flops"] = round(4.0 * b * h * s_ * s_ * d / best(sess, qkv))
     # overheads: one call of a 1-node graph, and the slope of a chain of 64 tiny Adds
     one = {"x": rnd(1, 8)}
     chain = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "x"],
                               ["y" if i == 63 else f"a{i}"]) for i in range(64)]
-    t1 = best(_ort_session([helper.make_node("Add", ["x", "x"], ["y"])], one, {}, threads), one)
-    t64 = best(_ort_session(chain, one, {}, threads), one)
+    t1 = best(graph_session([helper.make_node("Add", ["x", "x"], ["y"])], one, threads), one)
+    t64 = best(graph_session(chain, one, threads), one)
     out["call_overhead_s"] = t1
     out["node_overhead_s"] = max(0.0, (t64 - t1) / 63)
     return out

@@ -81,7 +81,8 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
     delta: Dim = 0  # tokens merged by this schedule since the last reduction already there
     since = 0  # blocks of this schedule since then
     asked = 0  # tokens the schedule asked to merge since then
-    for blk, r in zip(rep.blocks, rs):
+    for blk, asks in zip(rep.blocks, rs):
+        r = asks
         n0 = blk.tokens if blk.tokens is not None else rep.tokens
         if blk.reduced:
             delta, since, asked = 0, 0, 0
@@ -94,7 +95,7 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
             r = floor_div(simplify((n0 - rep.protect) * q.numerator), q.denominator)
         elif isinstance(n, int):
             r = max(0, min(r, (n - rep.protect) // 2))
-        elif r and n0 is not None:
+        elif r:  # n is symbolic, so n0 is known
             # symbolic length: never more than half the tokens, whatever the length. At least
             # max(rest0 - (the r's asked before), rest0 / 2^since) unprotected tokens reach
             # this block (exact while no earlier block was clamped): a bound in terms of the
@@ -103,7 +104,7 @@ def merge_schedule(cfg: MergeTokensConfig, rep: BlockReport) -> list[Dim]:
             rest0 = simplify(n0 - rep.protect)
             r = simplify(sympy.Min(r, sympy.Max(floor_div(simplify(rest0 - asked), 2),
                                                 floor_div(rest0, 2 ** (since + 1)))))
-        asked += int(r) if isinstance(r, int) else int(rs[len(out)])
+        asked += r if isinstance(r, int) else asks
         out.append(r)
         delta = simplify(delta + r)
         since += 1
