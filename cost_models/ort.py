@@ -198,19 +198,51 @@ def gemm_flops_per_s(grid: Sequence[Sequence[float]], m: float, k: float, n: flo
     return math.exp(sum(wi * v for wi, (_, v) in zip(w, near)) / sum(w))
 
 
+def stream_s(table: Sequence[Sequence[float]], nbytes: float) -> float:
+    """Seconds per node of a memory-bound ONNX Runtime kernel moving ``nbytes``, from the
+    device's measured Add chain (``measured["ort"]["stream"]``: [bytes, s] rows): linear in
+    log-log space between rows (dispatch-bound below the smallest, cache- then DRAM-bound
+    above), extrapolated at the last row's bandwidth."""
+    pts = sorted((float(b), float(t)) for b, t in table)
+    b = max(float(nbytes), 1.0)
+    if b <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if b <= b1:
+            f = (math.log(b) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    return pts[-1][1] * b / pts[-1][0]
+
+
+def _conv_mkn(n: Node, env: Mapping[str, int]) -> tuple[float, float, float]:
+    """(output positions, reduction, output channels) of a conv node (batch folded into M)."""
+    w = n.inputs[1] if len(n.inputs) > 1 else None
+    out = n.outputs[0]
+    if w is None or w.type.rank < 3:
+        return 1.0, 1.0, 1.0
+    nn = float(evaluate(w.type.shape[0], env))
+    k = float(evaluate(_numel(w.type.shape[1:]), env))
+    m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+    return m, k, nn
+
+
 # op class -> the key of its measured ONNX Runtime throughput in ``measured["ort"]``
 _ORT_CLASS_FLOPS = {"dwconv": "dwconv_flops", "conv": "conv_flops",
                     "attention": "attention_flops"}
+# op classes ORT runs as memory-bound kernels (timed by the device's Add-chain table)
+_STREAM_CLASSES = frozenset({"elementwise", "data", "gather", "reduction", "norm", "quant"})
 
 
 def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tuple[float, float, float]:
     """(roofline seconds incl. the per-node overhead, flops, bytes) of one node.
 
-    With ONNX Runtime's kernels measured on this device (``device.measured["ort"]``, spec
-    version 3) compute-bound nodes divide by the throughput ORT itself reached: GEMMs at the
-    interpolated (M, K, N) of its grid, convolutions and attention at their measured shapes;
-    every node pays ORT's measured per-node overhead. Otherwise the device peaks x the op-class
-    efficiencies and the torch dispatch overhead."""
+    With ONNX Runtime's kernels measured on this device (``device.measured["ort"]``) compute-
+    bound nodes divide by the throughput ORT itself reached: GEMMs and convolutions at the
+    interpolated (M, K, N) of their grids, attention at its measured shape; memory-bound nodes
+    take the measured in-graph seconds for their bytes (x the op's own factor: a LayerNorm
+    costs about two Adds). Kernels timed inside graphs (spec version 4) already include the
+    per-node dispatch; others pay ORT's measured per-node overhead. Without ORT measurements:
+    the device peaks x the op-class efficiencies and the torch dispatch overhead."""
     c = node_cost(n)
     cls = c.op_class
     flops = _ev(c.flops, env)
@@ -218,12 +250,28 @@ def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tupl
     ce, me = _effs(device, cls if cls != "view" else "data")
     ortk = (device.measured or {}).get("ort") or {}
     rate = device.peak(c.compute_dtype) * ce
-    if ortk and c.compute_dtype == "float32":
-        if cls == "gemm" and ortk.get("gemm"):
-            rate = gemm_flops_per_s(ortk["gemm"], *_gemm_mkn(n, env))
-        elif cls in _ORT_CLASS_FLOPS and ortk.get(_ORT_CLASS_FLOPS[cls]):
-            rate = float(ortk[_ORT_CLASS_FLOPS[cls]])
+    in_graph = bool(ortk.get("in_graph"))
     ovh = float(ortk.get("node_overhead_s", device.launch_overhead_s))
+    fp32 = ortk and c.compute_dtype == "float32"
+    if fp32 and cls == "gemm" and ortk.get("gemm"):
+        rate = gemm_flops_per_s(ortk["gemm"], *_gemm_mkn(n, env))
+        if in_graph:
+            return max(flops / rate, nbytes / device.mem_bw), flops, nbytes
+    elif fp32 and cls in ("conv", "dwconv") and ortk.get(cls):
+        rate = gemm_flops_per_s(ortk[cls], *_conv_mkn(n, env))
+        return max(flops / rate, nbytes / device.mem_bw), flops, nbytes
+    elif fp32 and cls in _ORT_CLASS_FLOPS and ortk.get(_ORT_CLASS_FLOPS[cls]):
+        rate = float(ortk[_ORT_CLASS_FLOPS[cls]])
+    if ortk.get("stream") and cls in _STREAM_CLASSES:
+        factor = float((ortk.get("stream_factor") or {}).get(n.op, 1.0))
+        return max(flops / rate, stream_s(ortk["stream"], nbytes) * factor), flops, nbytes
+    if ortk.get("stream") and cls == "view":
+        # a copy (transpose, expand, slice) moves its bytes; every view is dispatched, and a
+        # symbolic target shape is computed in the graph (one small node per symbolic dim,
+        # then a Concat): the smallest row of the table is one such node
+        floor = stream_s(ortk["stream"], 0.0)
+        t = stream_s(ortk["stream"], nbytes) if nbytes > 0 else floor
+        return t + floor * len(_syms_in_attrs(n)), flops, nbytes
     t = max(flops / rate, nbytes / (device.mem_bw * me))
     return t + ovh, flops, nbytes
 

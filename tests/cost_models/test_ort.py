@@ -145,7 +145,37 @@ def test_ort_kernels_are_measured_with_the_device(cpu: DeviceSpec) -> None:
     assert len(k["gemm"]) >= 4 and all(r[3] > 0 for r in k["gemm"])
     for key in ("dwconv_flops", "conv_flops", "attention_flops", "call_overhead_s"):
         assert k[key] > 0, key
-    assert k["node_overhead_s"] >= 0
+    assert k["node_overhead_s"] >= 0 and k["in_graph"]
+    assert k["conv"] and k["dwconv"] and all(r[3] > 0 for r in k["conv"] + k["dwconv"])
+    # the memory-bound table: more bytes never take less time per node (medians, so allow
+    # 30% of timing noise between neighbours), and a LayerNorm costs more than an Add
+    st = sorted(k["stream"])
+    assert len(st) >= 3 and all(b[1] >= 0.7 * a[1] for a, b in zip(st, st[1:]))
+    assert st[-1][1] > 3 * st[0][1]
+    assert k["stream_factor"].get("layer_norm", 1.0) > 1.0
+
+
+def test_memory_bound_time_interpolates_the_stream_table() -> None:
+    table = [[1e3, 1e-6], [1e5, 1e-5], [1e7, 1e-3]]
+    assert ort.stream_s(table, 10) == pytest.approx(1e-6)       # dispatch-bound floor
+    assert ort.stream_s(table, 1e5) == pytest.approx(1e-5)
+    assert 1e-6 < ort.stream_s(table, 1e4) < 1e-5               # log-log between rows
+    assert ort.stream_s(table, 1e4) == pytest.approx(10 ** -5.5)
+    assert ort.stream_s(table, 2e7) == pytest.approx(2e-3)      # past the end: its bandwidth
+
+
+def test_memory_bound_nodes_use_the_table_and_their_factor(cpu: DeviceSpec) -> None:
+    from dataclasses import replace
+
+    from ember.cost_models.analytical import op_class
+
+    g = _mlp()
+    ew = next(n for n in g.nodes if op_class(n) in ("elementwise", "norm"))
+    table = [[1.0, 5e-6], [1e12, 5e-6]]     # 5 us per node whatever the size
+    fake = {**cpu.measured["ort"], "stream": table, "stream_factor": {ew.op: 3.0}}
+    dev = replace(cpu, measured={**cpu.measured, "ort": fake})
+    t, _, _ = ort.node_roofline_s(ew, dev, {"batch": 4})
+    assert t == pytest.approx(15e-6)
 
 
 def test_gemm_throughput_interpolates_the_measured_grid() -> None:
@@ -168,3 +198,7 @@ def test_roofline_divides_gemms_by_the_throughput_ort_reached(cpu: DeviceSpec) -
     dev = replace(cpu, measured={**cpu.measured, "ort": slow}, mem_bw=1e15)
     t, flops, _ = ort.node_roofline_s(lin, dev, {"batch": 512})
     assert t == pytest.approx(flops / 1e8)
+    # kernels timed inside graphs include their dispatch: no per-node overhead on top
+    inside = {**slow, "node_overhead_s": 1.0, "in_graph": True}
+    dev2 = replace(dev, measured={**cpu.measured, "ort": inside})
+    assert ort.node_roofline_s(lin, dev2, {"batch": 512})[0] == pytest.approx(flops / 1e8)
