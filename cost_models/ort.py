@@ -14,7 +14,13 @@ fusions are learned by the correction from the node's producer/consumer context)
 correction is a gradient-boosted regressor fit by ``python -m ember.cost_models.ort_collect``
 on per-node ORT profiles of synthetic training graphs, each node's measured time including the
 executor's per-kernel gap. The model is JSON (`OrtModel`): the trees, the overhead terms and the
-device spec its rooflines were computed with.
+device spec its rooflines were computed with. That learned correction generalizes worse than
+the plain roofline and is off by default (`ORT_MODEL_BY_DEFAULT`).
+
+The roofline itself reads the kernels the device spec measured in ONNX Runtime on this machine
+(spec version 4, `devices._measure_ort_kernels`), each timed inside a graph and taken as a
+median: GEMMs and convolutions by their interpolated (M, K, N) throughput, memory-bound nodes by
+a bytes -> seconds-per-node table (dispatch-, cache- then DRAM-bound) times a per-op factor.
 """
 
 from __future__ import annotations

@@ -176,6 +176,9 @@ def test_memory_bound_nodes_use_the_table_and_their_factor(cpu: DeviceSpec) -> N
     dev = replace(cpu, measured={**cpu.measured, "ort": fake})
     t, _, _ = ort.node_roofline_s(ew, dev, {"batch": 4})
     assert t == pytest.approx(15e-6)
+    # a reshape copies nothing: its dispatch plus one node for its symbolic target dim
+    rs = next(n for n in g.nodes if n.op == "reshape")
+    assert ort.node_roofline_s(rs, dev, {"batch": 4})[0] == pytest.approx(10e-6)
 
 
 def test_gemm_throughput_interpolates_the_measured_grid() -> None:
