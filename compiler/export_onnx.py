@@ -837,22 +837,19 @@ def _layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     eps = n.attrs["eps"]
     dims = list(range(v.type.rank - axes, v.type.rank))
     scale = ins[1] if len(ins) > 1 and ins[1] else ""
+    fused_rms = n.op == "rms_norm" and x.contrib and dt == "float32"
+    if not scale and (n.op == "layer_norm" or fused_rms):   # the fused kernels need a scale
+        scale = x.one("ConstantOfShape", [x.shape(v.type.shape[v.type.rank - axes:])],
+                      value=helper.make_tensor("v", _TO_ONNX[dt], [1], [1.0]))
     if n.op == "layer_norm":
-        if not scale:
-            norm_shape = v.type.shape[v.type.rank - axes:]
-            scale = x.one("ConstantOfShape", [x.shape(norm_shape)],
-                          value=helper.make_tensor("v", _TO_ONNX[dt], [1], [1.0]))
         bias = ins[2] if len(ins) > 2 and ins[2] else ""
         return [x.one("LayerNormalization", [ins[0], scale] + ([bias] if bias else []),
                       axis=-axes, epsilon=float(eps))]
     if eps is None:
         eps = float(torch.finfo(torch.float32).eps)
-    if x.contrib and dt == "float32":
+    if fused_rms:
         # ONNX Runtime's one-pass RMS norm kernel: 2-2.7x faster than the six elementwise
         # and reduce nodes below at LLaMA sizes (32 x 512 .. 512 x 768, 2 threads)
-        if not scale:
-            scale = x.one("ConstantOfShape", [x.shape(v.type.shape[v.type.rank - axes:])],
-                          value=helper.make_tensor("v", _TO_ONNX[dt], [1], [1.0]))
         return [x.one("SimplifiedLayerNormalization", [ins[0], scale], axis=-axes,
                       epsilon=float(eps))]
     ms = _reduce_node(x, "ReduceMean", x.one("Mul", [ins[0], ins[0]]), dims, True)

@@ -278,23 +278,6 @@ _ORT_CONV_QUICK = ((64, 64, 56, 3), (144, 32, 28, 1))
 _ORT_DWCONV_QUICK = ((144, 56),)
 
 
-def _typical_time(fn: Callable[[], Any], min_time: float = 0.02, repeats: int = 5) -> float:
-    """Median of ``repeats`` per-call means (each over enough calls for ``min_time``): the
-    cost model predicts the median call, so kernel rates are typical ones, not the best."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / one))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
-
-
 def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any] | None:
     """ONNX Runtime's own kernels, the ones the CPU backend's ORT program runs, at several
     shapes: the cost model's per-op efficiency for that runtime (`ember.cost_models.ort`).
@@ -403,23 +386,34 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
     return out
 
 
-def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:
-    """Best-of-``repeats`` seconds per call, each repeat timing enough calls for ``min_time``.
-
-    The minimum is the right statistic for peak figures: other load only ever adds time.
-    """
+def _repeat_times(fn: Callable[[], Any], min_time: float, repeats: int) -> list[float]:
+    """``repeats`` per-call means of ``fn``, each over enough calls for ``min_time``."""
     fn()
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
     n = max(1, int(min_time / one))
-    best = float("inf")
+    ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+        ts.append((time.perf_counter() - t0) / n)
+    return ts
+
+
+def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds per call, each repeat timing enough calls for ``min_time``.
+
+    The minimum is the right statistic for peak figures: other load only ever adds time.
+    """
+    return min(_repeat_times(fn, min_time, repeats))
+
+
+def _typical_time(fn: Callable[[], Any], min_time: float = 0.02, repeats: int = 5) -> float:
+    """Median of ``repeats`` per-call means (each over enough calls for ``min_time``): the
+    cost model predicts the median call, so kernel rates are typical ones, not the best."""
+    return statistics.median(_repeat_times(fn, min_time, repeats))
 
 
 def measure_cpu(threads: int | None = None, quick: bool = False) -> DeviceSpec:

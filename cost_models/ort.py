@@ -303,10 +303,7 @@ def node_features(g: Graph, env: Mapping[str, int], device: DeviceSpec,
         if cls == "gemm" and x is not None and x.type.rank:
             m, k, nn = _gemm_mkn(n, env)
         elif cls in ("conv", "dwconv") and len(n.inputs) > 1 and n.inputs[1] is not None:
-            w = n.inputs[1]
-            nn = float(evaluate(w.type.shape[0], env))
-            k = float(evaluate(_numel(w.type.shape[1:]), env))
-            m = max(1.0, float(evaluate(_numel(out.type.shape), env)) / max(nn, 1.0))
+            m, k, nn = _conv_mkn(n, env)
         elif cls == "attention" and x is not None and n.inputs[1] is not None:
             m = float(evaluate(x.type.shape[-2], env))
             nn = float(evaluate(n.inputs[1].type.shape[-2], env))

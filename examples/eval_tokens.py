@@ -314,6 +314,20 @@ def _mean_embed(h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(h.mean(1), dim=-1)
 
 
+def embed_reviews(run: Callable[..., Any], ids: torch.Tensor, bs: int) -> torch.Tensor:
+    """Mean-pooled, normalized embeddings of unpadded ``ids`` through ``run(ids, mask)`` in
+    batches of ``bs`` (the last one padded with copies: graphs keep the example's batch)."""
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ids), bs):
+            x = ids[i:i + bs]
+            k = len(x)
+            if k < bs:
+                x = torch.cat([x, x[:1].expand(bs - k, -1)])
+            outs.append(_mean_embed(_first(run(x, torch.ones_like(x))))[:k])
+    return torch.cat(outs)
+
+
 def _text_variants(quick: bool, rs: Sequence[int], keeps: Sequence[float]) -> dict[str, str]:
     variants = {"O2": "O2"}
     for r in rs:
@@ -410,15 +424,7 @@ def run_reviews(repeats: int, quick: bool) -> None:
     bs = 8
 
     def embed(run: Callable[..., Any], ids: torch.Tensor) -> torch.Tensor:
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(ids), bs):
-                x = ids[i:i + bs]
-                k = len(x)
-                if k < bs:  # graphs keep the example's batch: pad the last batch
-                    x = torch.cat([x, x[:1].expand(bs - k, -1)])
-                outs.append(_mean_embed(_first(run(x, torch.ones_like(x))))[:k])
-        return torch.cat(outs)
+        return embed_reviews(run, ids, bs)
 
     print(f"\n== MiniLM x Pang&Lee reviews: {len(ids_all)} of {len(rows)} reviews fill "
           f"{seq} tokens; {n_tr} train, {n_te} test", flush=True)

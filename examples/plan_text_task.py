@@ -30,6 +30,7 @@ from eval_tokens import (  # noqa: E402
     _mean_embed,
     _minilm,
     compile_cpu,
+    embed_reviews,
     isolated_ms,
 )
 
@@ -59,15 +60,7 @@ def main() -> None:
     bs = 8
 
     def embed(run: Any, ids: torch.Tensor) -> torch.Tensor:
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(ids), bs):
-                x = ids[i:i + bs]
-                k = len(x)
-                if k < bs:   # graphs keep the example's batch: pad the last batch
-                    x = torch.cat([x, x[:1].expand(bs - k, -1)])
-                outs.append(_mean_embed(_first(run(x, torch.ones_like(x))))[:k])
-        return torch.cat(outs)
+        return embed_reviews(run, ids, bs)
 
     clf = LogisticRegression(C=10, max_iter=3000).fit(embed(enc, ids_all[head_idx]).numpy(),
                                                       y_all[head_idx])
