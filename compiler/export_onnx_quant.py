@@ -16,7 +16,8 @@ params, reshaped or transposed by nodes that ONNX Runtime constant-folds at sess
                                         int8 GEMM, scales and bias in one kernel)
     qlinear_static   Clip to the u7 range -> QuantizeLinear -> MatMulIntegerToFloat
     epilogues        exact (erf) gelu as com.microsoft Gelu (ORT fuses bias + Gelu)
-    linear_woq       int4, power-of-two groups: MatMulNBits (com.microsoft, zero point 8);
+    linear_woq       int4, power-of-two groups: MatMulNBits (com.microsoft, zero point 8;
+                     accuracy level 4 for act_quant=block);
                      otherwise dequantized in the graph (Cast, Mul) + MatMul
     lut_linear       codes unpacked and looked up in the HLQ codebooks in the graph + MatMul
 
@@ -176,19 +177,20 @@ def _u7_qparams(x: X, x2: str, ins: list[str], n: Node) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- weight-only
-# MatMulNBits' compute type. 0 (fp32 on dequantized blocks) keeps weight-only semantics, and
-# is slow here: a 1 x 576 x 1536 int4 product took 382 us on this AVX2 CPU vs 219 us for the
-# fp32 MatMul. Level 4 (int8 activations per block, MLAS's int8 kernels) takes 133 us, but
-# rounds the activations: SmolLM2's logits then left the ORT candidate's 2e-2 check and the
-# model fell back to the interpreter. Using it needs an IR attribute whose reference rounds the
-# activations the same way (not done yet).
-NBITS_ACCURACY_LEVEL = 0
+# MatMulNBits' compute type, from the op's ``act_quant``. Level 0 (fp32 on dequantized blocks)
+# keeps weight-only semantics, and is slow here: a 1 x 576 x 1536 int4 product took 280 us on
+# an AVX2 EPYC vs ~220 us for the fp32 MatMul. Level 4 (activations rounded to int8 per block,
+# MLAS's int8 kernels) took 66 us and matches ``act_quant=block``'s reference to 4e-7.
+NBITS_ACCURACY_LEVEL = {"none": 0, "block": 4}
+
+
 @register_emitter("linear_woq")
 def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
     if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
         raise NoMapping
     a = n.attrs
     bits, g = int(a["bits"]), int(a["group_size"])
+    act = str(a.get("act_quant", "none"))
     wq = x.g.weights[n.inputs[1].name]
     nn_ = wq.shape[0]
     k = wq.shape[1] * (2 if bits == 4 else 1)
@@ -198,15 +200,31 @@ def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
         # the default zero point 8
         b = x.one("Reshape", [ins[1], x.const([nn_, k // g, g // 2])])
         y = x.one("MatMulNBits", [ins[0], b, ins[2]], domain=MS, K=k, N=nn_, bits=4,
-                  block_size=g, accuracy_level=NBITS_ACCURACY_LEVEL)
+                  block_size=g, accuracy_level=NBITS_ACCURACY_LEVEL[act])
         if bias:
             y = x.one("Add", [y, bias])
         return [_epilogue(x, n, ins, y)]
     w = _dequant_groups(x, ins[1], ins[2], bits, g, nn_, k)
-    y = x.one("MatMul", [ins[0], x.one("Transpose", [w], perm=[1, 0])])
+    inp = _fake_quant_blocks(x, ins[0], g, k) if act == "block" else ins[0]
+    y = x.one("MatMul", [inp, x.one("Transpose", [w], perm=[1, 0])])
     if bias:
         y = x.one("Add", [y, bias])
     return [_epilogue(x, n, ins, y)]
+
+
+def _fake_quant_blocks(x: X, inp: str, g: int, k: int) -> str:
+    """`fake_quant_act_blocks` in standard ops (groups MatMulNBits does not take)."""
+    f = "float32"
+    shape = x.one("Shape", [inp])
+    xb = x.one("Reshape", [inp, x.const([-1, k // g, g])])
+    m = _reduce_node(x, "ReduceMax", x.one("Abs", [xb]), [2], True)
+    zero = x.const(0.0, f)
+    nz = x.one("Not", [x.one("Equal", [m, zero])])
+    inv = x.one("Where", [nz, x.one("Div", [x.const(127.0, f),
+                                             x.one("Where", [nz, m, x.const(1.0, f)])]), zero])
+    q = x.one("Round", [x.one("Mul", [xb, inv])])  # ONNX Round: half to even
+    y = x.one("Mul", [q, x.one("Div", [m, x.const(127.0, f)])])
+    return x.one("Reshape", [y, shape])
 
 
 def _unpack(x: X, packed: str, bits: int, rows: int, k: int) -> str:

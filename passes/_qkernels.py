@@ -70,6 +70,7 @@ _SCHEME_COST: dict[str, tuple[float, float, str]] = {
     "w8a8-static": (1.0, 1.0, "int8"),
     "w8": (1.0, 0.0, "dequant"),
     "w4": (0.5, 0.0, "dequant"),
+    "w4a8": (0.5, 1.0, "int8"),
     "lut": (0.4, 0.0, "dequant"),
     "bf16": (2.0, 1.0, "bf16"),
     "sparse": (2.0, 0.0, "dequant"),
@@ -78,6 +79,8 @@ _SCHEME_COST: dict[str, tuple[float, float, str]] = {
 
 def _family(scheme: str) -> str:
     scheme = scheme.split("+")[0]
+    if scheme.startswith("w4a8"):
+        return "w4a8"
     if scheme.startswith("w4"):
         return "w4"
     if scheme.startswith("lut"):

@@ -26,6 +26,10 @@ Schemes (``quantize{scheme=...}``):
 - ``w8a8-static``: activation range calibrated on ``ctx.calib`` (``calib_method`` minmax or
   percentile).
 - ``w8``, ``w4g32|w4g64|w4g128``: weight-only, group-wise symmetric scales.
+- ``w4a8g32|w4a8g64|w4a8g128``: the int4 weights of ``w4gN`` with the activations rounded to
+  int8 per row and group at run time (ONNX Runtime's MatMulNBits at accuracy level 4): its int8
+  kernels make a decode step's int4 products faster than fp32 (1 x 576 x 1536 on an AVX2 EPYC:
+  66 us vs ~220 us fp32 and 280 us for weight-only int4), at the cost of rounding activations.
 - ``lut2|lut3|lut4`` (optionally ``lut3g64``): non-uniform HLQ codebooks (ELUTQ-style).
 - ``bf16``: bf16 weights and activations.
 
@@ -144,23 +148,26 @@ class SchemeSpec:
     bits: int = 8
     group: int = 0  # 0 = whole row
     outliers: bool = False
+    act: str = "none"  # woq: "block" rounds the activations to int8 per group too (W4A8)
 
 
-_SCHEME_RE = re.compile(r"^(?:(w8a8-dynamic|w8a8-static|w8|bf16)|w4g(\d+)|lut([1-4])(?:g(\d+))?)$")
+_SCHEME_RE = re.compile(r"^(?:(w8a8-dynamic|w8a8-static|w8|bf16)|w4(a8)?g(\d+)"
+                        r"|lut([1-4])(?:g(\d+))?)$")
 
 
 def parse_scheme(s: str) -> SchemeSpec:
     m = _SCHEME_RE.match(s)
     if not m:
         raise ValueError(f"unknown quantization scheme '{s}'; known: w8a8-dynamic, "
-                         f"w8a8-static, w8, w4g32, w4g64, w4g128, bf16, lut2, lut3, lut4[gN]")
+                         f"w8a8-static, w8, w4g32, w4g64, w4g128, w4a8g32, w4a8g64, "
+                         f"w4a8g128, bf16, lut2, lut3, lut4[gN]")
     if m.group(1):
         kind = {"w8a8-dynamic": "dynamic", "w8a8-static": "static", "w8": "woq",
                 "bf16": "bf16"}[m.group(1)]
         return SchemeSpec(s, kind, 16 if kind == "bf16" else 8)
-    if m.group(2):
-        return SchemeSpec(s, "woq", 4, int(m.group(2)))
-    return SchemeSpec(s, "lut", int(m.group(3)), int(m.group(4) or 128))
+    if m.group(3):
+        return SchemeSpec(s, "woq", 4, int(m.group(3)), act="block" if m.group(2) else "none")
+    return SchemeSpec(s, "lut", int(m.group(4)), int(m.group(5) or 128))
 
 
 def _fallbacks(spec: SchemeSpec, has_calib: bool) -> list[SchemeSpec]:
@@ -169,6 +176,8 @@ def _fallbacks(spec: SchemeSpec, has_calib: bool) -> list[SchemeSpec]:
     if spec.kind == "dynamic" and not spec.outliers and has_calib:
         chain.append(SchemeSpec(spec.name, "dynamic", 8, 0, outliers=True))
     if spec.kind == "woq" and spec.bits == 4:
+        if spec.act == "block":  # the activations' rounding first, then the weights'
+            chain.append(parse_scheme(f"w4g{spec.group}"))
         chain.append(parse_scheme("w8"))
     if spec.kind == "lut":
         if spec.bits < 3:
@@ -258,8 +267,10 @@ def prepare(spec: SchemeSpec, w: torch.Tensor, x_range: tuple[float, float] | No
     if spec.kind == "woq":
         g = spec.group or k
         q, s = quantize_weight_groups(w, spec.bits, g)
-        return _Prepared("linear_woq", [("q", q), ("scale", s)],
-                         {"bits": spec.bits, "group_size": g})
+        attrs = {"bits": spec.bits, "group_size": g}
+        if spec.act != "none":
+            attrs["act_quant"] = spec.act
+        return _Prepared("linear_woq", [("q", q), ("scale", s)], attrs)
     if spec.kind == "lut":
         codes, coef = fit_hlq(w, spec.bits, spec.group)
         return _Prepared("lut_linear", [("codes", pack_bits(codes, spec.bits)), ("coef", coef)],

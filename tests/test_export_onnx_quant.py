@@ -221,6 +221,21 @@ def test_linear_woq(tmp_path: Path, bits: int, group: int) -> None:
     _check(b, y, [_x((2, 3, k), 6)], tmp_path, tol=1e-4)  # fp32 compute: no activation rounding
 
 
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 24])
+def test_linear_woq_w4a8(tmp_path: Path, group: int) -> None:
+    """act_quant=block: MatMulNBits at accuracy level 4 (power-of-two groups) or the rounding
+    in standard ops (others) must reproduce the reference's int8 activation codes: only fp32
+    summation order may differ."""
+    k, n = 384, 40
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("batch"), 3, k)))
+    w = torch.randn(n, k) * 0.1
+    y = _linear_node(b, x, SchemeSpec("w4a8", "woq", 4, group, act="block"), w, True,
+                     {"activation": "silu"})
+    feeds = [_x((2, 3, k), 6, outlier=5)]
+    _check(b, y, feeds, tmp_path, tol=1e-4)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_lut_linear(tmp_path: Path, bits: int) -> None:
     k, n = 128, 24
@@ -237,10 +252,15 @@ def test_woq_int4_uses_matmulnbits(tmp_path: Path) -> None:
     b = GraphBuilder()
     x = b.add_input("x", TensorType("float32", (1, 64)))
     y = _linear_node(b, x, SchemeSpec("w4g32", "woq", 4, 32), torch.randn(16, 64), False, {})
-    b.set_outputs([y])
+    y8 = _linear_node(b, x, SchemeSpec("w4a8g32", "woq", 4, 32, act="block"),
+                      torch.randn(16, 64), False, {})
+    b.set_outputs([y, y8])
     export_onnx(b.build(), tmp_path / "m.onnx")
-    ops = {(nd.domain, nd.op_type) for nd in onnx.load(str(tmp_path / "m.onnx")).graph.node}
-    assert ("com.microsoft", "MatMulNBits") in ops
+    nbits = [nd for nd in onnx.load(str(tmp_path / "m.onnx")).graph.node
+             if (nd.domain, nd.op_type) == ("com.microsoft", "MatMulNBits")]
+    # weight-only keeps fp32 compute (level 0); W4A8 asks for MLAS's int8 kernels (level 4)
+    levels = sorted(a.i for nd in nbits for a in nd.attribute if a.name == "accuracy_level")
+    assert levels == [0, 4]
 
 
 # ----------------------------------------------------------------------------- whole models

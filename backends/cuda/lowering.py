@@ -152,6 +152,12 @@ class _Woq(KernelLowering):
                  opts: Mapping[str, Any]) -> Any:
         x, wq, s = xs[0], xs[1], xs[2]
         assert x is not None and wq is not None and s is not None
+        if a.get("act_quant", "none") == "block":
+            # W4A8's rounding of the activations (elementwise, on the GPU); the product then
+            # runs in the int4 kernel on the rounded values, as the reference computes it
+            from ember.ir.opset_quant import fake_quant_act_blocks
+
+            x = fake_quant_act_blocks(x, a["group_size"])
         return _linear_call(lambda **kw: ops.woq_linear(
             x, wq, s, a["bits"], a["group_size"], _opt(xs, 3), tf32=opts.get("tf32", False),
             **kw), xs, a, 4)

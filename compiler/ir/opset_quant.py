@@ -18,7 +18,11 @@ by the same epilogue as ``fused_linear`` (optional residual before/after an acti
     qlinear_static(x, w_q, w_scale, b?, residual?, outlier_idx?, w_outlier?)
         as above with a calibrated (x_scale, x_zp)
     linear_woq(x, w_q, w_scale, b?, residual?)        weight-only int8 / int4 (packed 2 per
-        uint8), symmetric, one scale per group of ``group_size`` input channels; fp32 compute
+        uint8), symmetric, one scale per group of ``group_size`` input channels; fp32 compute.
+        ``act_quant="block"`` (int4 only): the activations are rounded too, per row and per
+        group of ``group_size`` input channels, to symmetric int8 (|x|max / 127, half to even:
+        ONNX Runtime's MatMulNBits at accuracy level 4, whose int8 kernels then run the
+        product)
     lut_linear(x, codes, coef, b?, residual?)         non-uniform ``bits``-bit weights: per group
         a hierarchical linear codebook (ELUTQ HLQ) ``level(c) = coef0 + sum_i coef_i * s_i(c)``
         with ``s_i(c) = +1 if bit i of c else -1``; codes bit-packed into uint8
@@ -60,6 +64,8 @@ __all__ = [
     "quantize_weight_per_channel",
     "quantize_weight_groups",
     "dequantize_weight_groups",
+    "fake_quant_act_blocks",
+    "WOQ_ACT_QUANT",
     "pack_bits",
     "unpack_bits",
     "hlq_levels",
@@ -558,6 +564,9 @@ _reg("qlinear_static", _qlinear_infer("qlinear_static"), _qlinear_static_ref,
 
 
 # ----------------------------------------------------------------------------- linear_woq
+WOQ_ACT_QUANT = ("none", "block")
+
+
 def _woq_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     op = "linear_woq"
     x, wq, ws = (_req(types, i, op) for i in range(3))
@@ -570,19 +579,44 @@ def _woq_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     in_f = wq.shape[1] * (2 if bits == 4 else 1)
     if in_f % g or ws.rank != 2 or not dims_equal(ws.shape[1], in_f // g):
         raise OpTypeError(f"{op}: w_scale must be [out, in/{g}], got {ws}")
+    act = attrs.get("act_quant", "none")
+    if act not in WOQ_ACT_QUANT:
+        raise OpTypeError(f"{op}: act_quant must be one of {', '.join(WOQ_ACT_QUANT)}, "
+                          f"got '{act}'")
+    if act == "block" and bits != 4:
+        raise OpTypeError(f"{op}: act_quant=block needs bits=4 (MatMulNBits), got {bits}")
     y = _linear_out(op, x, wq.shape[0], in_f)
     _check_epilogue(op, y, types, attrs)
     return [y]
 
 
+def fake_quant_act_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` rounded to symmetric int8 per row and per block of ``group_size`` channels, and
+    scaled back: ``q = round_half_even(x * (127 / m)) * (m / 127)`` with ``m`` the block's
+    |x|max (all-zero blocks stay zero), each factor rounded to fp32 as MLAS computes it."""
+    *lead, k = x.shape
+    xb = x.float().reshape(*lead, k // group_size, group_size)
+    m = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(m != 0, 127.0 / torch.where(m != 0, m, 1.0), 0.0)
+    q = torch.round(xb * inv)  # torch.round is half to even, as _MM_ROUND_NEAREST
+    return (q * (m / 127.0)).reshape(*lead, k).to(x.dtype)
+
+
 def _woq_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
     assert x[0] is not None and x[1] is not None and x[2] is not None
     w = dequantize_weight_groups(x[1], x[2], a["bits"], a["group_size"])
-    return _epilogue(F.linear(x[0], w, _opt(x, 3)), x, a)
+    inp = x[0]
+    if a.get("act_quant", "none") == "block":
+        # int8 codes times int4 codes summed per block, scaled by both scales: the same sum as
+        # the fp32 product of the two dequantized operands, up to fp32 rounding
+        inp = fake_quant_act_blocks(inp, a["group_size"])
+    return _epilogue(F.linear(inp, w, _opt(x, 3)), x, a)
 
 
-_reg("linear_woq", _woq_infer, _woq_ref, {"bits": REQUIRED, "group_size": REQUIRED}, 3, 5,
-     "weight-only int8/int4 (group-wise symmetric scales), dequantized in-op, fp32 GEMM")
+_reg("linear_woq", _woq_infer, _woq_ref,
+     {"bits": REQUIRED, "group_size": REQUIRED, "act_quant": "none"}, 3, 5,
+     "weight-only int8/int4 (group-wise symmetric scales), dequantized in-op, fp32 GEMM; "
+     "act_quant=block also rounds the activations to int8 per group (W4A8)")
 
 
 # ----------------------------------------------------------------------------- lut_linear

@@ -99,6 +99,27 @@ def test_linear_woq(bits: int, group: int, m: int) -> None:
     _close(got, want)
 
 
+def test_linear_woq_w4a8_lowering_rounds_activations() -> None:
+    """act_quant=block on CUDA: the activations' int8 rounding, then the int4 kernel."""
+    from ember.backends.reference import run_graph
+    from ember.ir import GraphBuilder, TensorType
+
+    gen = torch.Generator().manual_seed(0)
+    wq, s = quantize_weight_groups(torch.randn(24, 64, generator=gen), 4, 32)
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (3, 64)))
+    y = b.op("linear_woq", [x, b.add_param("q", wq), b.add_param("s", s)],
+             {"bits": 4, "group_size": 32, "act_quant": "block"})
+    b.set_outputs([y])
+    g = b.build()
+    prog = CudaBackend().compile(g, [torch.randn(3, 64)], device="cpu")
+    xin = torch.randn(3, 64, generator=gen) * 4
+    want = run_graph(g, xin)[0]
+    _close(prog(xin)[0], want)
+    plain = get_op("linear_woq").reference([xin, wq, s], _epi(bits=4, group_size=32))
+    assert float((plain - want).abs().max()) > 1e-4  # the rounding is really applied
+
+
 # ----------------------------------------------------------------------------- sparse
 def test_sparse_2_4_and_unstructured() -> None:
     torch.manual_seed(1)

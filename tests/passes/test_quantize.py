@@ -17,6 +17,7 @@ from ember.ir import GraphBuilder, TensorType, get_op, verify
 from ember.ir.opset_quant import (
     choose_u7_qparams,
     dequantize_weight_groups,
+    fake_quant_act_blocks,
     fit_hlq,
     hlq_levels,
     pack_bits,
@@ -199,6 +200,53 @@ def test_linear_woq_matches_naive_dequant(bits: int, group: int) -> None:
     torch.testing.assert_close(dequantize_weight_groups(q, s, bits, group), wd.float())
 
 
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_linear_woq_w4a8_matches_naive_integers(group: int) -> None:
+    """act_quant=block: int8 codes of each row's block (|x|max / 127, half to even) times the
+    int4 codes, summed in integers per block and scaled by both scales (MLAS's CompInt8)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(10, 128, generator=gen)
+    x = torch.randn(4, 128, generator=gen) * 3
+    x[1, 5] = 90.0  # a massive activation coarsens only its own block
+    x[2, :group] = 0.0  # an all-zero block stays zero
+    q, s = quantize_weight_groups(w, 4, group)
+    wq = unpack_bits(q, 4, 128).to(torch.int64) - 8
+    want = torch.zeros(4, 10, dtype=torch.float64)
+    for r in range(4):
+        for blk in range(128 // group):
+            xb = x[r, blk * group:(blk + 1) * group]
+            m = xb.abs().max()
+            inv = 127.0 / m if m != 0 else torch.tensor(0.0)
+            qa = torch.round(xb * inv).to(torch.int64)  # fp32 product, half to even
+            assert qa.abs().max() <= 127
+            dots = wq[:, blk * group:(blk + 1) * group] @ qa  # exact integers
+            want[r] += dots.double() * float(m / 127.0) * s[:, blk].double()
+    y = _ref("linear_woq", [x, q, s], bits=4, group_size=group, act_quant="block")
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(y, _ref("linear_woq", [x, q, s], bits=4, group_size=group))
+    fq = fake_quant_act_blocks(x, group)
+    assert torch.equal(fq[2, :group], torch.zeros(group))
+    # ties round to even: 0.5 and 1.5 steps of a block whose max is 127 steps
+    t = torch.zeros(1, group)
+    t[0, :3] = torch.tensor([127.0, 0.5, 1.5])
+    assert fake_quant_act_blocks(t, group)[0, :3].tolist() == [127.0, 0.0, 2.0]
+
+
+def test_w4a8_scheme_and_its_fallbacks() -> None:
+    from ember.passes.quantize import _fallbacks
+
+    spec = parse_scheme("w4a8g64")
+    assert (spec.kind, spec.bits, spec.group, spec.act) == ("woq", 4, 64, "block")
+    assert parse_scheme("w4g64").act == "none"
+    assert [c.name for c in _fallbacks(spec, False)] == ["w4a8g64", "w4g64", "w8"]
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (2, 64)))
+    q, s = quantize_weight_groups(torch.randn(8, 64), 8, 32)
+    with pytest.raises(Exception, match="act_quant=block needs bits=4"):
+        b.op("linear_woq", [x, b.add_param("q", q), b.add_param("s", s)],
+             {"bits": 8, "group_size": 32, "act_quant": "block"})
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_pack_bits_round_trip_and_layout(bits: int) -> None:
     codes = torch.randint(0, 2 ** bits, (3, 16), dtype=torch.uint8)
@@ -287,6 +335,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # declared per-scheme fidelity budgets (cosine of hidden states vs fp32)
 BUDGET = {"w8a8-dynamic": 0.999, "w8a8-static": 0.995, "w8": 0.9999, "w4g32": 0.995,
+          "w4a8g32": 0.995,
           "lut3g32": 0.995, "lut2g32": 0.98, "bf16": 0.999}
 
 
