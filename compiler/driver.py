@@ -21,7 +21,7 @@ import torch
 
 from .errors import BackendUnavailableError, CompilerError, FrontendError
 from .ir import Graph, TensorType, evaluate, to_torch_dtype
-from .ir.shapes import free_symbols
+from .ir.shapes import ShapeError, bind_symbols, free_symbols
 from .passmanager import PassContext, PassManager, format_pipeline, parse_pipeline
 from .pipelines import DEFAULT_PIPELINE
 from .progress import Progress
@@ -201,8 +201,34 @@ class CompiledModel:
                 raise CompilerError(f"input '{name}': expected shape {v.type}, "
                                     f"got {tuple(t.shape)}")
             tensors.append(t)
+        self._check_sizes(tensors)
         with torch.no_grad():
             return list(self.program(*tensors))
+
+    def _check_sizes(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The sizes the program was built for: static dims, and one value per symbol shared
+        by inputs (a wrong size otherwise fails deep inside the runtime)."""
+        fixed = getattr(self, "_fixed_dims", None)
+        if fixed is None:  # (input, dim, int or symbol name); expressions are left to bind
+            fixed = [(i, j, d if isinstance(d, int) else str(d))
+                     for i, v in enumerate(self.graph.inputs)
+                     for j, d in enumerate(v.type.shape) if isinstance(d, int) or d.is_Symbol]
+            self._fixed_dims = fixed
+        seen: dict[str, int] = {}
+        for i, j, d in fixed:
+            a = int(tensors[i].shape[j])
+            if (a != d) if isinstance(d, int) else (seen.setdefault(d, a) != a):
+                break
+        else:
+            return
+        try:  # the precise message
+            bind_symbols([v.type.shape for v in self.graph.inputs],
+                         [tuple(t.shape) for t in tensors], self.input_names)
+        except ShapeError as e:
+            dims = [d for v in self.graph.inputs for d in v.type.shape]
+            hint = "" if free_symbols(dims) else \
+                " (every dim of this model is static: compile it with dynamic_dims to vary one)"
+            raise CompilerError(f"{e}{hint}") from None
 
     def __call__(self, *args: Any) -> Any:
         as_numpy = any(isinstance(a, np.ndarray) for a in args)

@@ -377,14 +377,22 @@ def w4_llm(args: argparse.Namespace) -> dict[str, Any]:
     wins = ids[: args.llm_windows * seq].view(-1, seq)
     dyn = {"input_ids": {1: "seq"}}
     variants = {"fp32": "O2"}
-    for sch in args.llm_schemes.split(","):
-        variants[sch] = f"O2,quantize{{scheme={sch},gate=always}}"
-        variants[sch + "+emb-int8"] = f"O2,quantize{{scheme={sch},gate=always,embeddings=int8}}"
+    # "w4a8g32" or "w4a8g32;clip=none;gate=measure": ';' separates extra quantize knobs
+    for item in args.llm_schemes.split(","):
+        sch, *opts = item.split(";")
+        if not any(o.startswith("gate=") for o in opts):
+            opts.append("gate=always")  # every layer, to see each scheme's own cost
+        knobs = ",".join([f"scheme={sch}", *opts])
+        variants[item] = f"O2,quantize{{{knobs}}}"
+        if args.llm_emb_int8:
+            variants[item + "+emb-int8"] = f"O2,quantize{{{knobs},embeddings=int8}}"
     one = wins[:1, :1]
     cms = {}
     for k, p in variants.items():
         t0 = time.time()
-        cms[k] = compile_variant(lm, (wins[:1],), p, dyn, ["input_ids"], None, args.llm_mode)
+        # a measuring gate times each layer at the example's rows: give it a decode step
+        ex = (wins[:1, :2],) if "gate=measure" in p else (wins[:1],)  # 1 would specialize
+        cms[k] = compile_variant(lm, ex, p, dyn, ["input_ids"], None, args.llm_mode)
         log.info("SmolLM2 %s compiled in %.0fs (%s)", k, time.time() - t0,
                  program_kind(cms[k]))
     load0 = os.getloadavg()[0]
@@ -426,7 +434,8 @@ def w8a8(args: argparse.Namespace, work: Path) -> None:
             out[part] = fn(args, work)
             save_results(args.results_key, out)
     if "llm" in args.w8a8_parts:
-        save_results("w4_smollm2", {"command": out["command"], **w4_llm(args)})
+        key = "w4_smollm2" if args.results_key == "w8a8_dynamic" else args.results_key
+        save_results(key, {"command": out["command"], **w4_llm(args)})
 
 
 # ----------------------------------------------------------------------------- 1. kernels
@@ -736,6 +745,8 @@ def main() -> None:
     ap.add_argument("--no-vit-b", dest="vit_b", action="store_false")
     ap.add_argument("--llm-schemes", default="w4g32,w4g128")
     ap.add_argument("--llm-windows", type=int, default=12)
+    ap.add_argument("--llm-emb-int8", type=int, default=1,
+                    help="also each scheme with int8 embedding tables (1) or not (0)")
     ap.add_argument("--llm-mode", default="onnxruntime")
     args = ap.parse_args()
     args.schemes = [s for s in args.schemes.split(",") if s]

@@ -191,9 +191,18 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-def quantize_weight_groups(w: torch.Tensor, bits: int,
-                           group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+# clip="mse": the group scale's shrink factors tried (|w|max x f / qmax, f = 1 .. 0.5)
+CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def quantize_weight_groups(w: torch.Tensor, bits: int, group_size: int,
+                           clip: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric ``bits``-bit (8 or 4) weights, one scale per group of input channels.
+
+    ``clip="none"``: scale = |w|max / qmax (round to nearest, nothing clipped). ``clip="mse"``:
+    per group the scale |w|max x f / qmax (f in `CLIP_FACTORS`) with the least squared error of
+    the group's dequantized weights: clipping the few largest weights buys a finer grid for
+    the rest (SmolLM2-135M's linears at int4 g32: perplexity 47.9 -> 45.7, fp32 36.7).
 
     Returns (w_q, scale [N, K // group_size]); int8 weights are int8 [N, K], int4 weights are
     offset by 8 and packed two per uint8 (low nibble first) into uint8 [N, K // 2].
@@ -202,10 +211,25 @@ def quantize_weight_groups(w: torch.Tensor, bits: int,
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in-features {k} not divisible by group size {group_size}")
+    if clip not in ("none", "mse"):
+        raise ValueError(f"clip must be none or mse, got '{clip}'")
     qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax - 1 if bits == 4 else -qmax
     wg = w.reshape(n, k // group_size, group_size)
-    scale = (wg.abs().amax(dim=2) / qmax).clamp_min(1e-12)
-    q = torch.clamp(torch.round(wg / scale[..., None]), -qmax - 1 if bits == 4 else -qmax, qmax)
+    amax = wg.abs().amax(dim=2)
+    scale = (amax / qmax).clamp_min(1e-12)
+    if clip == "mse":
+        best = torch.full_like(amax, float("inf"))
+        chosen = scale
+        for f in CLIP_FACTORS:
+            sc = (amax * f / qmax).clamp_min(1e-12)
+            err = ((torch.clamp(torch.round(wg / sc[..., None]), qmin, qmax) * sc[..., None]
+                    - wg) ** 2).sum(dim=2)
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen = torch.where(better, sc, chosen)
+        scale = chosen
+    q = torch.clamp(torch.round(wg / scale[..., None]), qmin, qmax)
     q = q.reshape(n, k)
     if bits == 8:
         return q.to(torch.int8), scale

@@ -125,6 +125,12 @@ def test_bad_calls_give_clear_errors(compiled_cpu):
     _, x, cm = compiled_cpu
     with pytest.raises(CompilerError, match="takes 1 inputs"):
         cm(x[0], x[0])
+    # a size the program was not built for: named by input and dim, not ORT's own message
+    k = x[0].shape[-1]
+    bad = torch.randn(*x[0].shape[:-1], k + 1)
+    with pytest.raises(CompilerError, match=rf"input '\w+' dim {x[0].dim() - 1}: "
+                                            rf"expected {k}, got {k + 1}"):
+        cm(bad)
     with pytest.raises(CompilerError, match="unknown target"):
         ember.compile(TwoOut(), (torch.randn(1, 16),), target="tpu")
     with pytest.raises(CompilerError, match="unknown pass"):

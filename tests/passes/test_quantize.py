@@ -247,6 +247,23 @@ def test_w4a8_scheme_and_its_fallbacks() -> None:
              {"bits": 8, "group_size": 32, "act_quant": "block"})
 
 
+def test_mse_clipped_group_scales_never_raise_the_weight_error() -> None:
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 256, generator=gen)
+    w[3, 7] = 12.0  # one outlier weight: its group's plain grid is coarse
+    errs = {}
+    for clip in ("none", "mse"):
+        q, s = quantize_weight_groups(w, 4, 32, clip=clip)
+        e = (dequantize_weight_groups(q, s, 4, 32) - w).pow(2).reshape(16, 8, 32).sum(-1)
+        errs[clip] = e
+    assert bool((errs["mse"] <= errs["none"] + 1e-6).all())
+    assert float(errs["mse"].sum()) < 0.9 * float(errs["none"].sum())
+    q, s = quantize_weight_groups(w, 4, 32, clip="mse")
+    assert float(s[3, 0]) * 7 >= 0.5 * 12.0 - 1e-5  # never below half the group's |w|max
+    with pytest.raises(ValueError, match="clip"):
+        quantize_weight_groups(w, 4, 32, clip="percentile")
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_pack_bits_round_trip_and_layout(bits: int) -> None:
     codes = torch.randint(0, 2 ** bits, (3, 16), dtype=torch.uint8)
