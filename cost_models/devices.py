@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 #    depthwise / dense conv, attention, per-node and per-call overhead) for the ORT program
 # 4: ORT kernels timed inside graphs (GEMM pairs, Add chains), medians not bests; grids for
 #    dense and depthwise convs; a memory-bound table (bytes -> s per node) with per-op factors
-SPEC_VERSION = 4
+SPEC_VERSION = 5
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -260,11 +260,17 @@ def _ort_sgemm_flops(n: int, threads: int, repeats: int) -> float | None:
 
 # GEMM shapes ONNX Runtime is timed at (M rows, K, N): transformer projections and MLPs from
 # one short sequence to a batch of long ones, and the narrow layers of small CNNs / tiny ViTs
-_ORT_GEMM_M = (16, 64, 256, 1024, 4096)
+_ORT_GEMM_M = (1, 16, 64, 256, 1024, 4096)  # 1: a decode step's products
 _ORT_GEMM_KN = ((64, 64), (128, 512), (384, 384), (384, 1536), (768, 768), (768, 3072),
                 (3072, 768))
 _ORT_GEMM_M_QUICK = (64, 1024)
 _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
+# int4 MatMulNBits (group 32) at accuracy level 0 (fp32 compute on dequantized blocks) and 4
+# (int8 activations, MLAS's int8 kernels): decode steps to prefill, small LMs' projections
+_ORT_NBITS_M = (1, 16, 256)
+_ORT_NBITS_KN = ((576, 1536), (1024, 1024), (2048, 5632))
+_ORT_NBITS_M_QUICK = (1,)
+_ORT_NBITS_KN_QUICK = ((1024, 1024),)
 # memory-bound kernels: elements of the [rows, 768]-like tensors a chain of Adds is timed on,
 # from one tiny vector (dispatch only) through L2- and L3-resident sizes to DRAM-bound ones
 _ORT_STREAM_NUMEL = (64, 768, 6144, 24576, 98304, 393216, 1572864, 6291456)
@@ -287,7 +293,8 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
     timed by its median), the session's own call overhead taken off.
 
     Returns ``{"gemm": [[M, K, N, FLOP/s], ...], "conv": [[M, K, N, FLOP/s], ...],
-    "dwconv": [[M, 9, C, FLOP/s], ...], "stream": [[bytes, s per node], ...],
+    "dwconv": [[M, 9, C, FLOP/s], ...], "nbits": {"0"|"4": [[M, K, N, FLOP/s], ...]},
+    "stream": [[bytes, s per node], ...],
     "stream_factor": {ir op: x}, "attention_flops", "node_overhead_s", "call_overhead_s",
     "in_graph": True}`` or None without onnxruntime."""
     try:
@@ -342,6 +349,10 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
         t = max(typical(sess, {"x": rnd(1, cin, hw, hw)}) - call, 1e-7)
         out["conv"].append([hw * hw, cin * kk * kk, cout,
                             round(2.0 * cout * cin * kk * kk * hw * hw / t)])
+    try:
+        out["nbits"] = _measure_nbits(threads, quick, typical, call, rnd)
+    except Exception as e:  # noqa: BLE001  (an ORT build without the contrib op)
+        log.info("ORT MatMulNBits not timed: %s", e)
     out["conv_flops"] = max(r[3] for r in out["conv"])      # spec version 3's figures
     out["dwconv_flops"] = max(r[3] for r in out["dwconv"])
 
@@ -383,6 +394,39 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
                                            domain="com.microsoft", num_heads=h)], qkv, threads)
     out["attention_flops"] = round(4.0 * b * h * s_ * s_ * dh / max(typical(sess, qkv) - call,
                                                                    1e-7))
+    return out
+
+
+def _measure_nbits(threads: int, quick: bool, typical: Callable[[Any, dict[str, Any]], float],
+                   call: float, rnd: Callable[..., Any]) -> dict[str, list[list[float]]]:
+    """``{accuracy level: [[M, K, N, FLOP/s], ...]}`` of int4 MatMulNBits (group 32), each
+    timed in a chain of two K -> N -> K pairs with distinct weights like the fp32 GEMMs."""
+    import numpy as np
+    from onnx import helper
+
+    from ember.ort_session import graph_session
+
+    g = 32
+    rng = np.random.default_rng(1)
+    out: dict[str, list[list[float]]] = {}
+    for level in (0, 4):
+        rows = out.setdefault(str(level), [])
+        for k, n in (_ORT_NBITS_KN_QUICK if quick else _ORT_NBITS_KN):
+            inits: dict[str, Any] = {}
+            nodes = []
+            for i in range(4):
+                kk, nn = (k, n) if i % 2 == 0 else (n, k)
+                inits[f"b{i}"] = rng.integers(0, 256, (nn, kk // g, g // 2), dtype=np.uint8)
+                inits[f"s{i}"] = (rng.random(nn * kk // g, dtype=np.float32) * 0.02 + 0.01)
+                nodes.append(helper.make_node(
+                    "MatMulNBits", ["x" if i == 0 else f"h{i - 1}", f"b{i}", f"s{i}"],
+                    ["y" if i == 3 else f"h{i}"], domain="com.microsoft", K=kk, N=nn, bits=4,
+                    block_size=g, accuracy_level=level))
+            for m in (_ORT_NBITS_M_QUICK if quick else _ORT_NBITS_M):
+                x = rnd(m, k)
+                sess = graph_session(nodes, {"x": x}, threads, inits)
+                t = max(typical(sess, {"x": x}) - call, 1e-7) / 4
+                rows.append([m, k, n, round(2.0 * m * k * n / t)])
     return out
 
 

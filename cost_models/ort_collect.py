@@ -188,11 +188,12 @@ def _stub_model(side: Mapping[str, Any], path: Path) -> Any:
 
     from ember.backends.cpu.program import CpuProgram, _OrtRunner
     from ember.driver import CompiledModel
-    from ember.ir import GraphBuilder, TensorType
+    from ember.ir import GraphBuilder, TensorType, sym
 
     b = GraphBuilder(side["name"])
-    vals = [b.add_input(i["name"], TensorType(i["dtype"], tuple(1 for _ in range(i["rank"]))))
-            for i in side["inputs"]]
+    # every dim its own symbol: the stub takes whatever sizes the ORT model takes
+    vals = [b.add_input(i["name"], TensorType(i["dtype"], tuple(
+        sym(f"{i['name']}_{j}") for j in range(i["rank"])))) for i in side["inputs"]]
     b.set_outputs(vals[:1])
     g = b.build()
     from ember.backends.cpu.ort_tuning import disabled_optimizers

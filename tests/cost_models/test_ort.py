@@ -205,3 +205,26 @@ def test_roofline_divides_gemms_by_the_throughput_ort_reached(cpu: DeviceSpec) -
     inside = {**slow, "node_overhead_s": 1.0, "in_graph": True}
     dev2 = replace(dev, measured={**cpu.measured, "ort": inside})
     assert ort.node_roofline_s(lin, dev2, {"batch": 512})[0] == pytest.approx(flops / 1e8)
+
+
+def test_int4_linears_use_the_matmulnbits_grid_of_their_accuracy_level(cpu: DeviceSpec) -> None:
+    """Weight-only int4 and W4A8 run different ORT kernels (MatMulNBits at accuracy level 0 /
+    4): each is divided by its own measured grid, not by the fp32 GEMM's."""
+    from dataclasses import replace
+
+    from ember.ir.opset_quant import quantize_weight_groups
+
+    assert set(cpu.measured["ort"]["nbits"]) == {"0", "4"}
+    b = GraphBuilder()
+    x = b.add_input("x", TensorType("float32", (sym("m"), 128)))
+    q, s = quantize_weight_groups(torch.randn(64, 128), 4, 32)
+    outs = [b.op("linear_woq", [x, b.add_param(f"q{i}", q), b.add_param(f"s{i}", s)],
+                 {"bits": 4, "group_size": 32, **({"act_quant": "block"} if i else {})})
+            for i in range(2)]
+    b.set_outputs(outs)
+    g = b.build()
+    grids = {"0": [[m, 128, 64, 1e8] for m in (1, 256)],
+             "4": [[m, 128, 64, 4e8] for m in (1, 256)]}
+    dev = replace(cpu, measured={**cpu.measured, "ort": {**cpu.measured["ort"], "nbits": grids}})
+    (t0, f0, _), (t4, f4, _) = (ort.node_roofline_s(n, dev, {"m": 1}) for n in g.nodes)
+    assert t0 == pytest.approx(f0 / 1e8) and t4 == pytest.approx(f4 / 4e8)
