@@ -208,20 +208,7 @@ class CompiledModel:
     def _check_sizes(self, tensors: Sequence[torch.Tensor]) -> None:
         """The sizes the program was built for: static dims, and one value per symbol shared
         by inputs (a wrong size otherwise fails deep inside the runtime)."""
-        fixed = getattr(self, "_fixed_dims", None)
-        if fixed is None:  # (input, dim, int or symbol name); expressions are left to bind
-            fixed = [(i, j, d if isinstance(d, int) else str(d))
-                     for i, v in enumerate(self.graph.inputs)
-                     for j, d in enumerate(v.type.shape) if isinstance(d, int) or d.is_Symbol]
-            self._fixed_dims = fixed
-        seen: dict[str, int] = {}
-        for i, j, d in fixed:
-            a = int(tensors[i].shape[j])
-            if (a != d) if isinstance(d, int) else (seen.setdefault(d, a) != a):
-                break
-        else:
-            return
-        try:  # the precise message
+        try:
             bind_symbols([v.type.shape for v in self.graph.inputs],
                          [tuple(t.shape) for t in tensors], self.input_names)
         except ShapeError as e:

@@ -34,7 +34,14 @@ from onnx import TensorProto
 
 from ember.export_onnx import NoMapping, _reduce_node, register_emitter
 from ember.ir import Node
-from ember.ir.opset_quant import TOKEN_MIN_SCALE, TOKEN_QMAX, TOKEN_ZP, U7_QMAX, _sign_matrix
+from ember.ir.opset_quant import (
+    TOKEN_MIN_SCALE,
+    TOKEN_QMAX,
+    TOKEN_ZP,
+    U7_QMAX,
+    _sign_matrix,
+    matmulnbits_level,
+)
 
 MS = "com.microsoft"
 X = Any  # the exporter (`ember.export_onnx._Exporter`)
@@ -177,13 +184,11 @@ def _u7_qparams(x: X, x2: str, ins: list[str], n: Node) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- weight-only
-# MatMulNBits' compute type, from the op's ``act_quant``. Level 0 (fp32 on dequantized blocks)
-# keeps weight-only semantics, and is slow here: a 1 x 576 x 1536 int4 product took 280 us on
-# an AVX2 EPYC vs ~220 us for the fp32 MatMul. Level 4 (activations rounded to int8 per block,
-# MLAS's int8 kernels) took 66 us and matches ``act_quant=block``'s reference to 4e-7.
-NBITS_ACCURACY_LEVEL = {"none": 0, "block": 4}
-
-
+# MatMulNBits' compute type (`matmulnbits_level`), from the op's ``act_quant``. Level 0 (fp32 on
+# dequantized blocks) keeps weight-only semantics, and is slow here: a 1 x 576 x 1536 int4
+# product took 280 us on an AVX2 EPYC vs ~220 us for the fp32 MatMul. Level 4 (activations
+# rounded to int8 per block, MLAS's int8 kernels) took 66 us and matches ``act_quant=block``'s
+# reference to 4e-7.
 @register_emitter("linear_woq")
 def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
     if not (_const_param(x, n, 1) and _const_param(x, n, 2)):
@@ -195,12 +200,13 @@ def _woq(x: X, n: Node, ins: list[str]) -> list[str]:
     nn_ = wq.shape[0]
     k = wq.shape[1] * (2 if bits == 4 else 1)
     bias = _in(ins, 3)
-    if bits == 4 and g >= 16 and g & (g - 1) == 0:
+    level = matmulnbits_level(a)
+    if level is not None:
         # our packing (q + 8, low nibble first along K) is MatMulNBits' [N, K/g, g/2] blob with
         # the default zero point 8
         b = x.one("Reshape", [ins[1], x.const([nn_, k // g, g // 2])])
         y = x.one("MatMulNBits", [ins[0], b, ins[2]], domain=MS, K=k, N=nn_, bits=4,
-                  block_size=g, accuracy_level=NBITS_ACCURACY_LEVEL[act])
+                  block_size=g, accuracy_level=level)
         if bias:
             y = x.one("Add", [y, bias])
         return [_epilogue(x, n, ins, y)]

@@ -37,6 +37,7 @@ from typing import Any
 import sympy
 
 from ember.ir import Graph, Node
+from ember.ir.opset_quant import matmulnbits_level
 from ember.ir.shapes import evaluate
 
 from .analytical import (
@@ -239,17 +240,6 @@ _ORT_CLASS_FLOPS = {"dwconv": "dwconv_flops", "conv": "conv_flops",
 _STREAM_CLASSES = frozenset({"elementwise", "data", "gather", "reduction", "norm", "quant"})
 
 
-def _nbits_level(n: Node) -> int | None:
-    """MatMulNBits' accuracy level for a ``linear_woq`` the ORT export writes as that op (int4,
-    power-of-two groups >= 16: `export_onnx_quant`), else None."""
-    if n.op != "linear_woq" or int(n.attrs.get("bits", 0)) != 4:
-        return None
-    g = int(n.attrs.get("group_size", 0))
-    if g < 16 or g & (g - 1):
-        return None
-    return 4 if n.attrs.get("act_quant", "none") == "block" else 0
-
-
 def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tuple[float, float, float]:
     """(roofline seconds incl. the per-node overhead, flops, bytes) of one node.
 
@@ -270,7 +260,7 @@ def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int]) -> tupl
     in_graph = bool(ortk.get("in_graph"))
     ovh = float(ortk.get("node_overhead_s", device.launch_overhead_s))
     fp32 = ortk and c.compute_dtype == "float32"
-    level = _nbits_level(n)
+    level = matmulnbits_level(n.attrs) if n.op == "linear_woq" else None
     if level is not None and str(level) in (ortk.get("nbits") or {}):
         # int4 weights in ORT's MatMulNBits: its own measured grid (level 4 runs int8 kernels
         # on rounded activations: a decode step 3-4x faster than level 0 on an AVX2 EPYC)

@@ -66,6 +66,7 @@ __all__ = [
     "dequantize_weight_groups",
     "fake_quant_act_blocks",
     "WOQ_ACT_QUANT",
+    "matmulnbits_level",
     "pack_bits",
     "unpack_bits",
     "hlq_levels",
@@ -589,6 +590,17 @@ _reg("qlinear_static", _qlinear_infer("qlinear_static"), _qlinear_static_ref,
 
 # ----------------------------------------------------------------------------- linear_woq
 WOQ_ACT_QUANT = ("none", "block")
+
+
+def matmulnbits_level(attrs: Attrs) -> int | None:
+    """ONNX Runtime MatMulNBits' accuracy level for a ``linear_woq`` with these attrs, or None
+    when the op has no MatMulNBits form (int8, or groups not a power of two >= 16). Level 0:
+    fp32 compute on dequantized blocks (weight-only); level 4: int8 activations per block,
+    exactly ``act_quant="block"``."""
+    g = int(attrs.get("group_size", 0))
+    if int(attrs.get("bits", 0)) != 4 or g < 16 or g & (g - 1):
+        return None
+    return 4 if attrs.get("act_quant", "none") == "block" else 0
 
 
 def _woq_infer(types: Types, attrs: Attrs) -> list[TensorType]:

@@ -95,6 +95,8 @@ def evaluate(d: Dim, env: Mapping[str, int]) -> int:
     """Evaluates a dim at concrete symbol values."""
     if isinstance(d, int):
         return d
+    if d.is_Symbol and d.name in env:  # most dims: no substitution needed
+        return int(env[d.name])
     subs = {sym(s.name): env[s.name] for s in d.free_symbols if s.name in env}
     v = d.subs(subs)
     if not v.is_number:
