@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -125,6 +125,9 @@ class QuantizeConfig:
     # Runtime; elsewhere token when the gate times ONNX Runtime, else tensor
     act_quant: str = "auto"
     act_error_ratio: float = 1.0  # measure: tensor_u8 while its error <= this x token's
+    # measure: a layer whose per-token form is not faster than fp32 tries tensor_u8 while that
+    # error <= this x token's (the alternative is fp32, not the more exact int8 form)
+    act_speed_ratio: float = 2.0
     embeddings: str = "none"  # none | int8: embedding tables as int8 rows + fp32 row scales
     gate_runtime: str = "auto"  # auto | onnxruntime | torch: whose kernels the gate times
     # weight-only group scales: mse = per group the clipped scale with the least squared
@@ -566,6 +569,27 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         if gr is None:
             gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k, act_quant),
                       mode=cfg.gate, min_speedup=cfg.min_speedup)
+        errs = act_errs.get(n.output.name)
+        if not gr.apply and act_quant == "token" and errs is not None and \
+                errs["tensor_u8"] <= cfg.act_speed_ratio * errs["token"]:
+            # the per-token form loses to fp32 here; the fused per-tensor form may not
+            gu = None
+            tag_u8 = tag[: -len("token")] + "tensor_u8"
+            if runtime == "onnxruntime" and cfg.gate == "measure":
+                try:
+                    fp32_f, q_f = ort_factories(spec, nn_, k, "tensor_u8")
+                    gu = gate(m, k, nn_, tag_u8, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
+                              cache_tag="ort", fp32_factory=fp32_f)
+                except (ImportError, CompilerError) as e:
+                    log.info("ORT gate unavailable for %s (%s)", tag_u8, e)
+            if gu is not None and gu.apply:
+                rec["token_gate"] = gr.to_json()
+                gr, act_quant = gu, "tensor_u8"
+                act_for[n.output.name] = act_quant
+                rec["act_quant"] = act_quant
+                gr = replace(gr, reason=f"token: {rec['token_gate']['reason']}; tensor_u8 "
+                             f"(error {errs['tensor_u8']:.4g} vs {errs['token']:.4g}): "
+                             f"{gr.reason}")
         rec["gate"] = gr.to_json()
         if not gr.apply:
             rec.update(decision="fp32", reason=gr.reason)

@@ -525,7 +525,9 @@ def test_compare_in_ort_times_both_graphs() -> None:
 
 
 def test_predicted_slower_is_not_measured() -> None:
-    r = _qkernels.gate(1, 64, 64, "bf16", lambda x: (lambda: None))
+    # weight-only int4 at a decode step's shape: the roofline's clear loss (0.33x)
+    assert _qkernels.predict_speedup(1, 4096, 4096, "w4g32") < _qkernels.MEASURE_ABOVE
+    r = _qkernels.gate(1, 4096, 4096, "w4g32", lambda x: (lambda: None))
     assert not r.apply and r.measured is None and "predicted" in r.reason
 
 
@@ -626,3 +628,44 @@ def test_auto_act_quant_picks_per_layer_by_measured_error(monkeypatch: pytest.Mo
     (got,) = run_graph(out, x)
     rel = (got - want).norm(dim=1) / want.norm(dim=1)
     assert float(rel.max()) < 0.05
+
+
+def test_measure_tries_tensor_u8_where_token_loses_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """act_quant=measure: a layer given per-token scales by error whose per-token form is
+    measured slower than fp32 gets the fused per-tensor u8 form when that one is faster and its
+    error is within ``act_speed_ratio`` x the per-token error; beyond it the layer stays fp32.
+    The layer timings are stubbed (per mode); the choice logic is under test."""
+    import ember.passes.quantize as q
+
+    monkeypatch.setattr(q, "has_int8_dot", lambda: True)
+    monkeypatch.setattr(q, "ort_factories", lambda spec, n, k, act: (None, act))
+    monkeypatch.setattr(q, "compare_in_ort", lambda *a, **k: None)
+
+    def stub_gate(m, k, n, tag, q_f, **kw):  # noqa: ANN001, ANN003, ANN202
+        fast = q_f == "tensor_u8"
+        return _qkernels.GateResult(fast, 1.0, 2.0 if fast else 0.6, 1.0, 0.5,
+                                    "stub: faster" if fast else "stub: slower")
+    monkeypatch.setattr(q, "gate", stub_gate)
+    x = torch.randn(64, 256)
+    from ember.frontends.fx import import_module
+    g = import_module(_mlp(), (x,))
+    for ratio, want in ((1e9, "tensor_u8"), (1e-9, None)):
+        monkeypatch.setattr(q, "act_quant_errors", lambda g, layers, inputs: {
+            n.output.name: {"token": 0.01, "tensor_u8": 0.015} for n, _ in layers})
+        ctx = PassContext(target="cpu")
+        ctx.options["example_inputs"] = [x]
+        out = PassManager(f"quantize{{scheme=w8a8-dynamic,gate_runtime=onnxruntime,"
+                          f"act_speed_ratio={ratio}}}").run(g, ctx)
+        rec = ctx.records["quantize"]
+        if want is None:  # tensor_u8's error is out of bounds: fp32, as the token gate said
+            assert rec["quantized"] == 0
+            assert all(la["decision"] == "fp32" and la["reason"] == "stub: slower"
+                       for la in rec["layers"])
+            continue
+        assert rec["quantized"] == 2, rec["layers"]
+        for la in rec["layers"]:
+            assert la["act_quant"] == "tensor_u8" and la["token_gate"]["reason"] == "stub: slower"
+            assert la["reason"].startswith("token: stub: slower; tensor_u8 (error 0.015")
+        modes = {n.attrs["act_quant"] for n in out.nodes if n.op == "qlinear_dynamic"}
+        assert modes == {"tensor_u8"}
+        assert rec["act_quant"] == "measure: tensor_u8 2, token 0"
