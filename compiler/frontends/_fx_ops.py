@@ -1029,6 +1029,20 @@ def _slice_scatter(imp: Imp, ov: str, x: Any, src: Any, dim: int = 0, start: Any
     return parts[0] if len(parts) == 1 else imp.emit("concat", parts, {"dim": d})
 
 
+@_h("copy")
+def _copy(imp: Imp, ov: str, x: Any, src: Any, non_blocking: bool = False) -> Any:
+    """Functional ``x.copy_(src)`` (in-place writes such as ``t[1:, 1:] = u``): ``src``
+    broadcast to ``x``'s shape, cast to ``x``'s dtype; ``x``'s values are not read."""
+    v, s = imp.val(x), imp.val(src)
+    s = imp.cast(s, v.type.dtype)
+    if s.type.rank < v.type.rank:
+        s = imp.emit("reshape", [s], {"shape": (*([1] * (v.type.rank - s.type.rank)),
+                                                 *s.type.shape)})
+    if not _shape_eq(s.type.shape, v.type.shape):
+        s = imp.emit("expand", [s], {"shape": v.type.shape})
+    return s
+
+
 @_h("select_scatter")
 def _select_scatter(imp: Imp, ov: str, x: Any, src: Any, dim: int, index: int) -> Any:
     v, s = imp.val(x), imp.val(src)
@@ -1071,6 +1085,11 @@ def _const_fill(imp: Imp, ov: str, *args: Any, **kw: Any) -> Any:
     if name in ("ones", "new_ones", "ones_like"):
         value: Any = 1
     elif name in ("full_like", "fill"):
+        if isinstance(args[1], Value):  # fill.Tensor: a 0-d tensor value, broadcast
+            v = imp.cast(imp.val(args[1]), want.dtype)
+            if v.type.rank != len(want.shape):
+                v = imp.emit("reshape", [v], {"shape": (1,) * len(want.shape)})
+            return imp.emit("expand", [v], {"shape": want.shape})
         value = _fill_value(args[1])
     elif name == "scalar_tensor":
         value = _fill_value(args[0])

@@ -175,7 +175,7 @@ def _export(model: nn.Module, args: tuple, names: Sequence[str],
                 out.append(None)
                 continue
             out.append({d % a.dim(): make(s) for d, s in dims.items()})
-        return tuple(out)
+        return _nest_var_positional(model, tuple(out))
 
     named: dict[str, Any] = {}
     try:
@@ -185,6 +185,23 @@ def _export(model: nn.Module, args: tuple, names: Sequence[str],
         log.info("export with named dims failed (%s); retrying with Dim.AUTO", _first_line(e))
     # Dim.AUTO accepts the ranges the model needs; symbols are renamed from the input shapes
     return export(model, args, strict=False, dynamic_shapes=spec(lambda s: Dim.AUTO))
+
+
+def _nest_var_positional(model: nn.Module, spec: tuple) -> tuple:
+    """torch.export matches ``dynamic_shapes`` to the forward's signature: the inputs a
+    ``*args`` parameter takes are one nested tuple there."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return spec
+    n_pos = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            return (*spec[:n_pos], tuple(spec[n_pos:]))
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        n_pos += 1
+    return spec
 
 
 def _first_line(e: BaseException) -> str:
