@@ -981,7 +981,9 @@ def _slice(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
 @_e("select")
 def _select(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
-    return [x.one("Gather", [ins[0], x.const(n.attrs["index"])], axis=n.attrs["dim"])]
+    i = n.attrs["index"]
+    idx = x.const(i) if isinstance(i, int) else x.one("Reshape", [x.dim(i), x.const([])])
+    return [x.one("Gather", [ins[0], idx], axis=n.attrs["dim"])]
 
 
 @_e("concat")
@@ -1044,7 +1046,7 @@ def _tile(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     i = ins[0]
     if len(reps) > r:
         i = x.one("Reshape", [i, x.shape([1] * (len(reps) - r) + list(n.inputs[0].type.shape))])
-    return [x.one("Tile", [i, x.const(reps)])]
+    return [x.one("Tile", [i, x.shape(reps)])]  # repeats may be symbolic (heads x batch)
 
 
 @_e("full")
@@ -1100,6 +1102,52 @@ def _resize(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   nearest_mode=a["nearest_mode"], cubic_coeff_a=float(a["cubic_coeff_a"]),
                   exclude_outside=int(a["exclude_outside"]),
                   extrapolation_value=float(a["extrapolation_value"]), **extra)]
+
+
+@_e("interpolate")
+def _interpolate(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
+    """torch F.interpolate to an output size as ONNX Resize (the coordinate rules torch's own
+    exporter uses: legacy nearest floors asymmetric coordinates, nearest-exact rounds half-pixel
+    ones, linear modes use pytorch_half_pixel or align_corners)."""
+    a = n.attrs
+    mode = a["mode"]
+    if mode == "nearest":
+        kw = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
+                  nearest_mode="floor")
+    elif mode == "nearest-exact":
+        kw = dict(mode="nearest", coordinate_transformation_mode="half_pixel",
+                  nearest_mode="round_prefer_ceil")
+    else:
+        kw = dict(mode="cubic" if mode == "bicubic" else "linear",
+                  coordinate_transformation_mode="align_corners" if a["align_corners"]
+                  else "pytorch_half_pixel")
+        if mode == "bicubic":
+            kw["cubic_coeff_a"] = -0.75
+    return [x.one("Resize", [ins[0], "", "", x.shape(n.outputs[0].type.shape)], **kw)]
+
+
+@_e("roll")
+def _roll(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
+    """torch.roll along each dim: the last ``shift`` elements moved to the front (two Slices
+    and a Concat; the shift is static, the dim size may be symbolic)."""
+    shifts, dims = list(n.attrs["shifts"]), list(n.attrs["dims"])
+    if not dims or len(shifts) != len(dims):
+        raise _NoMapping
+    out = ins[0]
+    shape = n.inputs[0].type.shape
+    r = n.inputs[0].type.rank
+    for sh, d in zip(shifts, dims):
+        d %= r
+        size = shape[d]
+        if isinstance(size, int):
+            sh %= max(size, 1)
+        if sh == 0:
+            continue
+        ax = x.const([d])
+        tail = x.one("Slice", [out, x.const([-sh]), x.const([2**63 - 1]), ax])
+        head = x.one("Slice", [out, x.const([0]), x.const([-sh]), ax])
+        out = x.one("Concat", [tail, head], axis=d)
+    return [out if out != ins[0] else x.one("Identity", [out])]
 
 
 # emitters for the approximate passes' ops live in their own modules and register here
