@@ -90,3 +90,37 @@ def test_interpolate_exports_as_resize(mode: str, align: bool | None, tmp_path: 
     m = _export_matches(Up(), (torch.randn(2, 3, 4, 5),), {"x": {0: "batch"}}, ["x"],
                         (torch.randn(3, 3, 4, 5),), tmp_path)
     assert "Resize" in {n.op_type for n in m.graph.node}
+
+
+class _PosTable(nn.Module):
+    """BERT-style position ids: a static buffer sliced to the symbolic sequence length (the
+    legacy torch.onnx exporter emits Shape -> Gather (0-d) -> Cast -> Unsqueeze -> Slice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pos", torch.arange(64, dtype=torch.float32)[None] / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(1)
+        return x * self.pos[:, :n] + self.pos[:, 2:n + 2]
+
+
+def test_import_torch_onnx_symbolic_slice_bounds(tmp_path: Path) -> None:
+    import warnings
+
+    from ember.frontends.onnx import import_onnx
+
+    m, x = _PosTable(), torch.randn(2, 8)
+    path = tmp_path / "pos.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    # was AttributeError "'Symbol' object has no attribute 'astype'" (a 0-d symbolic Cast),
+    # then "ends is symbolic (seq) where a constant is needed"
+    g = import_onnx(path)
+    assert [str(d) for d in g.inputs[0].type.shape] == ["batch", "seq"]
+    for t in (x, torch.randn(3, 5)):
+        with torch.no_grad():
+            np.testing.assert_allclose(run_graph(g, t)[0].numpy(), m(t).numpy(), rtol=1e-6,
+                                       atol=1e-6)

@@ -575,8 +575,17 @@ def _sym_binary(op: str, a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray
             return (sympy.Max if op == "Max" else sympy.Min)(x, y)
         return _sym_cmp(x, y, {"Equal": "eq", "Less": "lt", "LessOrEqual": "le",
                                 "Greater": "gt", "GreaterOrEqual": "ge"}[op])
-    return np.frompyfunc(f, 2, 1)(a, b).astype(object).reshape(np.broadcast_shapes(a.shape,
-                                                                                   b.shape))
+    return _map_objects(f, a, b)
+
+
+def _map_objects(fn: Any, *arrs: np.ndarray) -> np.ndarray:
+    """``fn`` elementwise over (broadcast) object arrays, always an object ndarray: numpy's
+    ufuncs return a bare Python/sympy scalar for 0-d inputs (a shape scalar such as
+    ``Cast(Gather(Shape(x), 1))``)."""
+    res = np.frompyfunc(fn, len(arrs), 1)(*arrs)
+    out = np.empty(np.broadcast_shapes(*(np.shape(a) for a in arrs)), dtype=object)
+    out[...] = res
+    return out
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -597,9 +606,9 @@ def _unary(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
     if isinstance(x, SymArray) and node.op_type in ("Neg", "Abs", "Floor", "Ceil", "Sqrt"):
         fn = {"Neg": lambda e: -e, "Abs": abs, "Floor": sympy.floor, "Ceil": sympy.ceiling,
               "Sqrt": sympy.sqrt}[node.op_type]
-        return [cx.from_known(np.frompyfunc(lambda e: fn(_py(e)), 1, 1)(x.arr), x.dtype)]
+        return [cx.from_known(_map_objects(lambda e: fn(_py(e)), x.arr), x.dtype)]
     if node.op_type == "Not" and isinstance(x, SymArray):
-        return [cx.from_known(np.frompyfunc(lambda e: not e, 1, 1)(x.arr), "bool")]
+        return [cx.from_known(_map_objects(lambda e: not e, x.arr), "bool")]
     return [cx.op(_UNARY[node.op_type], [x])]
 
 
@@ -699,7 +708,7 @@ def _cast(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
             fn = (lambda e: e) if dt.startswith("float") or dt == "bfloat16" else (
                 lambda e: sympy.floor(e) if isinstance(e, sympy.Basic) and not e.is_integer
                 else e)
-            return [SymArray(np.frompyfunc(fn, 1, 1)(x.arr).astype(object), dt)]
+            return [SymArray(_map_objects(fn, x.arr), dt)]
     if cx.dtype(x) == dt:
         return [x]
     return [cx.op("cast", [x], dtype=dt)]
@@ -1435,8 +1444,8 @@ def _split_by(cx: _Importer, x: Item, axis: int, sizes: Sequence) -> list:
     return outs
 
 
-def _slice_params(cx: _Importer, n: Any, start: int, end: int, step: int) -> tuple:
-    if isinstance(n, int):
+def _slice_params(cx: _Importer, n: Any, start: Any, end: Any, step: int) -> tuple:
+    if isinstance(n, int) and isinstance(start, int) and isinstance(end, int):
         if step > 0:
             s = min(max(start + n if start < 0 else start, 0), n)
             e = min(max(end + n if end < 0 else end, 0), n)
@@ -1445,10 +1454,23 @@ def _slice_params(cx: _Importer, n: Any, start: int, end: int, step: int) -> tup
             e = min(max(end + n if end < 0 else end, -1), n - 1)
         return s, e
     if step < 0:
-        raise _Unsupported("Slice with a negative step on a symbolic dim")
-    s = start if start >= 0 else _py(n + start)
-    e = BIG if end >= BIG // 2 else (end if end >= 0 else _py(n + end))
-    return s, e
+        raise _Unsupported("Slice with a negative step on a symbolic dim or bound")
+
+    def bound(v: Any, is_end: bool) -> Any:
+        if isinstance(v, int):
+            if is_end and v >= BIG // 2:
+                return BIG
+            if v >= 0:
+                return min(v, n) if isinstance(n, int) else v
+            return max(v + n, 0) if isinstance(n, int) else _py(n + v)
+        # a symbolic bound (x[:, :seq] on a static table): torch.export-style in-range use
+        if v.is_negative:
+            return _py(n + v)
+        if v.is_nonnegative:
+            return v
+        raise _Unsupported(f"Slice bound {v} of unknown sign")
+
+    return bound(start, False), bound(end, True)
 
 
 @_handles("Slice")
@@ -1460,7 +1482,7 @@ def _slice(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
         axes = list(at.get("axes", range(len(starts))))
         steps = [1] * len(starts)
     else:
-        starts, ends = cx.ints(ins[1], "starts"), cx.ints(ins[2], "ends")
+        starts, ends = cx.dims(ins[1], "starts"), cx.dims(ins[2], "ends")
         axes_in, steps_in = cx.opt_input(ins, 3), cx.opt_input(ins, 4)
         axes = cx.ints(axes_in, "axes") if axes_in is not None else list(range(len(starts)))
         steps = cx.ints(steps_in, "steps") if steps_in is not None else [1] * len(starts)
@@ -1472,6 +1494,8 @@ def _slice(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
         n = cx.shape(x)[ax] if not isinstance(x, SymArray) else x.arr.shape[ax]
         s, e = _slice_params(cx, n, st, en, sp)
         if isinstance(x, SymArray):
+            if not (isinstance(s, int) and isinstance(e, int)):
+                raise _Unsupported("Slice of an import-time array at a symbolic bound")
             idx = [slice(None)] * x.arr.ndim
             idx[ax] = slice(s, e if e >= 0 else None, sp)
             x = SymArray(x.arr[tuple(idx)], x.dtype)
