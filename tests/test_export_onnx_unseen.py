@@ -124,3 +124,32 @@ def test_import_torch_onnx_symbolic_slice_bounds(tmp_path: Path) -> None:
         with torch.no_grad():
             np.testing.assert_allclose(run_graph(g, t)[0].numpy(), m(t).numpy(), rtol=1e-6,
                                        atol=1e-6)
+
+
+class _TileResize(nn.Module):
+    """ALiBi-style ``repeat(batch, 1, 1)`` and an interpolate to a fixed size under a symbolic
+    batch: torch.onnx computes Tile's repeats and Resize's sizes from Shape(x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slopes = torch.arange(1, 4, dtype=torch.float32)[None, :, None, None]
+        y = x + slopes.repeat(x.shape[0], 1, 1, 1)
+        return nn.functional.interpolate(y, size=(6, 10), mode="bilinear", align_corners=False)
+
+
+def test_import_torch_onnx_symbolic_tile_and_resize_sizes(tmp_path: Path) -> None:
+    import warnings
+
+    from ember.frontends.onnx import import_onnx
+
+    m, x = _TileResize(), torch.randn(2, 3, 4, 5)
+    path = tmp_path / "tr.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    # was "repeats / sizes is symbolic (batch) where a constant is needed" (BLOOM, SegFormer)
+    g = import_onnx(path)
+    for t in (x, torch.randn(3, 3, 4, 5)):
+        with torch.no_grad():
+            np.testing.assert_allclose(run_graph(g, t)[0].numpy(), m(t).numpy(), rtol=1e-5,
+                                       atol=1e-5)

@@ -1586,8 +1586,10 @@ def _expand(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
 
 @_handles("Tile")
 def _tile(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
-    reps = cx.ints(ins[1], "repeats")
+    reps = cx.dims(ins[1], "repeats")  # may be symbolic: x.repeat(batch, 1, 1)
     if isinstance(ins[0], SymArray):
+        if not all(isinstance(r, int) for r in reps):
+            raise _Unsupported("Tile of an import-time array by symbolic repeats")
         return [cx.from_known(np.tile(ins[0].arr, reps), ins[0].dtype)]
     return [cx.op("tile", [ins[0]], repeats=tuple(reps))]
 
@@ -1682,7 +1684,8 @@ def _resize(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
         if scales is not None and not scales:
             scales = None
     axes = [cx.norm_axis(a, r) for a in at.get("axes", range(r))]
-    sizes = cx.ints(sizes_in, "sizes") if sizes_in is not None else None
+    # sizes may be symbolic (Concat(Shape(x)[:2], [h, w]) keeps a symbolic batch)
+    sizes = cx.dims(sizes_in, "sizes") if sizes_in is not None else None
     if sizes is not None and not sizes:
         sizes = None
     roi = None
@@ -1700,7 +1703,8 @@ def _resize(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
             out[a] = sizes[i]
         policy = at.get("keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
-            if not all(isinstance(shape[a], int) for a in axes):
+            if not all(isinstance(shape[a], int) and isinstance(sizes[i], int)
+                       for i, a in enumerate(axes)):
                 raise _Unsupported("keep_aspect_ratio_policy on symbolic dims")
             ratios = [sizes[i] / shape[a] for i, a in enumerate(axes)]
             s = min(ratios) if policy == "not_larger" else max(ratios)
