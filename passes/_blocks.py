@@ -10,7 +10,9 @@ skip, is an ancestor of the other, the branch, and the branch path holds a matmu
     %o  = add(%m, mlp_branch(%m))   MLP residual: branch holds linears, no attention
     %y  = %o | norm(%o)             block output (= next block's input)
 
-Consecutive (attention, MLP) residual pairs are blocks. The token axis is axis 1 of the stream.
+Consecutive (attention, MLP) residual pairs are blocks; so is one residual whose branch
+adds an attention path and an attention-free matmul path that both start at the skip
+(a parallel block: ``%y = add(%x, add(attn(%x), mlp(%x)))``). The token axis is axis 1 of the stream.
 Positions read by a ``select``/``slice`` on the token axis after the last block (a CLS pooler,
 a classifier head) are reported as protected. When no block is found the report says why.
 
@@ -58,6 +60,9 @@ class Block:
         nodes: indices of the graph nodes inside the block (both branches and residuals).
         tokens: token count of ``mid`` (after a reduction an earlier pass put there).
         reduced: ``mid`` is the output of a token reduction already in the graph.
+        parallel: a parallel block (GPT-J/NeoX/Falcon: ``x + attn(ln1(x)) + mlp(ln2(x))``,
+            one residual node): ``mid`` is ``input`` and both residual names are ``output``;
+            there is no point between attention and MLP.
     """
 
     index: int
@@ -77,6 +82,7 @@ class Block:
     nodes: frozenset[int]
     tokens: Dim | None = None
     reduced: bool = False
+    parallel: bool = False
 
 
 @dataclass
@@ -214,6 +220,34 @@ def _residual_nodes(ix: _Index) -> list[tuple[int, str, str, str]]:
     return out
 
 
+def _parallel_attention_side(ix: _Index, skip: str, branch: str) -> str | None:
+    """For a parallel block's residual branch ``attn(skip) + mlp(skip)`` (an ``add``, or a
+    ``fused_linear`` whose fused residual is the attention output), the attention operand;
+    None unless one side holds the attention and the other an attention-free matmul path,
+    both reading ``skip``."""
+    n = ix.node(branch)
+    if n is None:
+        return None
+    if n.op == "add" and len(n.inputs) == 2 and all(v is not None for v in n.inputs):
+        sides = [(v.name, set()) for v in n.inputs]  # type: ignore[union-attr]
+    elif (n.op in _RESIDUAL_FUSED and n.attrs.get("residual", "none") != "none"
+          and len(n.inputs) > 3 and n.inputs[3] is not None and n.inputs[0] is not None):
+        # the fused node itself is the MLP side's last matmul
+        sides = [(n.inputs[0].name, {ix.prod[branch]}), (n.inputs[3].name, set())]
+    else:
+        return None
+    paths = []
+    for name, extra in sides:
+        p = ix.between(skip, name)
+        if p is None:
+            return None
+        paths.append((name, p | extra))
+    att = [name for name, p in paths if _attention_in(ix, p) is not None]
+    mlp = [p for name, p in paths if _attention_in(ix, p) is None
+           and any(ix.g.nodes[j].op in MATMUL_OPS for j in p)]
+    return att[0] if len(att) == 1 and len(mlp) == 1 else None
+
+
 def _attention_in(ix: _Index, nodes: Iterable[int]) -> tuple[int, bool] | None:
     """The attention node among ``nodes``: an `attention` op, or a softmax over 4-d scores."""
     for j in sorted(nodes):
@@ -312,6 +346,20 @@ def find_blocks(g: Graph) -> BlockReport:
             k += 1
             continue
         if k + 1 >= len(kinds) or kinds[k + 1][4] is not None:
+            par = _parallel_attention_side(ix, skip, branch)
+            if par is not None:
+                j, fused = att
+                an = g.nodes[j]
+                blocks.append(Block(
+                    index=len(blocks), input=skip, mid=skip, output=a_out,
+                    attn_residual=a_out, mlp_residual=a_out, attn_branch=par,
+                    attention=an.output.name, fused_attention=fused, q=None, k=None,
+                    mask=None, scale=None, causal=_is_causal(ix, an, an.inputs[3] if fused
+                                                             and len(an.inputs) > 3 else None),
+                    nodes=frozenset(path | {i}), tokens=g.values()[skip].type.shape[1],
+                    parallel=True))
+                k += 1
+                continue
             skipped.append(f"attention residual %{a_out} is not followed by an MLP residual")
             k += 1
             continue
@@ -352,7 +400,7 @@ def find_blocks(g: Graph) -> BlockReport:
         return rep
     # block outputs: the next block's input; post-norm models normalize the last one too
     mid0 = ix.node(_unreduced(ix, blocks[0].mid))
-    post = mid0 is not None and mid0.op in NORM_OPS
+    post = mid0 is not None and mid0.op in NORM_OPS and not blocks[0].parallel
     out_blocks = []
     for b, nxt in zip(blocks, blocks[1:] + [None]):
         out = nxt.input if nxt is not None else (_follow_norm(ix, b.output) if post else b.output)

@@ -136,6 +136,10 @@ def merge_tokens(g: Graph, cfg: MergeTokensConfig, ctx: PassContext) -> Graph:
         ctx.record("merge_tokens", applied=False, reason="causal attention: merging would mix "
                    "future tokens into past ones")
         return g
+    if any(b.parallel for b in rep.blocks):
+        ctx.record("merge_tokens", applied=False, reason="parallel attention + MLP blocks: no "
+                   "point between attention and MLP to merge tokens at")
+        return g
     rs = merge_schedule(cfg, rep)
     plan = {i: r for i, r in enumerate(rs) if not (isinstance(r, int) and r == 0)}
     if not plan:

@@ -146,6 +146,10 @@ def prune_tokens(g: Graph, cfg: PruneTokensConfig, ctx: PassContext) -> Graph:
         ctx.record("prune_tokens", applied=False, reason="causal attention: pruning a prefix "
                    "token changes every later position")
         return g
+    if any(b.parallel for b in rep.blocks):
+        ctx.record("prune_tokens", applied=False, reason="parallel attention + MLP blocks: no "
+                   "point between attention and MLP to prune tokens at")
+        return g
     plan = prune_plan(cfg, rep)
     if not plan:
         ctx.record("prune_tokens", applied=False, reason="keep >= all tokens at every block")
