@@ -277,6 +277,13 @@ def _scores_matmul(ix: _Index, softmax: Node) -> Node | None:
     return None
 
 
+def _attention_causal(ix: _Index, att: tuple[int, bool]) -> bool:
+    """`_is_causal` of the attention found by `_attention_in` (as blocks compute it)."""
+    j, fused = att
+    an = ix.g.nodes[j]
+    return _is_causal(ix, an, an.inputs[3] if fused and len(an.inputs) > 3 else None)
+
+
 def _is_causal(ix: _Index, attn: Node, mask: Value | None) -> bool:
     if attn.attrs.get("is_causal"):
         return True
@@ -339,6 +346,9 @@ def find_blocks(g: Graph) -> BlockReport:
     blocks: list[Block] = []
     k = 0
     skipped: list[str] = []
+    # a causal attention outside every block (a decoder's self-attention before its cross
+    # attention + MLP pair) still makes the stream causal for the token passes
+    skipped_causal = False
     while k < len(kinds):
         i, skip, branch, path, att, a_out = kinds[k]
         if att is None:
@@ -361,13 +371,15 @@ def find_blocks(g: Graph) -> BlockReport:
                 k += 1
                 continue
             skipped.append(f"attention residual %{a_out} is not followed by an MLP residual")
+            skipped_causal |= _attention_causal(ix, att)
             k += 1
             continue
         i2, skip2, branch2, path2, _, m_out = kinds[k + 1]
         if skip2 not in (a_out, _follow_norm(ix, a_out), _reduced(ix, a_out),
                          _reduced(ix, _follow_norm(ix, a_out))):
             skipped.append(f"MLP residual %{m_out} does not read the attention residual "
-                           f"%{a_out} (parallel blocks are not supported)")
+                           f"%{a_out}")
+            skipped_causal |= _attention_causal(ix, att)
             k += 1
             continue
         j, fused = att
@@ -410,7 +422,7 @@ def find_blocks(g: Graph) -> BlockReport:
     vals = g.values()
     st = vals[out_blocks[0].input].type
     rep.tokens, rep.hidden = st.shape[1], st.shape[2]
-    rep.causal = any(b.causal for b in out_blocks)
+    rep.causal = any(b.causal for b in out_blocks) or skipped_causal
     rep.protect, rep.reads_all_tokens, why = _readers(g, ix, out_blocks[-1].output)
     rep.reasons.extend(skipped)
     rep.reasons.extend(why)

@@ -121,3 +121,23 @@ def test_skip_layers_on_parallel_hf_decoders(name: str) -> None:
     assert ctx.records["skip_layers"]["applied"]
     out = run_graph(g2, *z.example_inputs)[0]
     assert out.shape == (2, 8, 100) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["merge_tokens{r=2}",
+                                      "prune_tokens{method=attention,keep=0.5}"])
+def test_token_passes_on_encoder_decoder_bart(pipeline: str) -> None:
+    # BART's decoder layer is self-attention (causal), cross-attention, MLP: find_blocks pairs
+    # the cross-attention with the MLP and used to drop the causal self-attention from the
+    # report, so the token passes shortened the decoder stream under a causal mask and the
+    # rewritten graph failed at run time ("size of tensor a (8) must match ... (4)")
+    z = unseen_models.UNSEEN["bart"]()
+    g = fx.import_module(z.model, z.example_inputs, z.dynamic_dims, z.input_names)
+    g = PassManager("O2").run(g, PassContext())
+    assert find_blocks(g).causal
+    ctx = PassContext()
+    g2 = PassManager(pipeline).run(g, ctx)
+    rec = ctx.records[pipeline.split("{")[0]]
+    assert rec["applied"] is False and "causal" in rec["reason"]
+    out = run_graph(g2, *z.example_inputs)[0]
+    assert out.shape == (2, 8, 32)
