@@ -904,8 +904,9 @@ class _Rebuild:
                 return set(t0)
             if isinstance(e, int) and 0 <= st and e <= self.protect:
                 return {a for a in t0 if a != d}
+            end = "" if isinstance(e, int) and e >= 2**40 else e  # [1:] not [1:2**62]
             raise TokenRewriteError(f"slice %{n.outputs[0].name} reads token range "
-                                    f"[{st}:{e}], which is not protected")
+                                    f"[{st}:{end}], which is not protected")
         if op == "concat":
             d = attrs["dim"] % R
             out = set()
