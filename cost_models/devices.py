@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 #    depthwise / dense conv, attention, per-node and per-call overhead) for the ORT program
 # 4: ORT kernels timed inside graphs (GEMM pairs, Add chains), medians not bests; grids for
 #    dense and depthwise convs; a memory-bound table (bytes -> s per node) with per-op factors
-SPEC_VERSION = 5
+# 5: int4 MatMulNBits grids at accuracy levels 0 and 4; the fp32 GEMM grid gains M = 1
+# 6: a second fp32 GEMM grid with weights that are not in cache ("gemm_cold", read for a
+#    weight bigger than the L3)
+SPEC_VERSION = 6
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -264,6 +267,10 @@ _ORT_GEMM_M = (1, 16, 64, 256, 1024, 4096)  # 1: a decode step's products
 _ORT_GEMM_KN = ((64, 64), (128, 512), (384, 384), (384, 1536), (768, 768), (768, 3072),
                 (3072, 768))
 _ORT_GEMM_M_QUICK = (64, 1024)
+# the cold grid: M where a product reads its weights from DRAM for longer than it computes
+_ORT_GEMM_COLD_M = (1, 16, 64, 256, 1024)
+_ORT_GEMM_COLD_M_QUICK = (16, 256)
+_COLD_MAX_GEMMS = 128
 _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
 # int4 MatMulNBits (group 32) at accuracy level 0 (fp32 compute on dequantized blocks) and 4
 # (int8 activations, MLAS's int8 kernels): decode steps to prefill, small LMs' projections
@@ -284,7 +291,8 @@ _ORT_CONV_QUICK = ((64, 64, 56, 3), (144, 32, 28, 1))
 _ORT_DWCONV_QUICK = ((144, 56),)
 
 
-def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any] | None:
+def _measure_ort_kernels(threads: int, quick: bool, reps: int,
+                         l3_bytes: int = 32 * 2**20) -> dict[str, Any] | None:
     """ONNX Runtime's own kernels, the ones the CPU backend's ORT program runs, at several
     shapes: the cost model's per-op efficiency for that runtime (`ember.cost_models.ort`).
 
@@ -335,6 +343,21 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int) -> dict[str, Any]
             sess = graph_session(nodes, {"x": rnd(m, k)}, threads, inits)
             t = max(typical(sess, {"x": rnd(m, k)}) - call, 1e-7) / 4
             out["gemm"].append([m, k, n, round(2.0 * m * k * n / t)])
+        # the same products in a chain whose weights are twice the L3 (at most 128 GEMMs),
+        # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
+        # above (AVX-512 EPYC). Read for a weight bigger than the L3 (GPT-2's 154 MB LM head:
+        # its blocks' GEMMs ran at the cached rates in ORT's profile, the head did not)
+        pairs = max(2, min(_COLD_MAX_GEMMS // 2, -(-2 * l3_bytes // (2 * 4 * k * n))))
+        if 2 * pairs * 4 * k * n >= 1.5 * l3_bytes:
+            cold = {f"w{i}": rnd(k, n) if i % 2 == 0 else rnd(n, k) for i in range(2 * pairs)}
+            chain = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
+                                      ["y" if i == 2 * pairs - 1 else f"h{i}"])
+                     for i in range(2 * pairs)]
+            for m in (_ORT_GEMM_COLD_M_QUICK if quick else _ORT_GEMM_COLD_M):
+                sess = graph_session(chain, {"x": rnd(m, k)}, threads, cold)
+                t = max(typical(sess, {"x": rnd(m, k)}) - call, 1e-7) / (2 * pairs)
+                out.setdefault("gemm_cold", []).append([m, k, n, round(2.0 * m * k * n / t)])
+            del cold, sess
     for c, hw in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
         sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], group=c,
                                                pads=[1, 1, 1, 1])],
@@ -521,7 +544,8 @@ def _measure(quick: bool) -> DeviceSpec:
         if ort_peak:
             raw["float32_gemm_ort_gflops"] = ort_peak / 1e9
             peaks["float32"] = max(peaks["float32"], ort_peak)
-        ort_k = _measure_ort_kernels(torch.get_num_threads(), quick, reps)
+        ort_k = _measure_ort_kernels(torch.get_num_threads(), quick, reps,
+                                     _cache_sizes()[2] or 32 * 2**20)
         if ort_k is not None:
             raw["ort"] = ort_k
         # STREAM-like bandwidth: copy (2 x bytes) and add (3 x bytes) on arrays >> L3

@@ -207,6 +207,36 @@ def test_roofline_divides_gemms_by_the_throughput_ort_reached(cpu: DeviceSpec) -
     assert ort.node_roofline_s(lin, dev2, {"batch": 512})[0] == pytest.approx(flops / 1e8)
 
 
+def test_weights_bigger_than_the_l3_read_the_cold_gemm_grid(cpu: DeviceSpec) -> None:
+    """A weight bigger than the L3 (an LM head) comes from DRAM on every call: its GEMM is
+    divided by the grid timed with such weights (``gemm_cold``) up to that grid's largest M;
+    weights that fit keep the cached grid, and so do larger M."""
+    from dataclasses import replace
+
+    g = _mlp()
+    hot = [[m, 64, 128, 4e9] for m in (16, 4096)]
+    cold = [[m, 64, 128, 1e9] for m in (16, 256)]
+    fake = {**cpu.measured["ort"], "gemm": hot, "gemm_cold": cold, "node_overhead_s": 0.0}
+    base = replace(cpu, measured={**cpu.measured, "ort": fake}, mem_bw=1e15)
+    lin = [n for n in g.nodes if n.op in ("linear", "fused_linear")]
+
+    def gemm_s(l3: int, batch: int) -> float:
+        est = ort.estimate_graph_ort(g, replace(base, l3_bytes=l3), {"batch": batch},
+                                     model=False)
+        return sum(est.node_us[g.nodes.index(n)] for n in lin) * 1e-6
+
+    flops = sum(ort.node_roofline_s(n, base, {"batch": 64})[1] for n in lin)
+    assert min(t.numel() * 4 for t in g.weights.values() if t.dim() == 2) > 1000
+    assert gemm_s(1000, 64) == pytest.approx(flops / 1e9, rel=1e-6)          # cold
+    assert gemm_s(10**9, 64) == pytest.approx(flops / 4e9, rel=1e-6)         # fits: cached
+    big = sum(ort.node_roofline_s(n, base, {"batch": 1024})[1] for n in lin)
+    assert gemm_s(1000, 1024) == pytest.approx(big / 4e9, rel=1e-6)          # past the grid
+    # the measured spec has the cold grid where the L3 can be exceeded by a chain
+    if cpu.l3_bytes:
+        rows = cpu.measured["ort"].get("gemm_cold") or []
+        assert rows and all(r[3] > 0 for r in rows)
+
+
 def test_int4_linears_use_the_matmulnbits_grid_of_their_accuracy_level(cpu: DeviceSpec) -> None:
     """Weight-only int4 and W4A8 run different ORT kernels (MatMulNBits at accuracy level 0 /
     4): each is divided by its own measured grid, not by the fp32 GEMM's."""
