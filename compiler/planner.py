@@ -240,7 +240,7 @@ def default_space(g: Graph, target: str = "cpu", has_calib: bool = True) -> dict
     sp += ["sparsify{pattern=2:4}", "sparsify{pattern=unstructured,ratio=0.9}"]
     space["sparsify"] = sp
     rep = find_blocks(g)
-    if rep.ok and not rep.causal and rep.blocks and not any(b.parallel for b in rep.blocks):
+    if rep.ok and not rep.causal and not rep.parallel:
         nb = len(rep.blocks)
         space["merge_tokens"] = [f"merge_tokens{{ratio={f}}}" for f in (0.1, 0.2, 0.3)] + \
             [f"merge_tokens{{ratio={f},schedule=decreasing}}" for f in (0.25,)]

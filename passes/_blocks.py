@@ -103,6 +103,11 @@ class BlockReport:
     def ok(self) -> bool:
         return bool(self.blocks)
 
+    @property
+    def parallel(self) -> bool:
+        """Some block is a parallel one: no point between attention and MLP to reduce at."""
+        return any(b.parallel for b in self.blocks)
+
     def explain(self) -> str:
         if self.ok:
             kind = "post-norm" if self.post_norm else "pre-norm"
@@ -364,8 +369,7 @@ def find_blocks(g: Graph) -> BlockReport:
                     index=len(blocks), input=skip, mid=skip, output=a_out,
                     attn_residual=a_out, mlp_residual=a_out, attn_branch=par,
                     attention=an.output.name, fused_attention=fused, q=None, k=None,
-                    mask=None, scale=None, causal=_is_causal(ix, an, an.inputs[3] if fused
-                                                             and len(an.inputs) > 3 else None),
+                    mask=None, scale=None, causal=_attention_causal(ix, att),
                     nodes=frozenset(path | {i}), tokens=g.values()[skip].type.shape[1],
                     parallel=True))
                 k += 1

@@ -38,7 +38,7 @@ __all__ = ["compare_in_ort"]
 log = logging.getLogger(__name__)
 
 
-def _session(g: Graph, path: Path, opts: dict[str, Any], spinning: bool = True) -> Any:
+def _session(g: Graph, path: Path, opts: dict[str, Any]) -> Any:
     from ember.export_onnx import export_onnx
     from ember.ort_session import open_session, session_options
 
@@ -47,19 +47,18 @@ def _session(g: Graph, path: Path, opts: dict[str, Any], spinning: bool = True) 
                       masked_mha=bool(opts.get("masked_mha", True)))
     if rep.custom:
         raise ValueError(f"no ONNX form for {sorted(rep.custom)}")
-    return open_session(path, session_options(torch.get_num_threads(), spinning=spinning),
+    return open_session(path, session_options(torch.get_num_threads()),
                         opts.get("disabled_optimizers", ()))
 
 
 def compare_in_ort(before: Graph, after: Graph, inputs: Sequence[torch.Tensor],
                    opts: dict[str, Any] | None = None, rounds: int = 15,
-                   budget_s: float = 6.0, settle_s: float = 0.02, spinning: bool = True,
-                   stat: str = "min") -> dict[str, Any] | None:
+                   budget_s: float = 6.0, settle_s: float = 0.02) -> dict[str, Any] | None:
     """``{"before_ms", "after_ms", "speedup"}`` of the two graphs in ONNX Runtime on
     ``inputs``, or None when either has no ONNX form or ONNX Runtime is missing."""
     try:
         with tempfile.TemporaryDirectory() as d:
-            sess = {k: _session(g, Path(d) / f"{k}.onnx", opts or {}, spinning)
+            sess = {k: _session(g, Path(d) / f"{k}.onnx", opts or {})
                     for k, g in (("before", before), ("after", after))}
     except (ImportError, ValueError) as e:
         log.info("whole-model check skipped: %s", e)
@@ -82,8 +81,7 @@ def compare_in_ort(before: Graph, after: Graph, inputs: Sequence[torch.Tensor],
             t1 = time.perf_counter()
             sess[k].run(None, feeds[k])
             ms[k].append((time.perf_counter() - t1) * 1e3)
-    f = min if stat == "min" else statistics.median
-    b, a = f(ms["before"]), f(ms["after"])
+    b, a = min(ms["before"]), min(ms["after"])
     return {"before_ms": round(b, 4), "after_ms": round(a, 4), "speedup": round(b / a, 4),
-            "rounds": rounds, "stat": stat,
+            "rounds": rounds, "stat": "min",
             "median_ms": [round(statistics.median(ms[k]), 4) for k in ("before", "after")]}

@@ -136,7 +136,7 @@ def merge_tokens(g: Graph, cfg: MergeTokensConfig, ctx: PassContext) -> Graph:
         ctx.record("merge_tokens", applied=False, reason="causal attention: merging would mix "
                    "future tokens into past ones")
         return g
-    if any(b.parallel for b in rep.blocks):
+    if rep.parallel:
         ctx.record("merge_tokens", applied=False, reason="parallel attention + MLP blocks: no "
                    "point between attention and MLP to merge tokens at")
         return g

@@ -146,7 +146,7 @@ def prune_tokens(g: Graph, cfg: PruneTokensConfig, ctx: PassContext) -> Graph:
         ctx.record("prune_tokens", applied=False, reason="causal attention: pruning a prefix "
                    "token changes every later position")
         return g
-    if any(b.parallel for b in rep.blocks):
+    if rep.parallel:
         ctx.record("prune_tokens", applied=False, reason="parallel attention + MLP blocks: no "
                    "point between attention and MLP to prune tokens at")
         return g

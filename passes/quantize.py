@@ -541,6 +541,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         for name, e in act_errs.items():
             act_for[name] = "tensor_u8" if \
                 e["tensor_u8"] <= cfg.act_error_ratio * e["token"] else "token"
+    base_tag = cfg.scheme + ("+outliers" if spec.outliers else "")  # the gate cache's key
     for n, w in cands:
         nn_, k = w.shape
         x = n.inputs[0]
@@ -553,37 +554,36 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
             rec.update(decision="fp32", reason=why)
             layers.append(rec)
             continue
-        tag = cfg.scheme + ("+outliers" if spec.outliers else "")
         act_quant = act_for.get(n.output.name, default_act)
         if spec.kind == "dynamic":
-            tag += f"+{act_quant}"
             rec["act_quant"] = act_quant
             if n.output.name in act_errs:
                 rec["act_error"] = {k: round(v, 6) for k, v in act_errs[n.output.name].items()}
-        gr = None
-        if runtime == "onnxruntime" and cfg.gate == "measure":
+
+        def ort_gate(act: str, m: int = m, k: int = k, nn_: int = nn_) -> GateResult | None:
+            """The layer's gate timed in ONNX Runtime with activations ``act`` (None when
+            the gate does not time ORT or ORT cannot build the layer)."""
+            if runtime != "onnxruntime" or cfg.gate != "measure":
+                return None
+            tag = base_tag + (f"+{act}" if spec.kind == "dynamic" else "")
             try:
-                fp32_f, q_f = ort_factories(spec, nn_, k, act_quant)
-                gr = gate(m, k, nn_, tag, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
-                          cache_tag="ort", fp32_factory=fp32_f)
+                fp32_f, q_f = ort_factories(spec, nn_, k, act)
+                return gate(m, k, nn_, tag, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
+                            cache_tag="ort", fp32_factory=fp32_f)
             except (ImportError, CompilerError) as e:
-                log.info("ORT gate unavailable for %s (%s): timing torch kernels", tag, e)
+                log.info("ORT gate unavailable for %s (%s)", tag, e)
+                return None
+
+        gr = ort_gate(act_quant)
         if gr is None:
+            tag = base_tag + (f"+{act_quant}" if spec.kind == "dynamic" else "")
             gr = gate(m, k, nn_, tag, kernel_factory(spec, nn_, k, act_quant),
                       mode=cfg.gate, min_speedup=cfg.min_speedup)
         errs = act_errs.get(n.output.name)
         if not gr.apply and act_quant == "token" and errs is not None and \
                 errs["tensor_u8"] <= cfg.act_speed_ratio * errs["token"]:
             # the per-token form loses to fp32 here; the fused per-tensor form may not
-            gu = None
-            tag_u8 = tag[: -len("token")] + "tensor_u8"
-            if runtime == "onnxruntime" and cfg.gate == "measure":
-                try:
-                    fp32_f, q_f = ort_factories(spec, nn_, k, "tensor_u8")
-                    gu = gate(m, k, nn_, tag_u8, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
-                              cache_tag="ort", fp32_factory=fp32_f)
-                except (ImportError, CompilerError) as e:
-                    log.info("ORT gate unavailable for %s (%s)", tag_u8, e)
+            gu = ort_gate("tensor_u8")
             if gu is not None and gu.apply:
                 rec["token_gate"] = gr.to_json()
                 gr, act_quant = gu, "tensor_u8"
