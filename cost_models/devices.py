@@ -292,7 +292,7 @@ _ORT_DWCONV_QUICK = ((144, 56),)
 
 
 def _measure_ort_kernels(threads: int, quick: bool, reps: int,
-                         l3_bytes: int = 32 * 2**20) -> dict[str, Any] | None:
+                         l3_bytes: int = 0) -> dict[str, Any] | None:
     """ONNX Runtime's own kernels, the ones the CPU backend's ORT program runs, at several
     shapes: the cost model's per-op efficiency for that runtime (`ember.cost_models.ort`).
 
@@ -314,6 +314,7 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
     except ImportError:
         return None
     rng = np.random.default_rng(0)
+    l3_bytes = l3_bytes or 32 * 2**20  # unknown cache size: a typical server L3
 
     def rnd(*shape: int) -> Any:
         return rng.standard_normal(shape).astype(np.float32)
@@ -544,8 +545,7 @@ def _measure(quick: bool) -> DeviceSpec:
         if ort_peak:
             raw["float32_gemm_ort_gflops"] = ort_peak / 1e9
             peaks["float32"] = max(peaks["float32"], ort_peak)
-        ort_k = _measure_ort_kernels(torch.get_num_threads(), quick, reps,
-                                     _cache_sizes()[2] or 32 * 2**20)
+        ort_k = _measure_ort_kernels(torch.get_num_threads(), quick, reps, _cache_sizes()[2])
         if ort_k is not None:
             raw["ort"] = ort_k
         # STREAM-like bandwidth: copy (2 x bytes) and add (3 x bytes) on arrays >> L3
