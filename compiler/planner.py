@@ -251,6 +251,12 @@ def default_space(g: Graph, target: str = "cpu", has_calib: bool = True) -> dict
         if nb > 1 and has_calib:
             space["skip_layers"] = [f"skip_layers{{num_layers={k}}}"
                                     for k in range(1, max(2, nb // 2 + 1))]
+            # runs of blocks replaced by linear maps fit on the calibration data; a few
+            # run lengths up to half the blocks (each setting tries every run position)
+            space["skip_layers"] += [f"skip_layers{{num_layers={k},bridge={b}}}"
+                                     for b in ("token", "mean")
+                                     for k in sorted({1, max(1, nb // 4), max(1, nb // 3),
+                                                      max(1, nb // 2)})]
     return space
 
 

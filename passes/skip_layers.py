@@ -8,6 +8,20 @@ Blocks are found by `find_blocks` (graph patterns only).
 
   The removed blocks are those that change their input least on the calibration inputs
   (``ctx.calib``): highest mean per-token cosine(block input, block output).
+- ``static`` with ``bridge=token|mean`` (calibrated linear bridge, in the spirit of
+  ReplaceMe, Shopkhoev et al. 2025: training-free, fit on calibration data)::
+
+      %y = block_j(...block_i(%x))   ->   %y = linear(%x, W, b)
+
+  A run of consecutive blocks is replaced by one linear map fit by least squares on the
+  calibration inputs, its target the original model's own states (no labels). ``token`` fits
+  every token's state; ``mean`` fits the per-sequence means over the token axis (what a
+  mean-pooled encoder's output reads; a linear map commutes with the mean), pulled towards
+  the per-token fit by ``ridge``. Padding tokens (keys masked for every query) are left out
+  of both fits. With ``num_layers=k`` the run of ``k`` blocks whose bridged graph keeps the
+  calibration output closest (cosine, over token means in ``mean`` mode) is chosen. Choices
+  are made out of sample: alternate calibration batches form two folds, each scored with
+  maps fit on the other; the shipped maps are fit on all of them.
 - ``early_exit`` (classifiers)::
 
       %logits = head(%y_last)   ->   %e_i = head(%y_i) for each exit block i (head cloned)
@@ -35,13 +49,13 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols
+from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, to_torch_dtype
 from ember.passmanager import PassContext, register_pass
 
 from ._blocks import BlockReport, evaluate_values, find_blocks, graph_flops
 from ._rewrite import eliminate_dead
 
-__all__ = ["SkipLayersConfig", "skip_layers", "block_cosines", "remove_blocks"]
+__all__ = ["SkipLayersConfig", "skip_layers", "block_cosines", "remove_blocks", "bridge_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +68,11 @@ class SkipLayersConfig:
     layers: static: explicit blocks to remove / early_exit: exit blocks, "|"-separated.
     threshold: early_exit: softmax confidence to exit; halting: relative change to halt.
     start: halting: first block after which tokens may halt.
+    bridge: static: "none" (a removed block's output reads its input), "token" or "mean"
+        (each run of removed blocks becomes a linear map fit on the calibration inputs).
+    ridge: bridge=mean: strength of the pull towards the per-token fit, relative to the
+        mean of the fit's Gram diagonal (the sequence means are few: 1 per calibration row);
+        0 chooses it from ``RIDGES`` by the held-out error of a two-fold split.
     """
 
     method: str = "static"
@@ -61,10 +80,18 @@ class SkipLayersConfig:
     layers: str = ""
     threshold: float = 0.9
     start: int = 1
+    bridge: str = "none"
+    ridge: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in ("static", "early_exit", "halting"):
             raise ValueError(f"method must be static|early_exit|halting, got {self.method!r}")
+        if self.bridge not in ("none", "token", "mean"):
+            raise ValueError(f"bridge must be none|token|mean, got {self.bridge!r}")
+        if self.bridge != "none" and self.method != "static":
+            raise ValueError("bridge= applies to method=static only")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
 
 def _indices(text: str, n: int) -> list[int]:
@@ -118,6 +145,8 @@ def _calib_env(g: Graph, calib: list[tuple[Any, ...]] | None) -> dict[str, int]:
 
 
 def _static(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext) -> Graph:
+    if cfg.bridge != "none":
+        return _static_bridged(g, rep, cfg, ctx)
     n = len(rep.blocks)
     if str(cfg.layers).strip():
         drop, cos = _indices(cfg.layers, n), None
@@ -139,6 +168,209 @@ def _static(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext)
         info["flops_before"], info["flops_after"] = f0, f1
     ctx.record("skip_layers", **info)
     log.info("skip_layers: removed blocks %s", drop)
+    return out
+
+
+# ----------------------------------------------------------------------------- linear bridges
+def _runs(drop: list[int]) -> list[tuple[int, int]]:
+    """Consecutive block indices grouped into (first, last) runs."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(drop):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def _valid_tokens(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """[B, N] weights, 0 at padding: keys the attention mask hides from every query (a bool
+    mask's False, an additive mask's large negative); all ones without a usable mask."""
+    b, n = x.shape[0], x.shape[1]
+    ones = torch.ones(b, n, dtype=torch.float64)
+    if mask is None or mask.dim() < 2 or mask.shape[-1] != n:
+        return ones
+    seen = mask if mask.dtype == torch.bool else mask > -1e4
+    if seen.dim() > 2:
+        seen = seen.flatten(1, -2).any(1)
+    if seen.shape[0] not in (1, b):
+        return ones
+    return seen.expand(b, n).to(torch.float64)
+
+
+def _with_one(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+
+
+class _BridgeStats:
+    """Least-squares statistics of one run (input -> output states) over calibration batches:
+    per token (valid tokens only) and per sequence mean over the token axis. Sums of
+    ``x^T x``, ``x^T y`` and ``y^T y`` (inputs with a column of ones for the bias)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Any]] = {}
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
+        x1, y = _with_one(x.double()), y.double()
+        xt, yt, wt = x1.flatten(0, -2), y.flatten(0, -2), w.reshape(-1, 1)
+        den = w.sum(1).clamp_min(1)[:, None]
+        xm, ym = (x1 * w[..., None]).sum(1) / den, (y * w[..., None]).sum(1) / den
+        new = {"token": [xt.T @ (xt * wt), xt.T @ (yt * wt), float((yt * yt * wt).sum())],
+               "mean": [xm.T @ xm, xm.T @ ym, float((ym * ym).sum())]}
+        for k, v in new.items():
+            old = self.parts.get(k)
+            self.parts[k] = v if old is None else [a + b for a, b in zip(old, v)]
+
+    def __add__(self, other: _BridgeStats) -> _BridgeStats:
+        out = _BridgeStats()
+        out.parts = {k: [a + b for a, b in zip(v, other.parts[k])] for k, v in self.parts.items()}
+        return out
+
+    def solve(self, mode: str, ridge: float) -> torch.Tensor:
+        """The [D+1, D] map (last row: bias). ``mean``: the sequence-mean fit pulled towards
+        the per-token fit by ``ridge`` x the mean Gram diagonal."""
+        xx, xy, _ = self.parts["token"]
+        eye = torch.eye(xx.shape[0], dtype=torch.float64)
+        jitter = 1e-6 * float(xx.diagonal().mean()) + 1e-12
+        w_tok = torch.linalg.solve(xx + jitter * eye, xy)
+        if mode == "token":
+            return w_tok
+        xx, xy, _ = self.parts["mean"]
+        s = ridge * float(xx.diagonal().mean()) + jitter
+        return torch.linalg.solve(xx + s * eye, xy + s * w_tok)
+
+    def residual(self, mode: str, w: torch.Tensor) -> float:
+        """Relative squared error of map ``w`` on these statistics (in its mode)."""
+        xx, xy, yy = self.parts[mode]
+        err = yy - 2 * float((w * xy).sum()) + float((w * (xx @ w)).sum())
+        return max(err, 0.0) / max(yy, 1e-30)
+
+
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def bridge_blocks(g: Graph, rep: BlockReport, runs: list[tuple[int, int]],
+                  maps: list[torch.Tensor]) -> Graph:
+    """``g`` with each run (first, last) of blocks replaced by ``linear(run input)`` with the
+    [D+1, D] map (last row the bias) of the same position in ``maps``."""
+    at = {rep.blocks[b].output: (rep.blocks[a].input, m) for (a, b), m in zip(runs, maps)}
+    vals = g.values()
+
+    def fn(n: Node, b: GraphBuilder) -> list[Value | None] | None:
+        hit = at.get(n.outputs[0].name)
+        if hit is None:
+            return None
+        src, m = hit
+        out = n.outputs[0]
+        dt = to_torch_dtype(out.type.dtype)
+        w = b.add_param("bridge_w", m[:-1].T.contiguous().to(dt))
+        bias = b.add_param("bridge_b", m[-1].contiguous().to(dt))
+        y = b.op("linear", [vals[src], w, bias], name="bridge")
+        b.nodes.append(n)  # its other outputs (if any) keep their producer; DCE drops it
+        return [y, *([None] * (len(n.outputs) - 1))]
+
+    from ember.ir import rewrite
+
+    return eliminate_dead(rewrite(g, fn))
+
+
+def _output_fidelity(out: torch.Tensor, ref: torch.Tensor, w: torch.Tensor | None,
+                     mode: str) -> float:
+    """Mean per-sample cosine of output 0 against the original (over token means in mean
+    mode when the output keeps the token axis)."""
+    o, r = out.double(), ref.double()
+    if mode == "mean" and w is not None and o.dim() >= 3 and o.shape[:2] == w.shape:
+        ww = w.view(*w.shape, *([1] * (o.dim() - 2)))
+        o, r = (o * ww).sum(1), (r * ww).sum(1)
+    return float(torch.nn.functional.cosine_similarity(o.flatten(1), r.flatten(1), dim=-1)
+                 .mean())
+
+
+def _static_bridged(g: Graph, rep: BlockReport, cfg: SkipLayersConfig,
+                    ctx: PassContext) -> Graph:
+    n = len(rep.blocks)
+    explicit = bool(str(cfg.layers).strip())
+    if not explicit and cfg.num_layers <= 0:
+        ctx.record("skip_layers", applied=False, reason="num_layers = 0")
+        return g
+    if not ctx.calib:
+        raise ValueError(f"skip_layers{{bridge={cfg.bridge}}} fits its linear maps on "
+                         "calibration inputs (ctx.calib)")
+    if any(b.reduced or b.tokens != rep.tokens for b in rep.blocks):
+        ctx.record("skip_layers", applied=False, reason="a token reduction sits between "
+                   "blocks: a bridge needs the run's input and output on the same tokens")
+        return g
+    if explicit:
+        cands = [_runs(_indices(cfg.layers, n))]
+    else:
+        k = min(cfg.num_layers, n)
+        cands = [[(i, i + k - 1)] for i in range(n - k + 1)]
+    all_runs = sorted({r for c in cands for r in c})
+    names = {rep.blocks[a].input for a, _ in all_runs} | \
+        {rep.blocks[b].output for _, b in all_runs}
+    mask_name = rep.blocks[0].mask
+    out0 = g.outputs[0].name
+    # two folds (alternate calibration batches): ridge and run are chosen out of sample
+    nf = 2 if len(ctx.calib) >= 2 else 1
+    stats = {r: [_BridgeStats() for _ in range(nf)] for r in all_runs}
+    refs: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
+    for j, inputs in enumerate(ctx.calib):
+        want = names | {out0} | ({mask_name} if mask_name else set())
+        v = evaluate_values(g, inputs, want)
+        w = _valid_tokens(v.get(mask_name) if mask_name else None,
+                          v[rep.blocks[all_runs[0][0]].input])
+        for a, b in all_runs:
+            stats[(a, b)][j % nf].add(v[rep.blocks[a].input], v[rep.blocks[b].output], w)
+        refs.append(v[out0])
+        weights.append(w)
+
+    def fit(r: tuple[int, int], ridge: float, fold: int | None) -> torch.Tensor:
+        parts = [s_ for f, s_ in enumerate(stats[r]) if f != fold or nf == 1]
+        return sum(parts[1:], parts[0]).solve(cfg.bridge, ridge)
+
+    ridge: dict[tuple[int, int], float] = {}
+    for r in all_runs:
+        if cfg.bridge == "token" or cfg.ridge > 0 or nf == 1:
+            ridge[r] = cfg.ridge if cfg.ridge > 0 else 0.1
+            continue
+        held = {lam: sum(stats[r][f].residual("mean", fit(r, lam, f)) for f in range(nf))
+                for lam in RIDGES}
+        ridge[r] = min(held, key=lambda lam: held[lam])
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, list[tuple[int, int]]] | None = None
+    for runs in cands if len(cands) > 1 else []:
+        fid = 0.0
+        for f in range(nf):  # bridges fit without fold f, scored on fold f
+            g2 = bridge_blocks(g, rep, runs, [fit(r, ridge[r], f if nf > 1 else None)
+                                              for r in runs])
+            o2 = g2.outputs[0].name
+            for j, (inputs, ref, w) in enumerate(zip(ctx.calib, refs, weights)):
+                if j % nf == f:
+                    fid += _output_fidelity(evaluate_values(g2, inputs, [o2])[o2], ref, w,
+                                            cfg.bridge) / len(refs)
+        tried.append({"blocks": [i for a, b in runs for i in range(a, b + 1)],
+                      "fidelity": round(fid, 5)})
+        if best is None or fid > best[0]:
+            best = (fid, runs)
+    runs = best[1] if best is not None else cands[0]
+    maps = [fit(r, ridge[r], None) for r in runs]
+    out = bridge_blocks(g, rep, runs, maps)
+    drop = [i for a, b in runs for i in range(a, b + 1)]
+    info: dict[str, Any] = {"applied": True, "method": "static", "bridge": cfg.bridge,
+                            "removed": drop,
+                            "fit_residual": [round(sum(st.residual(cfg.bridge, m)
+                                                       for st in stats[r]) / nf, 5)
+                                             for r, m in zip(runs, maps)]}
+    if cfg.bridge == "mean":
+        info["ridge"] = [ridge[r] for r in runs]
+    if tried:
+        info["candidates"] = tried
+    env = _calib_env(g, ctx.calib)
+    if env:
+        info["flops_before"], info["flops_after"] = graph_flops(g, env), graph_flops(out, env)
+    ctx.record("skip_layers", **info)
+    log.info("skip_layers: blocks %s replaced by linear bridges (%s)", drop, cfg.bridge)
     return out
 
 

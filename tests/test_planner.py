@@ -313,3 +313,16 @@ def test_cli_max_drop(digits: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: 
     text = capsys.readouterr().out
     assert rc == 0 and "planner:" in text and "held-out accuracy drop" in text
     assert main(["compile", str(pt2), "--max-drop", "1%", "-q"]) == 1  # needs --calib
+
+
+def test_bridged_layer_skipping_is_searched(digits: tuple) -> None:
+    _, x, y, g = digits
+    space = planner.default_space(g, "cpu")["skip_layers"]
+    assert "skip_layers{num_layers=1,bridge=token}" in space
+    assert "skip_layers{num_layers=2,bridge=mean}" in space
+    steps = ["skip_layers{num_layers=1}", "skip_layers{num_layers=1,bridge=token}"]
+    p = _plan(g, x, y, 0.0, space={"skip_layers": steps}, measure_latency=False)
+    drops = {r.steps[0]: r.drop for r in p.records if r.stage == "sweep" and r.drop is not None}
+    assert set(drops) == set(steps), p.summary()
+    # the linear map fit on the calibration batches costs less accuracy than the bypass
+    assert drops[steps[1]] < 0.5 * drops[steps[0]], drops  # measured here: 0.125 vs 0.766

@@ -108,3 +108,174 @@ def test_halt_update_reference() -> None:
     new2 = new * 3
     out2, _ = get_op("halt_update").reference([prev, new2, h], {"threshold": 0.1})
     torch.testing.assert_close(out2[0, 1:], prev[0, 1:])
+
+
+# ----------------------------------------------------------------------------- linear bridges
+def _inputs(z: zoo.ZooModel, seed: int, **dims: int) -> tuple[torch.Tensor, ...]:
+    """Fresh inputs like ``z.make_inputs`` but from ``seed`` (calibration vs held-out)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name, x in zip(z.input_names, z.example_inputs):
+        shape = list(x.shape)
+        for d, s in z.dynamic_dims.get(name, {}).items():
+            shape[d] = dims.get(s, shape[d])
+        if x.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen))
+        elif name == "attention_mask":
+            out.append(torch.ones(shape, dtype=x.dtype))
+        else:
+            out.append(torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype))
+    return tuple(out)
+
+
+def _calib(z: zoo.ZooModel, n: int = 6) -> list[tuple[torch.Tensor, ...]]:
+    dims = {"batch": 4} if z.name == "vit" else {"batch": 4, "seq": 16}
+    return [_inputs(z, 100 + i, **dims) for i in range(n)]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).mean())
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "llama"])
+def test_bridge_identity_map_is_the_bypass(name: str) -> None:
+    from ember.passes.skip_layers import bridge_blocks
+
+    z, g = _graph(name)
+    rep = find_blocks(g)
+    d = int(rep.hidden)
+    eye = torch.cat([torch.eye(d), torch.zeros(1, d)]).double()
+    g_b = bridge_blocks(g, rep, [(0, 0)], [eye])
+    verify(g_b)
+    assert sum(n.op == "attention" for n in g_b.nodes) == len(rep.blocks) - 1
+    x = z.example_inputs
+    for a, b in zip(run_graph(g_b, *x), run_graph(remove_blocks(g, rep, [0]), *x)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "llama"])
+@pytest.mark.parametrize("bridge", ["token", "mean"])
+def test_bridge_keeps_outputs_closer_than_bypass(name: str, bridge: str) -> None:
+    z, g = _graph(name)
+    ctx = PassContext(calib=_calib(z))
+    g_b = PassManager(f"skip_layers{{layers=0,bridge={bridge}}}", verify_each=True).run(g, ctx)
+    rec = ctx.records["skip_layers"]
+    assert rec["applied"] and rec["removed"] == [0] and rec["bridge"] == bridge
+    assert rec["flops_after"] < rec["flops_before"]
+    g_skip = PassManager("skip_layers{layers=0}").run(g, PassContext())
+    held = _inputs(z, 7, batch=3) if name == "vit" else _inputs(z, 7, batch=3, seq=16)
+    want = run_graph(g, *held)[0]
+    got, bypass = run_graph(g_b, *held)[0], run_graph(g_skip, *held)[0]
+    assert got.shape == want.shape
+    assert 1 - _cos(got, want) < 0.9 * (1 - _cos(bypass, want))
+
+
+def test_bridge_reproduces_an_affine_block_exactly() -> None:
+    # a pre-norm block whose attention and MLP output projections are zero adds two constant
+    # biases to its input: an affine map the least-squares bridge must recover on new inputs
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32,
+                    num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                    num_labels=10)
+    m = ViTForImageClassification(cfg).eval()
+    layer = m.vit.layers[1]
+    with torch.no_grad():
+        for lin in (layer.attention.o_proj, layer.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    g = PassManager("O2").run(fx.import_module(m, (x,), dynamic_dims={"x": {0: "batch"}},
+                                               input_names=["x"]))
+    calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)),)
+             for i in range(4)]
+    ctx = PassContext(calib=calib)
+    g_b = PassManager("skip_layers{num_layers=1,bridge=token}").run(g, ctx)
+    assert ctx.records["skip_layers"]["removed"] == [1]
+    assert ctx.records["skip_layers"]["fit_residual"][0] < 1e-9
+    held = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(99))
+    torch.testing.assert_close(run_graph(g_b, held)[0], run_graph(g, held)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bridge_leaves_padding_out_of_the_fit() -> None:
+    # padded positions' states depend on their (masked) token ids; the valid tokens' states
+    # do not: calibration batches that differ only in padded ids must give the same bridge
+    z, g = _graph("bert")
+    maps = []
+    for fill in (3, 77):
+        calib = []
+        for i in range(4):
+            ids, mask = _inputs(z, 200 + i, batch=4, seq=16)
+            mask = mask.clone()
+            mask[:, 11:] = 0
+            ids = ids.clone()
+            ids[:, 11:] = fill
+            calib.append((ids, mask))
+        g_b = PassManager("skip_layers{layers=0,bridge=mean}").run(g, PassContext(calib=calib))
+        maps.append({k: v for k, v in g_b.weights.items() if k.startswith("bridge")})
+    assert maps[0].keys() == maps[1].keys() and maps[0]
+    for k in maps[0]:
+        torch.testing.assert_close(maps[0][k], maps[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_valid_tokens_reads_bool_and_additive_masks() -> None:
+    from ember.passes.skip_layers import _valid_tokens
+
+    x = torch.zeros(2, 4, 8)
+    b = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    b[1, ..., 2:] = False
+    assert _valid_tokens(b, x).tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    add = torch.zeros(2, 1, 1, 4)
+    add[0, ..., 3] = torch.finfo(torch.float32).min
+    assert _valid_tokens(add, x).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    causal = torch.full((4, 4), float("-inf")).triu(1)[None, None]  # every key seen once
+    assert _valid_tokens(causal, x).tolist() == [[1] * 4] * 2
+    assert _valid_tokens(None, x).tolist() == [[1] * 4] * 2
+
+
+def test_bridge_mean_ridge_is_chosen_and_pulls_towards_the_token_fit() -> None:
+    from ember.passes.skip_layers import RIDGES
+
+    z, g = _graph("bert")
+    calib = _calib(z)
+    ctx = PassContext(calib=calib)
+    PassManager("skip_layers{layers=1,bridge=mean}").run(g, ctx)
+    assert ctx.records["skip_layers"]["ridge"][0] in RIDGES
+    w = {}
+    for spec in ("bridge=token", "bridge=mean,ridge=1000000"):
+        g_b = PassManager(f"skip_layers{{layers=1,{spec}}}").run(g, PassContext(calib=calib))
+        w[spec] = [v for k, v in sorted(g_b.weights.items()) if k.startswith("bridge")]
+    for a, b in zip(*w.values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_bridge_errors_and_refusals() -> None:
+    z, g = _graph("bert")
+    with pytest.raises(Exception, match="calibration"):
+        PassManager("skip_layers{num_layers=1,bridge=token}").run(g, PassContext())
+    with pytest.raises(Exception, match="method=static"):
+        PassManager("skip_layers{method=halting,bridge=token}").run(g, PassContext())
+    with pytest.raises(Exception, match="bridge must be"):
+        PassManager("skip_layers{num_layers=1,bridge=cubic}").run(g, PassContext())
+    ctx = PassContext(calib=_calib(z, 2))
+    merged = PassManager("merge_tokens{r=2}").run(g, PassContext())
+    assert PassManager("skip_layers{num_layers=1,bridge=token}").run(merged, ctx) is merged
+    assert "token reduction" in ctx.records["skip_layers"]["reason"]
+
+
+def test_bridge_on_a_torch_onnx_export(tmp_path) -> None:  # noqa: ANN001
+    onnx_frontend = pytest.importorskip("ember.frontends.onnx")
+    z = zoo.get("vit")
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(z.model, z.example_inputs, str(path), input_names=z.input_names,
+                      dynamic_axes={"pixel_values": {0: "batch"}}, dynamo=False,
+                      opset_version=17)
+    g = PassManager("O2").run(onnx_frontend.import_onnx(str(path)))
+    ctx = PassContext(calib=_calib(z))
+    g_b = PassManager("skip_layers{num_layers=1,bridge=token}", verify_each=True).run(g, ctx)
+    assert ctx.records["skip_layers"]["applied"]
+    assert sum(n.op == "attention" for n in g_b.nodes) == len(find_blocks(g).blocks) - 1
+    held = _inputs(z, 7, batch=3)
+    assert _cos(run_graph(g_b, *held)[0], run_graph(g, *held)[0]) > 0.9
