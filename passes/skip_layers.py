@@ -21,7 +21,8 @@ Blocks are found by `find_blocks` (graph patterns only).
   of both fits. With ``num_layers=k`` the run of ``k`` blocks whose bridged graph keeps the
   calibration output closest (cosine, over token means in ``mean`` mode) is chosen. Choices
   are made out of sample: alternate calibration batches form two folds, each scored with
-  maps fit on the other; the shipped maps are fit on all of them.
+  maps fit on the other (runs are scored on the first ``SCORED_BATCHES`` batches); the
+  shipped maps are fit on all of them.
 - ``early_exit`` (classifiers)::
 
       %logits = head(%y_last)   ->   %e_i = head(%y_i) for each exit block i (head cloned)
@@ -247,6 +248,7 @@ class _BridgeStats:
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+SCORED_BATCHES = 16  # calibration batches that score the candidate runs (fits use all)
 
 
 def bridge_blocks(g: Graph, rep: BlockReport, runs: list[tuple[int, int]],
@@ -322,8 +324,9 @@ def _static_bridged(g: Graph, rep: BlockReport, cfg: SkipLayersConfig,
                           v[rep.blocks[all_runs[0][0]].input])
         for a, b in all_runs:
             stats[(a, b)][j % nf].add(v[rep.blocks[a].input], v[rep.blocks[b].output], w)
-        refs.append(v[out0])
-        weights.append(w)
+        if j < SCORED_BATCHES:
+            refs.append(v[out0])
+            weights.append(w)
 
     def fit(r: tuple[int, int], ridge: float, fold: int | None) -> torch.Tensor:
         parts = [s_ for f, s_ in enumerate(stats[r]) if f != fold or nf == 1]
@@ -339,16 +342,17 @@ def _static_bridged(g: Graph, rep: BlockReport, cfg: SkipLayersConfig,
         ridge[r] = min(held, key=lambda lam: held[lam])
     tried: list[dict[str, Any]] = []
     best: tuple[float, list[tuple[int, int]]] | None = None
+    scored = range(min(len(ctx.calib), SCORED_BATCHES))  # the fits use every batch
     for runs in cands if len(cands) > 1 else []:
         fid = 0.0
         for f in range(nf):  # bridges fit without fold f, scored on fold f
             g2 = bridge_blocks(g, rep, runs, [fit(r, ridge[r], f if nf > 1 else None)
                                               for r in runs])
             o2 = g2.outputs[0].name
-            for j, (inputs, ref, w) in enumerate(zip(ctx.calib, refs, weights)):
+            for j in scored:
                 if j % nf == f:
-                    fid += _output_fidelity(evaluate_values(g2, inputs, [o2])[o2], ref, w,
-                                            cfg.bridge) / len(refs)
+                    fid += _output_fidelity(evaluate_values(g2, ctx.calib[j], [o2])[o2],
+                                            refs[j], weights[j], cfg.bridge) / len(scored)
         tried.append({"blocks": [i for a, b in runs for i in range(a, b + 1)],
                       "fidelity": round(fid, 5)})
         if best is None or fid > best[0]:
