@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, to_torch_dtype
+from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, rewrite, to_torch_dtype
 from ember.passmanager import PassContext, register_pass
 
 from ._blocks import BlockReport, evaluate_values, find_blocks, graph_flops
@@ -271,8 +271,6 @@ def bridge_blocks(g: Graph, rep: BlockReport, runs: list[tuple[int, int]],
         b.nodes.append(n)  # its other outputs (if any) keep their producer; DCE drops it
         return [y, *([None] * (len(n.outputs) - 1))]
 
-    from ember.ir import rewrite
-
     return eliminate_dead(rewrite(g, fn))
 
 
@@ -332,10 +330,10 @@ def _static_bridged(g: Graph, rep: BlockReport, cfg: SkipLayersConfig,
         parts = [s_ for f, s_ in enumerate(stats[r]) if f != fold or nf == 1]
         return sum(parts[1:], parts[0]).solve(cfg.bridge, ridge)
 
-    ridge: dict[tuple[int, int], float] = {}
+    ridge: dict[tuple[int, int], float] = {}  # read by bridge=mean only
     for r in all_runs:
-        if cfg.bridge == "token" or cfg.ridge > 0 or nf == 1:
-            ridge[r] = cfg.ridge if cfg.ridge > 0 else 0.1
+        if cfg.ridge > 0 or cfg.bridge == "token" or nf == 1:
+            ridge[r] = cfg.ridge or 0.1
             continue
         held = {lam: sum(stats[r][f].residual("mean", fit(r, lam, f)) for f in range(nf))
                 for lam in RIDGES}
@@ -466,8 +464,6 @@ def _early_exit(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassCont
 
 
 def _halting(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext) -> Graph:
-    from ember.ir import rewrite
-
     first = rep.blocks[0].input
     vals = g.values()
     st = vals[first].type
