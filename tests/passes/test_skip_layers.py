@@ -111,26 +111,9 @@ def test_halt_update_reference() -> None:
 
 
 # ----------------------------------------------------------------------------- linear bridges
-def _inputs(z: zoo.ZooModel, seed: int, **dims: int) -> tuple[torch.Tensor, ...]:
-    """Fresh inputs like ``z.make_inputs`` but from ``seed`` (calibration vs held-out)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for name, x in zip(z.input_names, z.example_inputs):
-        shape = list(x.shape)
-        for d, s in z.dynamic_dims.get(name, {}).items():
-            shape[d] = dims.get(s, shape[d])
-        if x.dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen))
-        elif name == "attention_mask":
-            out.append(torch.ones(shape, dtype=x.dtype))
-        else:
-            out.append(torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype))
-    return tuple(out)
-
-
 def _calib(z: zoo.ZooModel, n: int = 6) -> list[tuple[torch.Tensor, ...]]:
     dims = {"batch": 4} if z.name == "vit" else {"batch": 4, "seq": 16}
-    return [_inputs(z, 100 + i, **dims) for i in range(n)]
+    return [z.make_inputs(100 + i, **dims) for i in range(n)]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,7 +146,7 @@ def test_bridge_keeps_outputs_closer_than_bypass(name: str, bridge: str) -> None
     assert rec["applied"] and rec["removed"] == [0] and rec["bridge"] == bridge
     assert rec["flops_after"] < rec["flops_before"]
     g_skip = PassManager("skip_layers{layers=0}").run(g, PassContext())
-    held = _inputs(z, 7, batch=3) if name == "vit" else _inputs(z, 7, batch=3, seq=16)
+    held = z.make_inputs(7, batch=3) if name == "vit" else z.make_inputs(7, batch=3, seq=16)
     want = run_graph(g, *held)[0]
     got, bypass = run_graph(g_b, *held)[0], run_graph(g_skip, *held)[0]
     assert got.shape == want.shape
@@ -207,7 +190,7 @@ def test_bridge_leaves_padding_out_of_the_fit() -> None:
     for fill in (3, 77):
         calib = []
         for i in range(4):
-            ids, mask = _inputs(z, 200 + i, batch=4, seq=16)
+            ids, mask = z.make_inputs(200 + i, batch=4, seq=16)
             mask = mask.clone()
             mask[:, 11:] = 0
             ids = ids.clone()
@@ -277,5 +260,5 @@ def test_bridge_on_a_torch_onnx_export(tmp_path) -> None:  # noqa: ANN001
     g_b = PassManager("skip_layers{num_layers=1,bridge=token}", verify_each=True).run(g, ctx)
     assert ctx.records["skip_layers"]["applied"]
     assert sum(n.op == "attention" for n in g_b.nodes) == len(find_blocks(g).blocks) - 1
-    held = _inputs(z, 7, batch=3)
+    held = z.make_inputs(7, batch=3)
     assert _cos(run_graph(g_b, *held)[0], run_graph(g, *held)[0]) > 0.9
