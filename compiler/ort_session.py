@@ -42,14 +42,18 @@ def open_session(model: str | Path | bytes, options: Any, disabled: Sequence[str
 
 
 def graph_session(nodes: Sequence[Any], inputs: dict[str, Any], threads: int,
-                  inits: dict[str, Any] | None = None, disabled: Sequence[str] = ()) -> Any:
+                  inits: dict[str, Any] | None = None, disabled: Sequence[str] = (),
+                  dynamic_rows: bool = False) -> Any:
     """A session on a one-off graph of ONNX ``nodes`` (default and ``com.microsoft`` domains)
     reading ``inputs`` (name -> example array, for dtype and shape) and the constant arrays
-    ``inits``, writing one float output ``y``: the form micro-benchmarks time kernels in."""
+    ``inits``, writing one float output ``y``: the form micro-benchmarks time kernels in.
+    ``dynamic_rows``: every input's first dim is the symbol ``rows`` (any size is fed)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    vi = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype),
-                                        list(v.shape)) for k, v in inputs.items()]
+    vi = [helper.make_tensor_value_info(
+        k, helper.np_dtype_to_tensor_dtype(v.dtype),
+        (["rows"] + list(v.shape[1:])) if dynamic_rows and v.ndim else list(v.shape))
+        for k, v in inputs.items()]
     g = helper.make_graph(list(nodes), "k", vi,
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])

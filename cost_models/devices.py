@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 # 5: int4 MatMulNBits grids at accuracy levels 0 and 4; the fp32 GEMM grid gains M = 1
 # 6: a second fp32 GEMM grid with weights that are not in cache ("gemm_cold", read for a
 #    weight bigger than the L3)
-SPEC_VERSION = 6
+# 7: GEMM and conv grids timed in interleaved passes (each point the median over passes), the
+#    GEMM rows a symbolic dim as in a model's program
+SPEC_VERSION = 7
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -271,6 +273,8 @@ _ORT_GEMM_M_QUICK = (64, 1024)
 _ORT_GEMM_COLD_M = (1, 16, 64, 256, 1024)
 _ORT_GEMM_COLD_M_QUICK = (16, 256)
 _COLD_MAX_GEMMS = 128
+# the GEMM and conv grids are timed in this many interleaved passes, each point the median
+_GRID_PASSES = 3
 _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
 # int4 MatMulNBits (group 32) at accuracy level 0 (fp32 compute on dequantized blocks) and 4
 # (int8 activations, MLAS's int8 kernels): decode steps to prefill, small LMs' projections
@@ -334,16 +338,21 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
     out["node_overhead_s"] = max(0.0, (t64 - call) / 63)
     ms = _ORT_GEMM_M_QUICK if quick else _ORT_GEMM_M
     kns = _ORT_GEMM_KN_QUICK if quick else _ORT_GEMM_KN
+    # every grid point is a job: (table, row prefix, flops, kernels per call, session, feed);
+    # jobs are timed in `_GRID_PASSES` interleaved passes and each point takes its median
+    # over the passes: on a shared host one point's time moved +-20% between minutes, and a
+    # grid timed in one sweep carried that noise into every prediction read from it
+    jobs: list[tuple[str, list[float], float, int, Any, dict[str, Any]]] = []
     for k, n in kns:
         # two K->N->K pairs with their own weights: each GEMM reads weights the previous one
-        # did not, and the thread pool hands over between kernels as in a model
+        # did not, and the thread pool hands over between kernels as in a model. Rows are a
+        # symbolic dim (as a model's batch x seq), so one session serves every M.
         inits = {f"w{i}": rnd(k, n) if i % 2 == 0 else rnd(n, k) for i in range(4)}
         nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
                                   ["y" if i == 3 else f"h{i}"]) for i in range(4)]
+        sess = graph_session(nodes, {"x": rnd(ms[0], k)}, threads, inits, dynamic_rows=True)
         for m in ms:
-            sess = graph_session(nodes, {"x": rnd(m, k)}, threads, inits)
-            t = max(typical(sess, {"x": rnd(m, k)}) - call, 1e-7) / 4
-            out["gemm"].append([m, k, n, round(2.0 * m * k * n / t)])
+            jobs.append(("gemm", [m, k, n], 2.0 * m * k * n, 4, sess, {"x": rnd(m, k)}))
         # the same products in a chain whose weights are twice the L3 (at most 128 GEMMs),
         # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
         # above (AVX-512 EPYC). Read for a weight bigger than the L3 (GPT-2's 154 MB LM head:
@@ -354,25 +363,42 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
             chain = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
                                       ["y" if i == 2 * pairs - 1 else f"h{i}"])
                      for i in range(2 * pairs)]
-            for m in (_ORT_GEMM_COLD_M_QUICK if quick else _ORT_GEMM_COLD_M):
-                sess = graph_session(chain, {"x": rnd(m, k)}, threads, cold)
-                t = max(typical(sess, {"x": rnd(m, k)}) - call, 1e-7) / (2 * pairs)
-                out.setdefault("gemm_cold", []).append([m, k, n, round(2.0 * m * k * n / t)])
-            del cold, sess
+            cms = _ORT_GEMM_COLD_M_QUICK if quick else _ORT_GEMM_COLD_M
+            sess = graph_session(chain, {"x": rnd(cms[0], k)}, threads, cold,
+                                 dynamic_rows=True)
+            del cold
+            for m in cms:
+                jobs.append(("gemm_cold", [m, k, n], 2.0 * m * k * n, 2 * pairs, sess,
+                             {"x": rnd(m, k)}))
     for c, hw in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
+        x = rnd(1, c, hw, hw)
         sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], group=c,
                                                pads=[1, 1, 1, 1])],
-                             {"x": rnd(1, c, hw, hw)}, threads, {"w": rnd(c, 1, 3, 3)})
-        t = max(typical(sess, {"x": rnd(1, c, hw, hw)}) - call, 1e-7)
-        out["dwconv"].append([hw * hw, 9, c, round(2.0 * c * 9 * hw * hw / t)])
+                             {"x": x}, threads, {"w": rnd(c, 1, 3, 3)})
+        jobs.append(("dwconv", [hw * hw, 9, c], 2.0 * c * 9 * hw * hw, 1, sess, {"x": x}))
     for cin, cout, hw, kk in (_ORT_CONV_QUICK if quick else _ORT_CONV):
         pad = kk // 2
-        sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"],
-                                               pads=[pad] * 4)],
-                             {"x": rnd(1, cin, hw, hw)}, threads, {"w": rnd(cout, cin, kk, kk)})
-        t = max(typical(sess, {"x": rnd(1, cin, hw, hw)}) - call, 1e-7)
-        out["conv"].append([hw * hw, cin * kk * kk, cout,
-                            round(2.0 * cout * cin * kk * kk * hw * hw / t)])
+        x = rnd(1, cin, hw, hw)
+        sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4)],
+                             {"x": x}, threads, {"w": rnd(cout, cin, kk, kk)})
+        jobs.append(("conv", [hw * hw, cin * kk * kk, cout],
+                     2.0 * cout * cin * kk * kk * hw * hw, 1, sess, {"x": x}))
+    passes = 1 if quick else _GRID_PASSES
+    times: list[list[float]] = [[] for _ in jobs]
+    for _ in range(passes):
+        for j, job in enumerate(jobs):
+            # the previous job's session leaves its workers spinning for a while: they took
+            # half the cores from a session timed right after (conv rates measured 2x low)
+            time.sleep(0.05)
+            times[j].append(typical(job[4], job[5]))
+    for (key, row, flops, kernels, _, _), ts in zip(jobs, times):
+        t = max(statistics.median(ts) - call, 1e-7) / kernels
+        out.setdefault(key, []).append(row + [round(flops / t)])
+    if passes > 1:
+        # how far a point moved between passes (median over points of max / min - 1)
+        out["grid_pass_spread"] = round(statistics.median(max(ts) / min(ts) - 1
+                                                          for ts in times), 3)
+    del jobs, sess
     try:
         out["nbits"] = _measure_nbits(threads, quick, typical, call, rnd)
     except Exception as e:  # noqa: BLE001  (an ORT build without the contrib op)

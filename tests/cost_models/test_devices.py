@@ -72,3 +72,30 @@ def test_published_devices() -> None:
         assert DeviceSpec.from_json(json.loads(json.dumps(d.to_json()))) == d
     with pytest.raises(KeyError):
         get_device("tpu")
+
+
+def test_grid_session_takes_any_row_count() -> None:
+    """The GEMM grid times every M on one session whose rows are a symbolic dim."""
+    import numpy as np
+    from onnx import helper
+
+    from ember.ort_session import graph_session
+
+    w = np.eye(8, dtype=np.float32)
+    sess = graph_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                         {"x": np.ones((4, 8), np.float32)}, 1, {"w": w}, dynamic_rows=True)
+    assert sess.get_inputs()[0].shape[0] == "rows"
+    for m in (1, 16, 64):
+        x = np.arange(m * 8, dtype=np.float32).reshape(m, 8)
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x)
+
+
+def test_quick_spec_has_every_grid_point(cpu: DeviceSpec) -> None:
+    ort = cpu.measured.get("ort")
+    if not ort:
+        pytest.skip("onnxruntime not installed")
+    ms = {r[0] for r in ort["gemm"]}
+    kns = {(r[1], r[2]) for r in ort["gemm"]}
+    assert ms == set(devices._ORT_GEMM_M_QUICK) and kns == set(devices._ORT_GEMM_KN_QUICK)
+    assert all(r[3] > 0 for r in ort["gemm"] + ort["conv"] + ort["dwconv"])
+    assert len(ort["conv"]) == len(devices._ORT_CONV_QUICK)
