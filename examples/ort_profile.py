@@ -34,11 +34,7 @@ import ember  # noqa: E402
 from ember import cost_models as cm  # noqa: E402
 from ember.cost_models.ort import estimate_graph_ort  # noqa: E402
 from ember.cost_models.ort_collect import _name_nodes, _ort_node_ir  # noqa: E402
-
-
-def _fast_half(xs: list[float]) -> float:
-    s = sorted(xs)[: max(1, len(xs) // 2)]
-    return sum(s) / len(s)
+from ember.cost_models.ort_collect import _trimmed_mean as _fast_half  # noqa: E402
 
 
 def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
