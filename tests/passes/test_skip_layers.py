@@ -89,13 +89,70 @@ def test_halting(name: str) -> None:
     x = z.example_inputs
     want = run_graph(g, *x)
     ctx = _ctx(z)
-    g0 = PassManager("skip_layers{method=halting,threshold=0.0}", verify_each=True).run(g, ctx)
+    g0 = PassManager("skip_layers{method=halting,threshold=0.0,start=0}",
+                     verify_each=True).run(g, ctx)
     for a, b in zip(run_graph(g0, *x), want):  # nothing halts at threshold 0: exact
         torch.testing.assert_close(a, b)
     assert ctx.records["skip_layers"]["token_block_share_skippable"] == 0.0
     g1 = PassManager("skip_layers{method=halting,threshold=10.0,start=0}").run(g, ctx)
     assert ctx.records["skip_layers"]["halted_share"][0] == 1.0  # every token halts
     assert any(not torch.equal(a, b) for a, b in zip(run_graph(g1, *x), want))
+
+
+def test_premature_share() -> None:
+    from ember.passes.skip_layers import premature_share
+
+    # token 0 halts after block 1 and then changes again in block 3: premature; token 1
+    # halts after block 2 and stays; token 2 never halts
+    rel = torch.tensor([[0.5, 0.01, 0.3, 0.9], [0.5, 0.4, 0.02, 0.01], [0.5, 0.5, 0.5, 0.5]])
+    assert premature_share(rel, 0.05, 0, 4) == 0.5
+    assert premature_share(rel, 0.05, 2, 4) == 0.0  # token 0 no longer halts (0.3, 0.9)
+    assert premature_share(rel, 0.05, 0, 3) == 0.5  # block 3 runs for every token: token 0
+    assert premature_share(rel, 0.05, 0, 2) == 0.0  # ... and block 2 as well
+    assert premature_share(rel, 0.0, 0, 4) == 0.0  # nothing halts
+
+
+def test_halting_start_picked_on_calibration() -> None:
+    from ember.passes.skip_layers import block_changes, premature_share, skippable_share
+
+    z = zoo.get("llama", size="base")  # 8 blocks
+    g = PassManager("O2").run(fx.import_module(z.model, z.example_inputs,
+                                               dynamic_dims=z.dynamic_dims,
+                                               input_names=z.input_names))
+    ctx = PassContext(calib=[z.make_inputs(i, batch=2, seq=16) for i in range(3)])
+    rep = find_blocks(g)
+    n = len(rep.blocks)
+    rel = block_changes(g, rep, ctx.calib)
+    assert rel.shape == (3 * 2 * 16, n)
+    th = float(rel.quantile(0.3))  # some token-blocks change less, some halts premature
+    g1 = PassManager(f"skip_layers{{method=halting,threshold={th},guard=0.0,keep_last=0}}",
+                     verify_each=True).run(g, ctx)
+    rec = ctx.records["skip_layers"]
+    start = rec["start"]
+    assert 0 < start < n and rec["premature_share"] == 0.0
+    assert premature_share(rel, th, start, n) == 0.0
+    assert all(premature_share(rel, th, s, n) > 0 for s in range(start))
+    assert sum(nd.op == "halt_update" for nd in g1.nodes) == n - start
+    assert rec["token_block_share_skippable"] > 0
+    # keep_last: the last blocks run for every token
+    g2 = PassManager(f"skip_layers{{method=halting,threshold={th},start=0,keep_last=2}}"
+                     ).run(g, ctx)
+    assert sum(nd.op == "halt_update" for nd in g2.nodes) == n - 2
+    assert ctx.records["skip_layers"]["end"] == n - 2
+    # keep_last=-1 (the default) picks the (start, end) pair that skips the most
+    PassManager(f"skip_layers{{method=halting,threshold={th},guard=0.0}}").run(g, ctx)
+    rec = ctx.records["skip_layers"]
+    best = max(skippable_share(rel, th, s, e) for e in range(1, n + 1) for s in range(e)
+               if premature_share(rel, th, s, e) == 0.0)
+    assert skippable_share(rel, th, rec["start"], rec["end"]) == best > 0
+    # a guard no start meets: the graph is left as it was, and the record says why
+    g3 = PassManager(f"skip_layers{{method=halting,threshold={th},guard=0.0,"
+                     f"keep_last={n - start - 1}}}").run(g, ctx)
+    rec = ctx.records["skip_layers"]
+    assert not rec["applied"] and "premature" in rec["reason"]
+    assert not any(nd.op == "halt_update" for nd in g3.nodes)
+    with pytest.raises(Exception, match="calibration"):
+        PassManager("skip_layers{method=halting,threshold=0.1}").run(g, PassContext())
 
 
 def test_halt_update_reference() -> None:
