@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -43,6 +44,10 @@ __all__ = [
     "SPEC_VERSION",
     "with_efficiency",
     "load_cached_cpu",
+    "probe_point",
+    "probe_runner",
+    "probe_expected_s",
+    "host_speed",
     "OP_CLASSES",
 ]
 
@@ -705,6 +710,81 @@ def get_device(name: str = "cpu", *, cache_dir: str | os.PathLike | None = None,
     spec = _measured_cpu(cache_dir, threads, refresh, quick)
     _MEMO[memo_key] = spec
     return spec
+
+
+# ----------------------------------------------------------------------------- host probe
+# A shared host's speed moves 10-30% within minutes (a spec measured at one minute predicted
+# every model 10-25% low a quarter of an hour later). The probe is one of the spec's own GEMM
+# grid jobs (the 4-GEMM chain at the point nearest `_PROBE_MKN`), timed again now: its time
+# over the time the spec implies for it is the host's current slowdown.
+_PROBE_MKN = (256, 768, 768)
+_PROBE_KERNELS = 4
+
+
+def probe_point(spec: DeviceSpec) -> tuple[int, int, int, float] | None:
+    """(M, K, N, FLOP/s) of the spec's GEMM grid point the probe times, or None when the spec
+    has no measured ORT grid (a published device, or a build without onnxruntime)."""
+    grid = ((spec.measured or {}).get("ort") or {}).get("gemm") or []
+    if not grid:
+        return None
+
+    def dist(r: list[float]) -> float:
+        return sum(abs(math.log(r[i] / _PROBE_MKN[i])) for i in range(3))
+
+    m, k, n, rate = min(grid, key=dist)
+    return int(m), int(k), int(n), float(rate)
+
+
+def probe_expected_s(spec: DeviceSpec) -> float | None:
+    """Seconds one probe call takes at the speed the spec was measured at."""
+    pt = probe_point(spec)
+    if pt is None:
+        return None
+    m, k, n, rate = pt
+    call = float(spec.measured["ort"].get("call_overhead_s", 0.0))
+    return call + _PROBE_KERNELS * 2.0 * m * k * n / rate
+
+
+def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
+                 ) -> Callable[..., Any]:
+    """A runner for `ember.isolated` (``"ember.cost_models.devices:probe_runner"``): each call
+    runs the probe graph ``calls`` times back to back, as the spec's grid timed it (one sample
+    / ``calls`` is one probe call)."""
+    import numpy as np
+    from onnx import helper
+
+    from ember.ort_session import graph_session
+
+    rng = np.random.default_rng(0)
+    inits = {f"w{i}": rng.standard_normal((k, n) if i % 2 == 0 else (n, k)).astype(np.float32)
+             for i in range(_PROBE_KERNELS)}
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
+                              ["y" if i == _PROBE_KERNELS - 1 else f"h{i}"])
+             for i in range(_PROBE_KERNELS)]
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    sess = graph_session(nodes, {"x": x}, threads, inits, dynamic_rows=True)
+    feed = {"x": x}
+
+    def run(*_: Any) -> Any:
+        for _ in range(calls - 1):
+            sess.run(None, feed)
+        return sess.run(None, feed)[0]
+
+    return run
+
+
+def host_speed(spec: DeviceSpec, threads: int | None = None) -> float | None:
+    """The host's slowdown now against when ``spec`` was measured: the probe's median time
+    now over the time the spec implies (1.0: as fast; 1.2: calls take 20% longer). Takes
+    about a second. None when the spec has no ORT grid."""
+    pt, want = probe_point(spec), probe_expected_s(spec)
+    if pt is None or want is None:
+        return None
+    import torch
+
+    run = probe_runner(*pt[:3], threads=threads or torch.get_num_threads(), calls=1)
+    time.sleep(0.05)
+    return _typical_time(run, min_time=0.02, repeats=9) / want
 
 
 def known_devices() -> list[str]:

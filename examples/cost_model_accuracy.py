@@ -47,6 +47,7 @@ IMAGE_GRID = [{"batch": b} for b in (1, 2, 4, 8)]
 BASE_TEXT_GRID = [{"batch": b, "seq": s} for b in (1, 2, 4) for s in (32, 64, 128)]
 BASE_IMAGE_GRID = [{"batch": b} for b in (1, 2, 4)]
 DEFAULT_MODELS = "vit,gpt2,llama,mobilenet_v2,bert"
+PROBE_CALLS = 20  # probe calls back to back per timed sample, as the spec's grid timed them
 
 
 def _zoo(name: str, size: str) -> zoo.ZooModel:
@@ -101,6 +102,9 @@ def main() -> int:
     ortm = cm.load_ort_model()
     print(f"device: {dev.summary()}\nORT model: "
           + (f"{ortm.meta.get('n_graphs')} synthetic graphs" if ortm else "none"))
+    # the host-speed probe: one of the spec's GEMM grid jobs timed beside each model; its time
+    # over the spec's says how much slower the host is now than when the spec was measured
+    probe, probe_want = cm.devices.probe_point(dev), cm.devices.probe_expected_s(dev)
     points = []
     for name, c in models.items():
         zm = _zoo(name, args.size)
@@ -127,9 +131,16 @@ def main() -> int:
             mine = [p for p in points if p["model"] == name]
             cs = {str(i): Contender("ember.isolated:load_ember", (str(art / f"{name}.ember"),),
                                     inputs=tuple(p["inputs"])) for i, p in enumerate(mine)}
+            if probe:  # the host-speed probe, timed in the same interleaved rounds
+                cs["probe"] = Contender("ember.cost_models.devices:probe_runner",
+                                        (*probe[:3], args.threads, PROBE_CALLS))
             res = time_isolated(cs, [], repeats=args.repeats, warmup=3, threads=args.threads)
+            slow = None
+            if probe and res["probe"].ms:
+                slow = res["probe"].ms / PROBE_CALLS / 1e3 / probe_want
             for i, p in enumerate(mine):
                 p["t"] = res[str(i)].samples
+                p["host_speed"] = slow
             loads.append(os.getloadavg()[0])
             print(f"  timed {name}: {len(mine)} points", flush=True)
         points = [p for p in points if p["t"]]
@@ -142,6 +153,7 @@ def main() -> int:
             r0 = by_key[(p["model"], p["dims"].get("batch"), p["dims"].get("seq"))]
             meas, iqr = r0["measured_ms"], r0["noise_iqr"]
             fastest = r0.get("measured_min_ms", meas)
+            p["host_speed"] = r0.get("host_speed")
         else:
             ts = sorted(p["t"])
             meas = statistics.median(ts)
@@ -157,7 +169,10 @@ def main() -> int:
         raw = cm.predict_latency_ms(c.graph, dev, list(p["inputs"]), runtime=runtime,
                                     correction=False)
         err = pred / meas - 1
+        hs = p.get("host_speed")
         rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
+                     "host_speed": hs, "probe_adjusted_ms": pred * hs if hs else None,
+                     "probe_adjusted_rel_err": pred * hs / meas - 1 if hs else None,
                      "measured_min_ms": fastest, "noise_iqr": iqr, "predicted_ms": pred,
                      "roofline_ms": raw, "rel_err": err, "rel_err_vs_min": pred / fastest - 1,
                      "learned_ms": learned, "learned_rel_err": learned / meas - 1,
@@ -179,12 +194,19 @@ def main() -> int:
     within_held = sum(abs(r["rel_err"]) <= 0.10 for r in held) / max(1, len(held))
     within_learned = sum(abs(r["learned_rel_err"]) <= 0.10 for r in rows) / len(rows)
     med_noise = statistics.median(r["noise_iqr"] for r in rows)
+    adj = [r for r in rows if r["probe_adjusted_rel_err"] is not None]
+    within_adj = sum(abs(r["probe_adjusted_rel_err"]) <= 0.10 for r in adj) / max(1, len(adj))
+    med_adj = statistics.median(abs(r["probe_adjusted_rel_err"]) for r in adj) if adj else None
     per_model = {}
     for m in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == m]
         per_model[m] = {"program": rs[0]["program"], "points": len(rs),
                         "within10": sum(abs(r["rel_err"]) <= 0.1 for r in rs) / len(rs),
-                        "median_abs_err": statistics.median(abs(r["rel_err"]) for r in rs)}
+                        "median_abs_err": statistics.median(abs(r["rel_err"]) for r in rs),
+                        "host_speed": rs[0]["host_speed"]}
+        if rs[0]["host_speed"]:
+            per_model[m]["within10_probe_adjusted"] = sum(
+                abs(r["probe_adjusted_rel_err"]) <= 0.1 for r in rs) / len(rs)
     print(f"\n{len(held)} predictions at shapes the compile did not time: within +-10%: "
           f"{100 * within_held:.0f}%; with the learned ORT model instead: "
           f"{100 * within_learned:.0f}%")
@@ -193,9 +215,16 @@ def main() -> int:
           f"{100 * med_err:.1f}%; vs the fastest call: within +-10% {100 * within_min:.0f}%; "
           f"median timing IQR {100 * med_noise:.1f}%; load average "
           f"{min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs")
+    if adj:
+        speeds = sorted({round(r["host_speed"], 3) for r in adj})
+        print(f"{len(adj)} predictions scaled by the host-speed probe (host {speeds[0]:.2f}.."
+              f"{speeds[-1]:.2f}x the spec's time): within +-10%: {100 * within_adj:.0f}%, "
+              f"median |error| {100 * med_adj:.1f}%")
     for m, s in per_model.items():
         print(f"  {m:13s} {s['program']:11s} within10 {100 * s['within10']:4.0f}% "
-              f"median |err| {100 * s['median_abs_err']:5.1f}%")
+              f"median |err| {100 * s['median_abs_err']:5.1f}%"
+              + (f"; host {s['host_speed']:.2f}x, probe-adjusted within10 "
+                 f"{100 * s['within10_probe_adjusted']:4.0f}%" if s["host_speed"] else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rows": rows, "per_model": per_model, "within10": within,
@@ -204,6 +233,9 @@ def main() -> int:
             "within10_roofline": within_raw, "within25": within25, "median_abs_err": med_err,
             "within10_vs_fastest_call": within_min,
             "median_noise_iqr": med_noise, "loadavg_1m": loads,
+            "within10_probe_adjusted": within_adj if adj else None,
+            "median_abs_err_probe_adjusted": med_adj, "probe_point": probe,
+            "probe_expected_s": probe_want,
             "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,
             "ort_model_meta": dict(ortm.meta) if ortm else None,
             "device": dev.to_json()}, indent=1))
