@@ -230,19 +230,29 @@ class CompiledModel:
         prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
         return cost_models.runtime_of_program(self.backend, prog)
 
-    def predicted_latency_ms(self, *inputs: Any, device: str | None = None) -> float:
+    def predicted_latency_ms(self, *inputs: Any, device: str | None = None,
+                             host_probe: bool = False) -> float:
         """The cost model's predicted latency of one call at these inputs' shapes.
 
         Args:
             inputs: example inputs (tensors, arrays) or a single {symbol: value} mapping.
             device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.
+            host_probe: CPU only: scale the prediction by the host's speed now against when
+                its device spec was measured (`cost_models.devices.host_speed`, ~1 s): on a
+                shared host whose speed drifts 10-30% within minutes.
         """
         from ember import cost_models
 
         dev = device or DEVICE_OF_TARGET.get(self.target, "cpu")
         arg: Any = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], Mapping) \
             else list(inputs)
-        return cost_models.predict_latency_ms(self.graph, dev, arg, runtime=self._runtime_kind())
+        ms = cost_models.predict_latency_ms(self.graph, dev, arg, runtime=self._runtime_kind())
+        if host_probe:
+            spec = cost_models.get_device(dev)
+            if spec.kind != "cpu":
+                raise ValueError(f"host_probe times this CPU; the prediction is for {dev}")
+            ms *= cost_models.devices.host_speed(spec) or 1.0
+        return ms
 
     def save(self, path: str | os.PathLike) -> Path:
         from .artifact import save_artifact

@@ -134,6 +134,19 @@ def test_ort_program_is_predicted_with_the_ort_runtime(tmp_path: Path) -> None:
     x = torch.randn(8, 64)
     want = cm.predict_latency_ms(g, "cpu", [x], runtime="onnxruntime")
     assert c.predicted_latency_ms(x) == pytest.approx(want)
+    # host_probe scales it by the host's speed now (probe time / the spec's), nothing else
+    from ember.cost_models import devices
+
+    calls = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(devices, "host_speed", lambda spec, threads=None: calls.append(spec) or 1.25)
+    try:
+        assert c.predicted_latency_ms(x, host_probe=True) == pytest.approx(1.25 * want)
+        assert calls and calls[0].kind == "cpu"
+        with pytest.raises(ValueError, match="host_probe"):
+            c.predicted_latency_ms(x, device="h100", host_probe=True)
+    finally:
+        monkey.undo()
     assert cm.runtime_of_program("cpu", {"chosen": "aoti"}) == "inductor"
     assert cm.runtime_of_program("reference", {"kind": "interpreter"}) == "eager"
     # another device than the CPU predicts the fused-kernel runtime instead of failing
