@@ -81,6 +81,22 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
         sess.run(None, feeds)
         wall.append(time.perf_counter() - t0)
     events = json.loads(Path(sess.end_profiling()).read_text())
+    # the same program without the profiler: writing its events costs every kernel tens of
+    # us (LLaMA-base b1 s32: 34 ms profiled, 19.6 ms not), so small kernels read slow above
+    so2 = session_options(threads)
+    if params:
+        so2.add_external_initializers(list(params), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                     for a in params.values()])
+    plain = open_session(path, so2, disabled_optimizers(threads))
+    del sess
+    for _ in range(3):
+        plain.run(None, feeds)
+    wall_plain = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain.run(None, feeds)
+        wall_plain.append(time.perf_counter() - t0)
+    del plain
     per_kernel: dict[str, list[float]] = defaultdict(list)
     kop: dict[str, str] = {}
     runs = []
@@ -127,6 +143,7 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
     return {"by_op": by_op, "by_ort": dict(by_ort), "top": top[:8], "unmapped_s": unmapped, "kernels_s": kern_sum,
             "n_kernels": len(per_kernel), "model_run_s": _fast_half(runs) if runs else 0.0,
             "wall_median_s": statistics.median(wall), "wall_min_s": min(wall),
+            "unprofiled_median_s": statistics.median(wall_plain),
             "pred_total_s": est.total_us * 1e-6,
             "pred_full_ms": c.predicted_latency_ms(*inputs), "n_ir": len(g.nodes)}
 
@@ -149,6 +166,10 @@ def main() -> int:
           f"{1e3 * r['wall_min_s']:.2f}; model_run {1e3 * r['model_run_s']:.2f}; kernels "
           f"{1e3 * r['kernels_s']:.2f} (unmapped {1e3 * r['unmapped_s']:.2f}); predicted "
           f"{r['pred_full_ms']:.2f} (nodes {1e3 * r['pred_total_s']:.2f})")
+    extra = r["wall_median_s"] - r["unprofiled_median_s"]
+    print(f"  without the profiler: call median {1e3 * r['unprofiled_median_s']:.2f} ms (the "
+          f"profiler adds {1e3 * extra:.2f} ms, {1e6 * extra / max(1, r['n_kernels']):.1f} us "
+          "per kernel: small kernels' profiled times overstate them)")
     print(f"  {'IR op [class]':32s} {'nodes':>5s} {'kern':>5s} {'prof ms':>8s} {'pred ms':>8s}"
           f" {'pred/prof':>9s}  ORT ops")
     rows = sorted(r["by_op"].items(), key=lambda kv: -kv[1]["prof"])
