@@ -37,7 +37,8 @@ from ember.cost_models.ort_collect import _name_nodes, _ort_node_ir  # noqa: E40
 from ember.cost_models.ort_collect import _trimmed_mean as _fast_half  # noqa: E402
 
 
-def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
+def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0.0) -> dict:
+    """``idle``: seconds of sleep before each timed call (a sporadic caller's cold calls)."""
     import onnx
     import onnxruntime as ort
 
@@ -77,6 +78,8 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
         sess.run(None, feeds)
     wall = []
     for _ in range(repeats):
+        if idle:
+            time.sleep(idle)
         t0 = time.perf_counter()
         sess.run(None, feeds)
         wall.append(time.perf_counter() - t0)
@@ -93,6 +96,8 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int) -> dict:
         plain.run(None, feeds)
     wall_plain = []
     for _ in range(repeats):
+        if idle:
+            time.sleep(idle)
         t0 = time.perf_counter()
         plain.run(None, feeds)
         wall_plain.append(time.perf_counter() - t0)
@@ -156,11 +161,13 @@ def main() -> int:
     ap.add_argument("--dims", default="", help="symbol values, e.g. batch=1,seq=32")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--idle", type=float, default=0.0,
+                    help="seconds idle before each timed call (0: back to back)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     zm = getattr(zoo, a.model)(size=a.size) if a.size != "small" else getattr(zoo, a.model)()
     dims = {k: int(v) for k, v in (kv.split("=") for kv in a.dims.split(",") if kv)}
-    r = profile(Path(a.artifact), zm.make_inputs(**dims), a.repeats)
+    r = profile(Path(a.artifact), zm.make_inputs(**dims), a.repeats, a.idle)
     print(f"{a.model} {dims}: {r['n_ir']} IR nodes, {r['n_kernels']} ORT kernels")
     print(f"  call (wall) median {1e3 * r['wall_median_s']:.2f} ms, fastest "
           f"{1e3 * r['wall_min_s']:.2f}; model_run {1e3 * r['model_run_s']:.2f}; kernels "
