@@ -22,6 +22,7 @@ import time
 import zipfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,15 +75,20 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0
                            tensor_ir)
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: t.detach().contiguous().numpy() for n, t in zip(names, inputs)}
-    for _ in range(3):
-        sess.run(None, feeds)
-    wall = []
-    for _ in range(repeats):
-        if idle:
-            time.sleep(idle)
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        wall.append(time.perf_counter() - t0)
+
+    def calls(s: Any) -> list[float]:  # 3 warm-up calls, then `repeats` timed ones
+        for _ in range(3):
+            s.run(None, feeds)
+        out = []
+        for _ in range(repeats):
+            if idle:
+                time.sleep(idle)
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    wall = calls(sess)
     events = json.loads(Path(sess.end_profiling()).read_text())
     # the same program without the profiler: writing its events costs every kernel tens of
     # us (LLaMA-base b1 s32: 34 ms profiled, 19.6 ms not), so small kernels read slow above
@@ -92,15 +98,7 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0
                                                      for a in params.values()])
     plain = open_session(path, so2, disabled_optimizers(threads))
     del sess
-    for _ in range(3):
-        plain.run(None, feeds)
-    wall_plain = []
-    for _ in range(repeats):
-        if idle:
-            time.sleep(idle)
-        t0 = time.perf_counter()
-        plain.run(None, feeds)
-        wall_plain.append(time.perf_counter() - t0)
+    wall_plain = calls(plain)
     del plain
     per_kernel: dict[str, list[float]] = defaultdict(list)
     kop: dict[str, str] = {}
