@@ -280,6 +280,7 @@ _ORT_GEMM_COLD_M_QUICK = (16, 256)
 _COLD_MAX_GEMMS = 128
 # the GEMM and conv grids are timed in this many interleaved passes, each point the median
 _GRID_PASSES = 3
+_GEMM_CHAIN = 4  # GEMMs in one cached-grid chain (and in the host-speed probe)
 _ORT_GEMM_KN_QUICK = ((384, 384), (768, 3072))
 # int4 MatMulNBits (group 32) at accuracy level 0 (fp32 compute on dequantized blocks) and 4
 # (int8 activations, MLAS's int8 kernels): decode steps to prefill, small LMs' projections
@@ -298,6 +299,19 @@ _ORT_CONV = ((3, 32, 112, 3), (64, 64, 56, 3), (16, 96, 112, 1), (96, 24, 56, 1)
 _ORT_DWCONV = ((32, 112), (144, 56), (192, 28), (384, 14), (960, 7))
 _ORT_CONV_QUICK = ((64, 64, 56, 3), (144, 32, 28, 1))
 _ORT_DWCONV_QUICK = ((144, 56),)
+
+
+def _gemm_chain(k: int, n: int, count: int, rnd: Callable[..., Any]
+                ) -> tuple[list[Any], dict[str, Any]]:
+    """ONNX nodes and weights of ``count`` MatMuls x[*, K] -> [*, N] -> [*, K] -> ..., each
+    with its own weight (the GEMM grid's chains and the host-speed probe): input ``x``,
+    output ``y``."""
+    from onnx import helper
+
+    inits = {f"w{i}": rnd(k, n) if i % 2 == 0 else rnd(n, k) for i in range(count)}
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
+                              ["y" if i == count - 1 else f"h{i}"]) for i in range(count)]
+    return nodes, inits
 
 
 def _measure_ort_kernels(threads: int, quick: bool, reps: int,
@@ -352,22 +366,18 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
         # two K->N->K pairs with their own weights: each GEMM reads weights the previous one
         # did not, and the thread pool hands over between kernels as in a model. Rows are a
         # symbolic dim (as a model's batch x seq), so one session serves every M.
-        inits = {f"w{i}": rnd(k, n) if i % 2 == 0 else rnd(n, k) for i in range(4)}
-        nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
-                                  ["y" if i == 3 else f"h{i}"]) for i in range(4)]
+        nodes, inits = _gemm_chain(k, n, _GEMM_CHAIN, rnd)
         sess = graph_session(nodes, {"x": rnd(ms[0], k)}, threads, inits, dynamic_rows=True)
         for m in ms:
-            jobs.append(("gemm", [m, k, n], 2.0 * m * k * n, 4, sess, {"x": rnd(m, k)}))
+            jobs.append(("gemm", [m, k, n], 2.0 * m * k * n, _GEMM_CHAIN, sess,
+                         {"x": rnd(m, k)}))
         # the same products in a chain whose weights are twice the L3 (at most 128 GEMMs),
         # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
         # above (AVX-512 EPYC). Read for a weight bigger than the L3 (GPT-2's 154 MB LM head:
         # its blocks' GEMMs ran at the cached rates in ORT's profile, the head did not)
         pairs = max(2, min(_COLD_MAX_GEMMS // 2, -(-2 * l3_bytes // (2 * 4 * k * n))))
         if 2 * pairs * 4 * k * n >= 1.5 * l3_bytes:
-            cold = {f"w{i}": rnd(k, n) if i % 2 == 0 else rnd(n, k) for i in range(2 * pairs)}
-            chain = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
-                                      ["y" if i == 2 * pairs - 1 else f"h{i}"])
-                     for i in range(2 * pairs)]
+            chain, cold = _gemm_chain(k, n, 2 * pairs, rnd)
             cms = _ORT_GEMM_COLD_M_QUICK if quick else _ORT_GEMM_COLD_M
             sess = graph_session(chain, {"x": rnd(cms[0], k)}, threads, cold,
                                  dynamic_rows=True)
@@ -718,7 +728,6 @@ def get_device(name: str = "cpu", *, cache_dir: str | os.PathLike | None = None,
 # grid jobs (the 4-GEMM chain at the point nearest `_PROBE_MKN`), timed again now: its time
 # over the time the spec implies for it is the host's current slowdown.
 _PROBE_MKN = (256, 768, 768)
-_PROBE_KERNELS = 4
 
 
 def probe_point(spec: DeviceSpec) -> tuple[int, int, int, float] | None:
@@ -742,7 +751,7 @@ def probe_expected_s(spec: DeviceSpec) -> float | None:
         return None
     m, k, n, rate = pt
     call = float(spec.measured["ort"].get("call_overhead_s", 0.0))
-    return call + _PROBE_KERNELS * 2.0 * m * k * n / rate
+    return call + _GEMM_CHAIN * 2.0 * m * k * n / rate
 
 
 def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
@@ -751,17 +760,16 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
     runs the probe graph ``calls`` times back to back, as the spec's grid timed it (one sample
     / ``calls`` is one probe call)."""
     import numpy as np
-    from onnx import helper
 
     from ember.ort_session import graph_session
 
     rng = np.random.default_rng(0)
-    inits = {f"w{i}": rng.standard_normal((k, n) if i % 2 == 0 else (n, k)).astype(np.float32)
-             for i in range(_PROBE_KERNELS)}
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
-                              ["y" if i == _PROBE_KERNELS - 1 else f"h{i}"])
-             for i in range(_PROBE_KERNELS)]
-    x = rng.standard_normal((m, k)).astype(np.float32)
+
+    def rnd(*shape: int) -> Any:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    nodes, inits = _gemm_chain(k, n, _GEMM_CHAIN, rnd)
+    x = rnd(m, k)
     sess = graph_session(nodes, {"x": x}, threads, inits, dynamic_rows=True)
     feed = {"x": x}
 

@@ -697,7 +697,7 @@ def run_lm(repeats: int, quick: bool, bridges: Sequence[int] = (2, 4, 6, 8),
         ROWS.append(dict(part="lm", model="SmolLM2-135M", variant=label, ppl=p,
                          ppl_increase=p / base_ppl - 1, top1_agreement=a, kl=kl,
                          gflop=f0 * (1 - cut) / 1e9, flop_cut=cut))
-        print(f"   {label}: ppl {p:.3f} agree {a:.4f} kl {kl:.4f} flop cut {1 - fl / f0:.3f}",
+        print(f"   {label}: ppl {p:.3f} agree {a:.4f} kl {kl:.4f} flop cut {cut:.3f}",
               flush=True)
         _dump()
 

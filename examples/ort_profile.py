@@ -58,15 +58,20 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0
     path = work / "named.onnx"
     onnx.save(model, str(path))
     threads = torch.get_num_threads()
-    so = session_options(threads)
-    so.enable_profiling = True
-    so.profile_file_prefix = str(work / "prof")
-    so.optimized_model_filepath = str(work / "opt.onnx")
     params = _external_params(path, g.weights)
-    if params:
-        so.add_external_initializers(list(params), [ort.OrtValue.ortvalue_from_numpy(a)
-                                                    for a in params.values()])
-    sess = open_session(path, so, disabled_optimizers(threads))
+
+    def session(profiled: bool) -> Any:
+        so = session_options(threads)
+        if profiled:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(work / "prof")
+            so.optimized_model_filepath = str(work / "opt.onnx")
+        if params:
+            so.add_external_initializers(list(params), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                        for a in params.values()])
+        return open_session(path, so, disabled_optimizers(threads))
+
+    sess = session(profiled=True)
     for node in model.graph.node:
         ir = [tensor_ir[o] for o in node.output if o in tensor_ir]
         if ir:
@@ -92,14 +97,8 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0
     events = json.loads(Path(sess.end_profiling()).read_text())
     # the same program without the profiler: writing its events costs every kernel tens of
     # us (LLaMA-base b1 s32: 34 ms profiled, 19.6 ms not), so small kernels read slow above
-    so2 = session_options(threads)
-    if params:
-        so2.add_external_initializers(list(params), [ort.OrtValue.ortvalue_from_numpy(a)
-                                                     for a in params.values()])
-    plain = open_session(path, so2, disabled_optimizers(threads))
     del sess
-    wall_plain = calls(plain)
-    del plain
+    wall_plain = calls(session(profiled=False))
     per_kernel: dict[str, list[float]] = defaultdict(list)
     kop: dict[str, str] = {}
     runs = []
