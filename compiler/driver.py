@@ -234,6 +234,12 @@ class CompiledModel:
                              host_probe: bool = False) -> float:
         """The cost model's predicted latency of one call at these inputs' shapes.
 
+        The figure is the steady-state call (back to back, as a serving loop or a benchmark
+        calls; the device spec is timed that way). A call after the process idled is slower
+        on a shared host, where the runtime's worker threads must be woken: on the 2-vCPU
+        EPYC of BENCHMARKS.md section 6, a 25 ms LLaMA call took 3-11 ms longer after
+        0.3 s idle and needed about four calls to warm up again.
+
         Args:
             inputs: example inputs (tensors, arrays) or a single {symbol: value} mapping.
             device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.

@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 #    weight bigger than the L3)
 # 7: GEMM and conv grids timed in interleaved passes (each point the median over passes), the
 #    GEMM rows a symbolic dim as in a model's program
-SPEC_VERSION = 7
+# 8: a denser conv grid: wide 1x1s at every resolution, batch 4 at the large ones
+SPEC_VERSION = 8
 
 # Op classes the analytical model distinguishes; every DeviceSpec has an efficiency for each.
 OP_CLASSES = ("gemm", "conv", "dwconv", "attention", "elementwise", "reduction", "norm",
@@ -292,13 +293,20 @@ _ORT_NBITS_KN_QUICK = ((1024, 1024),)
 # from one tiny vector (dispatch only) through L2- and L3-resident sizes to DRAM-bound ones
 _ORT_STREAM_NUMEL = (64, 768, 6144, 24576, 98304, 393216, 1572864, 6291456)
 _ORT_STREAM_NUMEL_QUICK = (768, 98304, 1572864)
-# convolutions (batch 1, stride 1): (cin, cout, hw, kernel) dense, (channels, hw) depthwise 3x3,
-# MobileNet/ResNet-like; the 1x1s are most of a MobileNet's FLOPs and run far below a 3x3's rate
-_ORT_CONV = ((3, 32, 112, 3), (64, 64, 56, 3), (16, 96, 112, 1), (96, 24, 56, 1),
-             (144, 32, 28, 1), (384, 64, 14, 1), (960, 160, 7, 1), (256, 256, 14, 3))
-_ORT_DWCONV = ((32, 112), (144, 56), (192, 28), (384, 14), (960, 7))
-_ORT_CONV_QUICK = ((64, 64, 56, 3), (144, 32, 28, 1))
-_ORT_DWCONV_QUICK = ((144, 56),)
+# convolutions (stride 1): (cin, cout, hw, kernel, batch) dense, (channels, hw, batch)
+# depthwise 3x3, MobileNet/ResNet-like; the 1x1s are most of a MobileNet's FLOPs and run far
+# below a 3x3's rate. Spec 8 adds 4x expand / project 1x1s at every resolution (wide N and K)
+# and batch 4 at the large resolutions, whose activations leave the L3 (M = batch x hw^2)
+_ORT_CONV = ((3, 32, 112, 3, 1), (64, 64, 56, 3, 1), (16, 96, 112, 1, 1), (96, 24, 56, 1, 1),
+             (144, 32, 28, 1, 1), (384, 64, 14, 1, 1), (960, 160, 7, 1, 1), (256, 256, 14, 3, 1),
+             (64, 256, 56, 1, 1), (256, 64, 56, 1, 1), (128, 512, 28, 1, 1),
+             (512, 128, 28, 1, 1), (256, 1024, 14, 1, 1), (1024, 256, 14, 1, 1),
+             (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (128, 128, 28, 3, 1),
+             (512, 512, 7, 3, 1), (16, 96, 112, 1, 4), (96, 24, 56, 1, 4), (64, 64, 56, 3, 4))
+_ORT_DWCONV = ((32, 112, 1), (144, 56, 1), (192, 28, 1), (384, 14, 1), (960, 7, 1),
+               (32, 112, 4), (144, 56, 4))
+_ORT_CONV_QUICK = ((64, 64, 56, 3, 1), (144, 32, 28, 1, 1))
+_ORT_DWCONV_QUICK = ((144, 56, 1),)
 
 
 def _gemm_chain(k: int, n: int, count: int, rnd: Callable[..., Any]
@@ -385,19 +393,20 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
             for m in cms:
                 jobs.append(("gemm_cold", [m, k, n], 2.0 * m * k * n, 2 * pairs, sess,
                              {"x": rnd(m, k)}))
-    for c, hw in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
-        x = rnd(1, c, hw, hw)
+    for c, hw, b in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
+        x = rnd(b, c, hw, hw)
         sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], group=c,
                                                pads=[1, 1, 1, 1])],
                              {"x": x}, threads, {"w": rnd(c, 1, 3, 3)})
-        jobs.append(("dwconv", [hw * hw, 9, c], 2.0 * c * 9 * hw * hw, 1, sess, {"x": x}))
-    for cin, cout, hw, kk in (_ORT_CONV_QUICK if quick else _ORT_CONV):
+        jobs.append(("dwconv", [b * hw * hw, 9, c], 2.0 * b * c * 9 * hw * hw, 1, sess,
+                     {"x": x}))
+    for cin, cout, hw, kk, b in (_ORT_CONV_QUICK if quick else _ORT_CONV):
         pad = kk // 2
-        x = rnd(1, cin, hw, hw)
+        x = rnd(b, cin, hw, hw)
         sess = graph_session([helper.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4)],
                              {"x": x}, threads, {"w": rnd(cout, cin, kk, kk)})
-        jobs.append(("conv", [hw * hw, cin * kk * kk, cout],
-                     2.0 * cout * cin * kk * kk * hw * hw, 1, sess, {"x": x}))
+        jobs.append(("conv", [b * hw * hw, cin * kk * kk, cout],
+                     2.0 * b * cout * cin * kk * kk * hw * hw, 1, sess, {"x": x}))
     passes = 1 if quick else _GRID_PASSES
     times: list[list[float]] = [[] for _ in jobs]
     for _ in range(passes):

@@ -50,3 +50,43 @@ def test_isolated_times_outputs_and_failures(tmp_path: Path) -> None:
     assert res["broken"].ms is None and res["broken"].error == \
         "RuntimeError: cannot build this one"
     assert res["dying"].ms is None and res["dying"].error.startswith("worker died")
+
+
+def make_cold_first(cold_s: float, warm_s: float):
+    """A runner whose call after an idle gap is slow and whose back-to-back calls are fast."""
+    import time
+
+    last = [0.0]
+
+    def run(x):
+        now = time.perf_counter()
+        time.sleep(cold_s if now - last[0] > 0.02 else warm_s)
+        last[0] = time.perf_counter()
+        return torch.from_numpy(x)
+
+    return run
+
+
+def test_isolated_back_to_back_calls_give_cold_and_warm_figures() -> None:
+    res = time_isolated({"c": Contender("test_isolated:make_cold_first", (0.03, 0.002))},
+                        [torch.randn(2)], repeats=3, warmup=1, threads=1, settle_s=0.05,
+                        sys_path=[HERE], calls=4, warm_s=0.0)["c"]
+    assert len(res.samples) == 3 and len(res.warm_samples) == 3
+    assert min(res.samples) >= 30 and res.ms >= 30  # the first call of each round
+    assert max(res.warm_samples) < 25 and res.warm_ms < 25  # the median of the other three
+    one = time_isolated({"c": Contender("test_isolated:make_cold_first", (0.03, 0.002))},
+                        [torch.randn(2)], repeats=2, warmup=0, threads=1, settle_s=0.05,
+                        sys_path=[HERE])["c"]
+    assert one.warm_ms is None and not one.warm_samples and min(one.samples) >= 30
+
+
+def test_isolated_warm_calls_wait_for_the_busy_time() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    res = time_isolated({"c": Contender("test_isolated:make_cold_first", (0.03, 0.01))},
+                        [torch.randn(2)], repeats=2, warmup=0, threads=1, settle_s=0.0,
+                        sys_path=[HERE], calls=2, warm_s=0.3)["c"]
+    # each round: the cold call, >= 0.3 s of untimed back-to-back calls, one timed warm call
+    assert time.perf_counter() - t0 >= 0.6
+    assert len(res.warm_samples) == 2 and res.warm_ms < 25
