@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ember.cost_models import devices
 from ember.cost_models.devices import DeviceSpec, cpu_cache_path, get_device
@@ -99,6 +101,36 @@ def test_quick_spec_has_every_grid_point(cpu: DeviceSpec) -> None:
     assert ms == set(devices._ORT_GEMM_M_QUICK) and kns == set(devices._ORT_GEMM_KN_QUICK)
     assert all(r[3] > 0 for r in ort["gemm"] + ort["conv"] + ort["dwconv"])
     assert len(ort["conv"]) == len(devices._ORT_CONV_QUICK)
+    # rates are per conv, not per chain: no kernel beats the best GEMM the spec measured
+    best = max(r[3] for r in ort["gemm"])
+    assert all(r[3] < 1.5 * best for r in ort["conv"] + ort["dwconv"])
+    assert [r[:3] for r in ort["conv"]] == [[b * hw * hw, cin * k * k, cout] for cin, cout, hw,
+                                           k, b in devices._ORT_CONV_QUICK]
+
+
+def test_conv_chain_is_a_model_like_conv_graph() -> None:
+    """The conv grid's chain: alternating cin -> cout -> cin convs with their own weights and
+    biases (depthwise: the channels kept), shapes that run in ONNX Runtime."""
+    from ember.ort_session import graph_session
+
+    rng = np.random.default_rng(0)
+
+    def rnd(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    for cin, cout, k, groups in ((8, 16, 3, 1), (8, 8, 3, 8), (4, 12, 1, 1)):
+        nodes, inits = devices._conv_chain(cin, cout, k, groups, rnd)
+        assert len(nodes) == devices._CONV_CHAIN and len(inits) == 2 * devices._CONV_CHAIN
+        assert len({id(v) for v in inits.values()}) == len(inits)
+        x = rnd(2, cin, 6, 6)
+        y = graph_session(nodes, {"x": x}, 1, inits).run(None, {"x": x})[0]
+        assert y.shape == (2, cin if devices._CONV_CHAIN % 2 == 0 else cout, 6, 6)
+        ref = torch.from_numpy(x)
+        for i in range(devices._CONV_CHAIN):
+            ref = torch.nn.functional.conv2d(ref, torch.from_numpy(inits[f"w{i}"]),
+                                             torch.from_numpy(inits[f"b{i}"]), padding=k // 2,
+                                             groups=groups)
+        np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_host_speed_probe(cpu: DeviceSpec) -> None:
