@@ -130,7 +130,9 @@ def test_conv_chain_is_a_model_like_conv_graph() -> None:
             ref = torch.nn.functional.conv2d(ref, torch.from_numpy(inits[f"w{i}"]),
                                              torch.from_numpy(inits[f"b{i}"]), padding=k // 2,
                                              groups=groups)
-        np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
+        # four random convs grow values to ~1e4: the tolerance scales with them
+        np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4,
+                                   atol=1e-5 * float(ref.abs().max()))
 
 
 def test_host_speed_probe(cpu: DeviceSpec) -> None:
