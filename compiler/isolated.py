@@ -15,9 +15,10 @@ beside 21 ms with nine idle sessions spinning next to it.
 Each worker builds its contender from a factory named ``"module:function"`` (imported in the
 fresh process; ``sys_path`` entries are added first, so example scripts can name their own
 factories), answers with its first outputs, then times one call (or ``calls`` back to back)
-per request, blocked on the pipe (idle) while the others run. The parent drives rounds in a seeded random order with
-``settle_s`` of idle time before each call. The median of each contender's own samples is the
-figure; outputs come back so callers can check them before trusting any time.
+per request, blocked on the pipe (idle) while the others run. The parent drives rounds in a
+seeded random order with ``settle_s`` of idle time before each call. The median of each
+contender's own samples is the figure; outputs come back so callers can check them before
+trusting any time.
 """
 
 from __future__ import annotations

@@ -415,8 +415,8 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
                              {"x": rnd(m, k)}))
     # convs are timed in chains of `_CONV_CHAIN` with their own weights and biases, as a
     # model runs them: ORT moves a conv graph into its blocked NCHWc layout and reorders
-    # only at the graph's edges, which a one-conv session pays on every call (spec 8 timed
-    # one conv per session and over-predicted MobileNetV2 by 12-34%). Dense chains alternate
+    # only at the graph's edges, which a one-conv session pays on every call (a grid of
+    # one-conv sessions over-predicted MobileNetV2 by 12-34%). Dense chains alternate
     # cin -> cout -> cin (every conv the same FLOPs); depthwise ones keep their channels.
     for c, hw, b in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
         x = rnd(b, c, hw, hw)
