@@ -113,17 +113,20 @@ def _worker(c: Contender, inputs: list[np.ndarray], threads: int, sys_path: list
                    0.0))
         return
     with torch.inference_mode():
+        def timed() -> float:
+            t0 = time.perf_counter()
+            run(*inputs)
+            return (time.perf_counter() - t0) * 1e3
+
         while (req := conn.recv()) != "stop":
-            calls, warm_s = (req[1], req[2]) if isinstance(req, tuple) else (1, 0.0)
-            ms = []
+            _, calls, warm_s = req  # ("run", calls, warm_s)
             t_start = time.perf_counter()
-            for i in range(calls):  # back to back: the first after the round's idle time
-                while i == 1 and time.perf_counter() - t_start < warm_s:
+            ms = [timed()]  # the first, after the round's idle time
+            if calls > 1:
+                while time.perf_counter() - t_start < warm_s:
                     run(*inputs)  # untimed: until the host has run this for warm_s
-                t0 = time.perf_counter()
-                run(*inputs)
-                ms.append((time.perf_counter() - t0) * 1e3)
-            conn.send(ms if isinstance(req, tuple) else ms[0])
+                ms += [timed() for _ in range(calls - 1)]
+            conn.send(ms)
 
 
 def time_isolated(contenders: Mapping[str, Contender], inputs: Sequence[Any], *,

@@ -418,18 +418,17 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
     # only at the graph's edges, which a one-conv session pays on every call (a grid of
     # one-conv sessions over-predicted MobileNetV2 by 12-34%). Dense chains alternate
     # cin -> cout -> cin (every conv the same FLOPs); depthwise ones keep their channels.
-    for c, hw, b in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV):
-        x = rnd(b, c, hw, hw)
-        nodes, inits = _conv_chain(c, c, 3, c, rnd)
-        sess = graph_session(nodes, {"x": x}, threads, inits)
-        jobs.append(("dwconv", [b * hw * hw, 9, c], 2.0 * b * c * 9 * hw * hw, _CONV_CHAIN,
-                     sess, {"x": x}))
-    for cin, cout, hw, kk, b in (_ORT_CONV_QUICK if quick else _ORT_CONV):
+    convs = [("dwconv", c, c, hw, 3, c, b)
+             for c, hw, b in (_ORT_DWCONV_QUICK if quick else _ORT_DWCONV)]
+    convs += [("conv", cin, cout, hw, kk, 1, b)
+              for cin, cout, hw, kk, b in (_ORT_CONV_QUICK if quick else _ORT_CONV)]
+    for key, cin, cout, hw, kk, groups, b in convs:
         x = rnd(b, cin, hw, hw)
-        nodes, inits = _conv_chain(cin, cout, kk, 1, rnd)
+        nodes, inits = _conv_chain(cin, cout, kk, groups, rnd)
         sess = graph_session(nodes, {"x": x}, threads, inits)
-        jobs.append(("conv", [b * hw * hw, cin * kk * kk, cout],
-                     2.0 * b * cout * cin * kk * kk * hw * hw, _CONV_CHAIN, sess, {"x": x}))
+        red = cin // groups * kk * kk  # the GEMM view's K (9 for a depthwise 3x3)
+        jobs.append((key, [b * hw * hw, red, cout], 2.0 * b * hw * hw * red * cout,
+                     _CONV_CHAIN, sess, {"x": x}))
     passes = 1 if quick else _GRID_PASSES
     times: list[list[float]] = [[] for _ in jobs]
     for _ in range(passes):
