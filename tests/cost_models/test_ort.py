@@ -221,9 +221,10 @@ def test_roofline_divides_gemms_by_the_throughput_ort_reached(cpu: DeviceSpec) -
 
 
 def test_weights_bigger_than_the_l3_read_the_cold_gemm_grid(cpu: DeviceSpec) -> None:
-    """A weight bigger than the L3 (an LM head) comes from DRAM on every call: its GEMM is
+    """GEMM weights that together exceed the L3 come from DRAM on every call (each block's
+    weights were evicted by the rest of the model since the previous call): their GEMMs are
     divided by the grid timed with such weights (``gemm_cold``) up to that grid's largest M;
-    weights that fit keep the cached grid, and so do larger M."""
+    weights that fit together keep the cached grid, and so do larger M."""
     from dataclasses import replace
 
     g = _mlp()
@@ -242,6 +243,11 @@ def test_weights_bigger_than_the_l3_read_the_cold_gemm_grid(cpu: DeviceSpec) -> 
     assert min(t.numel() * 4 for t in g.weights.values() if t.dim() == 2) > 1000
     assert gemm_s(1000, 64) == pytest.approx(flops / 1e9, rel=1e-6)          # cold
     assert gemm_s(10**9, 64) == pytest.approx(flops / 4e9, rel=1e-6)         # fits: cached
+    # every weight fits alone but not all of them together: all cold
+    sizes = [g.weights[n.inputs[1].name].numel() * 4 for n in lin]
+    assert len(sizes) > 1 and max(sizes) < sum(sizes)
+    assert gemm_s(max(sizes), 64) == pytest.approx(flops / 1e9, rel=1e-6)
+    assert gemm_s(sum(sizes), 64) == pytest.approx(flops / 4e9, rel=1e-6)     # exactly fits
     big = sum(ort.node_roofline_s(n, base, {"batch": 1024})[1] for n in lin)
     assert gemm_s(1000, 1024) == pytest.approx(big / 4e9, rel=1e-6)          # past the grid
     # the measured spec has the cold grid where the L3 can be exceeded by a chain
