@@ -325,6 +325,12 @@ def _gemm_chain(k: int, n: int, count: int, rnd: Callable[..., Any]
     return nodes, inits
 
 
+def _cold_pairs(k: int, n: int, l3_bytes: int) -> int:
+    """K -> N -> K pairs in a cold-grid chain: weights twice the L3, at most
+    `_COLD_MAX_GEMMS` GEMMs (the chain is cold when they reach 1.5x the L3)."""
+    return max(2, min(_COLD_MAX_GEMMS // 2, -(-2 * l3_bytes // (2 * 4 * k * n))))
+
+
 def _conv_chain(cin: int, cout: int, kk: int, groups: int, rnd: Callable[..., Any]
                 ) -> tuple[list[Any], dict[str, Any]]:
     """``_CONV_CHAIN`` stride-1 "same" Convs with bias, x[cin] -> [cout] -> [cin] -> ...
@@ -403,7 +409,7 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
         # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
         # above (AVX-512 EPYC). Read for a weight bigger than the L3 (GPT-2's 154 MB LM head:
         # its blocks' GEMMs ran at the cached rates in ORT's profile, the head did not)
-        pairs = max(2, min(_COLD_MAX_GEMMS // 2, -(-2 * l3_bytes // (2 * 4 * k * n))))
+        pairs = _cold_pairs(k, n, l3_bytes)
         if 2 * pairs * 4 * k * n >= 1.5 * l3_bytes:
             chain, cold = _gemm_chain(k, n, 2 * pairs, rnd)
             cms = _ORT_GEMM_COLD_M_QUICK if quick else _ORT_GEMM_COLD_M
@@ -756,40 +762,58 @@ def get_device(name: str = "cpu", *, cache_dir: str | os.PathLike | None = None,
 # ----------------------------------------------------------------------------- host probe
 # A shared host's speed moves 10-30% within minutes (a spec measured at one minute predicted
 # every model 10-25% low a quarter of an hour later). The probe is one of the spec's own GEMM
-# grid jobs (the 4-GEMM chain at the point nearest `_PROBE_MKN`), timed again now: its time
-# over the time the spec implies for it is the host's current slowdown.
+# grid jobs, timed again now: its time over the time the spec implies for it is the host's
+# current slowdown. Two probes, because the host slows in two ways: the cached probe (the
+# 4-GEMM chain nearest `_PROBE_MKN`, weights in the L3) sees the CPU taken from us; the cold
+# probe (the cold-grid chain nearest `_PROBE_COLD_MKN`, weights twice the L3, read from DRAM)
+# also sees a neighbour's traffic in the shared L3 and memory. In two 33-point runs the
+# models whose weights exceed the L3 ran 1.2-1.8x slower than in an earlier run while the
+# cached probe said 1.06-1.21x.
 _PROBE_MKN = (256, 768, 768)
+_PROBE_COLD_MKN = (64, 768, 768)
 
 
-def probe_point(spec: DeviceSpec) -> tuple[int, int, int, float] | None:
-    """(M, K, N, FLOP/s) of the spec's GEMM grid point the probe times, or None when the spec
-    has no measured ORT grid (a published device, or a build without onnxruntime)."""
-    grid = ((spec.measured or {}).get("ort") or {}).get("gemm") or []
-    if not grid:
+def probe_point(spec: DeviceSpec, cold: bool = False) -> tuple[int, int, int, float] | None:
+    """(M, K, N, FLOP/s) of the spec's GEMM grid point the probe times (``cold``: of its cold
+    grid), or None when the spec has no such grid (a published device, a build without
+    onnxruntime, no L3 size to exceed)."""
+    ortk = (spec.measured or {}).get("ort") or {}
+    grid = (ortk.get("gemm_cold") if cold and spec.l3_bytes else ortk.get("gemm")) or []
+    if not grid or (cold and not spec.l3_bytes):
         return None
+    want = _PROBE_COLD_MKN if cold else _PROBE_MKN
 
     def dist(r: list[float]) -> float:
-        return sum(abs(math.log(r[i] / _PROBE_MKN[i])) for i in range(3))
+        return sum(abs(math.log(r[i] / want[i])) for i in range(3))
 
     m, k, n, rate = min(grid, key=dist)
     return int(m), int(k), int(n), float(rate)
 
 
-def probe_expected_s(spec: DeviceSpec) -> float | None:
+def probe_gemms(spec: DeviceSpec, cold: bool = False) -> int:
+    """GEMMs in one call of the probe graph (the chain its grid point was timed in)."""
+    pt = probe_point(spec, cold)
+    if not cold or pt is None:
+        return _GEMM_CHAIN
+    return 2 * _cold_pairs(pt[1], pt[2], spec.l3_bytes)
+
+
+def probe_expected_s(spec: DeviceSpec, cold: bool = False) -> float | None:
     """Seconds one probe call takes at the speed the spec was measured at."""
-    pt = probe_point(spec)
+    pt = probe_point(spec, cold)
     if pt is None:
         return None
     m, k, n, rate = pt
     call = float(spec.measured["ort"].get("call_overhead_s", 0.0))
-    return call + _GEMM_CHAIN * 2.0 * m * k * n / rate
+    return call + probe_gemms(spec, cold) * 2.0 * m * k * n / rate
 
 
-def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
+def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20, gemms: int = 0
                  ) -> Callable[..., Any]:
     """A runner for `ember.isolated` (``"ember.cost_models.devices:probe_runner"``): each call
     runs the probe graph ``calls`` times back to back, as the spec's grid timed it (one sample
-    / ``calls`` is one probe call)."""
+    / ``calls`` is one probe call). ``gemms``: GEMMs in the chain (`probe_gemms`; 0: the
+    cached probe's `_GEMM_CHAIN`)."""
     import numpy as np
 
     from ember.ort_session import graph_session
@@ -799,9 +823,10 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
     def rnd(*shape: int) -> Any:
         return rng.standard_normal(shape).astype(np.float32)
 
-    nodes, inits = _gemm_chain(k, n, _GEMM_CHAIN, rnd)
+    nodes, inits = _gemm_chain(k, n, gemms or _GEMM_CHAIN, rnd)
     x = rnd(m, k)
     sess = graph_session(nodes, {"x": x}, threads, inits, dynamic_rows=True)
+    del inits
     feed = {"x": x}
 
     def run(*_: Any) -> Any:
@@ -812,16 +837,19 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20
     return run
 
 
-def host_speed(spec: DeviceSpec, threads: int | None = None) -> float | None:
+def host_speed(spec: DeviceSpec, threads: int | None = None, cold: bool = False
+               ) -> float | None:
     """The host's slowdown now against when ``spec`` was measured: the probe's median time
-    now over the time the spec implies (1.0: as fast; 1.2: calls take 20% longer). Takes
-    about a second. None when the spec has no ORT grid."""
-    pt, want = probe_point(spec), probe_expected_s(spec)
+    now over the time the spec implies (1.0: as fast; 1.2: calls take 20% longer). ``cold``:
+    the cold probe (weights from DRAM). Takes about a second. None when the spec has no such
+    grid."""
+    pt, want = probe_point(spec, cold), probe_expected_s(spec, cold)
     if pt is None or want is None:
         return None
     import torch
 
-    run = probe_runner(*pt[:3], threads=threads or torch.get_num_threads(), calls=1)
+    run = probe_runner(*pt[:3], threads=threads or torch.get_num_threads(), calls=1,
+                       gemms=probe_gemms(spec, cold))
     time.sleep(0.05)
     return _typical_time(run, min_time=0.02, repeats=9) / want
 

@@ -357,7 +357,7 @@ def node_features(g: Graph, env: Mapping[str, int], device: DeviceSpec,
 
 
 # ----------------------------------------------------------------------------- estimate
-def _gemm_weight_bytes(g: Graph) -> int:
+def gemm_weight_bytes(g: Graph) -> int:
     """Bytes of the weights a call of ``g`` reads whole: the right-hand operands of its GEMMs
     (an embedding table that is only gathered from does not count, a tied LM head does)."""
     names = {n.inputs[1].name for n in g.nodes
@@ -383,7 +383,7 @@ def _cold_weight(n: Node, g: Graph, l3_bytes: int, weight_bytes: int | None = No
     if w is None or l3_bytes <= 0 or w.name not in g.weights:
         return False
     if weight_bytes is None:
-        weight_bytes = _gemm_weight_bytes(g)
+        weight_bytes = gemm_weight_bytes(g)
     t = g.weights[w.name]
     return max(weight_bytes, t.numel() * t.element_size()) > l3_bytes
 
@@ -405,7 +405,7 @@ def estimate_graph_ort(g: Graph, device: DeviceSpec, symbols: Mapping[str, int] 
         spec = DeviceSpec.from_json(m.device_spec)
         if spec.measured.get("cpu_model") == device.measured.get("cpu_model"):
             device = spec
-    wbytes = _gemm_weight_bytes(g)
+    wbytes = gemm_weight_bytes(g)
     roofs = [node_roofline_s(n, device, env, _cold_weight(n, g, device.l3_bytes, wbytes))
              for n in g.nodes]
     flops = [r[1] for r in roofs]

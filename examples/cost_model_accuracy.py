@@ -12,6 +12,12 @@ back to back: the first, after the round's idle time, is the sporadic caller's l
 benchmark sees (the "warm" figure, the one the predictor models: the device spec is timed
 back to back). With ``--calls 1`` only the cold figure, as before session 15.
 Reports the share within +-10% (target >= 90%), the timing spread (IQR) and the load average.
+Beside each model two host-speed probes are timed in the same rounds (`ember.cost_models.
+devices.host_speed`): the cached one (a GEMM chain whose weights stay in the L3) and the cold
+one (a chain whose weights are twice the L3); predictions are reported scaled by the first, and
+by the one matching the grid the model is priced at (the cold probe for a model whose GEMM
+weights exceed the L3): a shared host's neighbours slow DRAM-bound models more than
+CPU-bound ones.
 
     python examples/cost_model_accuracy.py --build /tmp/cm_art          # compile + save only
     python examples/cost_model_accuracy.py --artifacts /tmp/cm_art --json out.json
@@ -52,6 +58,7 @@ BASE_TEXT_GRID = [{"batch": b, "seq": s} for b in (1, 2, 4) for s in (32, 64, 12
 BASE_IMAGE_GRID = [{"batch": b} for b in (1, 2, 4)]
 DEFAULT_MODELS = "vit,gpt2,llama,mobilenet_v2,bert"
 PROBE_CALLS = 20  # probe calls back to back per timed sample, as the spec's grid timed them
+PROBE_COLD_CALLS = 5  # the cold probe's calls per sample (each ~4x the cached probe's)
 
 
 def _zoo(name: str, size: str) -> zoo.ZooModel:
@@ -112,6 +119,10 @@ def main() -> int:
     # the host-speed probe: one of the spec's GEMM grid jobs timed beside each model; its time
     # over the spec's says how much slower the host is now than when the spec was measured
     probe, probe_want = cm.devices.probe_point(dev), cm.devices.probe_expected_s(dev)
+    # the cold probe (weights from DRAM) scales the models whose GEMM weights exceed the L3,
+    # the ones the cost model prices at the cold grid (`ember.cost_models.ort._cold_weight`)
+    cprobe = cm.devices.probe_point(dev, cold=True)
+    cprobe_want = cm.devices.probe_expected_s(dev, cold=True)
     points = []
     for name, c in models.items():
         zm = _zoo(name, args.size)
@@ -144,9 +155,15 @@ def main() -> int:
                                         (*probe[:3], args.threads, PROBE_CALLS))
                 cs["probe_cold"] = Contender("ember.cost_models.devices:probe_runner",
                                              (*probe[:3], args.threads, 1))
+            if cprobe:
+                cs["probe_mem"] = Contender("ember.cost_models.devices:probe_runner",
+                                            (*cprobe[:3], args.threads, PROBE_COLD_CALLS,
+                                             cm.devices.probe_gemms(dev, cold=True)))
             res = time_isolated(cs, [], repeats=args.repeats, warmup=3, threads=args.threads,
                                 calls=args.calls)
-            slow = cold = None
+            slow = cold = slow_mem = None
+            if cprobe and res["probe_mem"].ms:
+                slow_mem = res["probe_mem"].ms / PROBE_COLD_CALLS / 1e3 / cprobe_want
             if probe and res["probe"].ms:
                 warm_ms = res["probe"].ms / PROBE_CALLS
                 slow = warm_ms / 1e3 / probe_want
@@ -155,6 +172,7 @@ def main() -> int:
             for i, p in enumerate(mine):
                 p["t"], p["tw"] = res[str(i)].samples, res[str(i)].warm_samples
                 p["host_speed"], p["cold_add_ms"] = slow, cold
+                p["host_speed_mem"] = slow_mem
             loads.append(os.getloadavg()[0])
             print(f"  timed {name}: {len(mine)} points", flush=True)
         points = [p for p in points if p["t"]]
@@ -170,6 +188,9 @@ def main() -> int:
             regime = r0.get("regime", "cold")
             cold_meas = r0.get("measured_cold_ms", meas if regime == "cold" else None)
             p["host_speed"], p["cold_add_ms"] = r0.get("host_speed"), r0.get("cold_add_ms")
+            p["host_speed_mem"] = r0.get("host_speed_mem")
+            if p["host_speed_mem"] and old.get("probe_mem_expected_s") and cprobe_want:
+                p["host_speed_mem"] *= old["probe_mem_expected_s"] / cprobe_want
             if p["host_speed"] and old.get("probe_expected_s") and probe_want:
                 # the probe's measured time over what the spec now in use expects of it
                 p["host_speed"] *= old["probe_expected_s"] / probe_want
@@ -192,6 +213,10 @@ def main() -> int:
                                     correction=False)
         err = pred / meas - 1
         hs, ca = p.get("host_speed"), p.get("cold_add_ms")
+        # the probe that matches the grid the model is priced at: cold when its GEMM
+        # weights exceed the L3 (and the cold probe was timed), else the cached one
+        big = cm.ort.gemm_weight_bytes(c.graph) > dev.l3_bytes > 0
+        hsm = p.get("host_speed_mem") if big and p.get("host_speed_mem") else hs
         cold_ms = pred * hs + ca if hs and ca is not None else None
         rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
                      "regime": regime, "measured_cold_ms": cold_meas,
@@ -202,6 +227,9 @@ def main() -> int:
                      "probe_cold_rel_err": cold_ms / cold_meas - 1
                      if cold_ms and cold_meas else None,
                      "host_speed": hs, "probe_adjusted_ms": pred * hs if hs else None,
+                     "host_speed_mem": p.get("host_speed_mem"), "weights_exceed_l3": big,
+                     "matched_speed": hsm,
+                     "matched_adjusted_rel_err": pred * hsm / meas - 1 if hsm else None,
                      "probe_adjusted_rel_err": pred * hs / meas - 1 if hs else None,
                      "measured_min_ms": fastest, "noise_iqr": iqr, "predicted_ms": pred,
                      "roofline_ms": raw, "rel_err": err, "rel_err_vs_min": pred / fastest - 1,
@@ -211,7 +239,9 @@ def main() -> int:
               f"{regime} (IQR {100 * iqr:4.1f}%"
               + (f", cold {cold_meas:8.3f} ms" if regime == "warm" and cold_meas else "")
               + f")  predicted {pred:8.3f} ms ({100 * err:+6.1f}%)"
-              + (f" x host {hs:.2f} ({100 * (pred * hs / meas - 1):+6.1f}%)" if hs else ""))
+              + (f" x host {hs:.2f} ({100 * (pred * hs / meas - 1):+6.1f}%)" if hs else "")
+              + (f" x matched {hsm:.2f} ({100 * (pred * hsm / meas - 1):+6.1f}%)"
+                 if hsm and hsm != hs else ""))
     if not rows:
         print("no measurements")
         return 1
@@ -231,6 +261,9 @@ def main() -> int:
     within_cold = sum(abs(r["probe_cold_rel_err"]) <= 0.10 for r in colds) / max(1, len(colds))
     within_adj = sum(abs(r["probe_adjusted_rel_err"]) <= 0.10 for r in adj) / max(1, len(adj))
     med_adj = statistics.median(abs(r["probe_adjusted_rel_err"]) for r in adj) if adj else None
+    mat = [r for r in rows if r["matched_adjusted_rel_err"] is not None]
+    within_mat = sum(abs(r["matched_adjusted_rel_err"]) <= 0.10 for r in mat) / max(1, len(mat))
+    med_mat = statistics.median(abs(r["matched_adjusted_rel_err"]) for r in mat) if mat else None
     per_model = {}
     for m in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == m]
@@ -241,6 +274,10 @@ def main() -> int:
         if rs[0]["host_speed"]:
             per_model[m]["within10_probe_adjusted"] = sum(
                 abs(r["probe_adjusted_rel_err"]) <= 0.1 for r in rs) / len(rs)
+        if rs[0].get("matched_adjusted_rel_err") is not None:
+            per_model[m]["within10_probe_matched"] = sum(
+                abs(r["matched_adjusted_rel_err"]) <= 0.1 for r in rs) / len(rs)
+            per_model[m]["matched_speed"] = rs[0]["matched_speed"]
         if rs[0].get("probe_cold_rel_err") is not None:
             per_model[m]["within10_probe_cold"] = sum(
                 abs(r["probe_cold_rel_err"]) <= 0.1 for r in rs) / len(rs)
@@ -257,6 +294,11 @@ def main() -> int:
         print(f"{len(adj)} predictions scaled by the host-speed probe (host {speeds[0]:.2f}.."
               f"{speeds[-1]:.2f}x the spec's time): within +-10%: {100 * within_adj:.0f}%, "
               f"median |error| {100 * med_adj:.1f}%")
+    if any(r.get("host_speed_mem") for r in mat):
+        speeds = sorted({round(r["matched_speed"], 3) for r in mat})
+        print(f"{len(mat)} predictions scaled by the matching probe (the cold one for models "
+              f"whose GEMM weights exceed the L3; host {speeds[0]:.2f}..{speeds[-1]:.2f}x): "
+              f"within +-10%: {100 * within_mat:.0f}%, median |error| {100 * med_mat:.1f}%")
     if colds:
         adds = sorted(r["cold_add_ms"] for r in colds)
         print(f"{len(colds)} predictions scaled by the probe plus its cold-call cost "
@@ -278,6 +320,9 @@ def main() -> int:
               f"median |err| {100 * s['median_abs_err']:5.1f}%"
               + (f"; host {s['host_speed']:.2f}x, probe-adjusted within10 "
                  f"{100 * s['within10_probe_adjusted']:4.0f}%" if s["host_speed"] else "")
+              + (f"; matched probe {s['matched_speed']:.2f}x: "
+                 f"{100 * s['within10_probe_matched']:4.0f}%"
+                 if s.get("matched_speed") and s["matched_speed"] != s["host_speed"] else "")
               + (f"; + cold-call cost {100 * s['within10_probe_cold']:4.0f}%"
                  if "within10_probe_cold" in s else "")
               + (f"; cold/warm {s['cold_over_warm']:.2f}x" if "cold_over_warm" in s else ""))
@@ -293,6 +338,9 @@ def main() -> int:
             "within10_probe_cold": within_cold if colds else None,
             "median_abs_err_probe_adjusted": med_adj, "probe_point": probe,
             "probe_expected_s": probe_want,
+            "within10_probe_matched": within_mat if mat else None,
+            "median_abs_err_probe_matched": med_mat, "probe_mem_point": cprobe,
+            "probe_mem_expected_s": cprobe_want,
             "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,
             "ort_model_meta": dict(ortm.meta) if ortm else None,
             "device": dev.to_json()}, indent=1))

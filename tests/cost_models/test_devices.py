@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,15 @@ def test_host_speed_probe(cpu: DeviceSpec) -> None:
                                             (m, k, n, 1, 5))}, [], repeats=3, threads=1)
     assert res["probe"].ms and 0.2 < res["probe"].ms / 5 / 1e3 / want < 20
     assert devices.probe_point(devices.get_device("h100")) is None
+    # the cold probe: a cold-grid point, timed in a chain as long as the spec's (weights
+    # twice the L3), so its time now over the spec's is the host's DRAM-bound slowdown
+    if cpu.l3_bytes and cpu.measured["ort"].get("gemm_cold"):
+        m, k, n, rate = devices.probe_point(cpu, cold=True)
+        assert [m, k, n, rate] in [list(map(float, r)) for r in cpu.measured["ort"]["gemm_cold"]]
+        gemms = devices.probe_gemms(cpu, cold=True)
+        assert gemms * 4 * k * n >= 1.5 * cpu.l3_bytes
+        want = devices.probe_expected_s(cpu, cold=True)
+        assert want > gemms * 2.0 * m * k * n / rate
+        slow = devices.host_speed(cpu, threads=1, cold=True)
+        assert slow is not None and 0.2 < slow < 20
+    assert devices.probe_point(replace(cpu, l3_bytes=0), cold=True) is None
