@@ -83,6 +83,12 @@ def build(names: list[str], size: str, out: Path | None,
     return models
 
 
+def _share(errs: list[float | None]) -> float | None:
+    """Share of the relative errors within +-10% (None when there are none)."""
+    es = [e for e in errs if e is not None]
+    return sum(abs(e) <= 0.1 for e in es) / len(es) if es else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=DEFAULT_MODELS)
@@ -173,6 +179,12 @@ def main() -> int:
                 p["t"], p["tw"] = res[str(i)].samples, res[str(i)].warm_samples
                 p["host_speed"], p["cold_add_ms"] = slow, cold
                 p["host_speed_mem"] = slow_mem
+                # per round (the same rounds as the point's own samples): for the estimator
+                # that pairs each round's call with that round's probe
+                p["probe_speeds"] = [t / PROBE_CALLS / 1e3 / probe_want
+                                     for t in res["probe"].samples] if probe else []
+                p["probe_mem_speeds"] = [t / PROBE_COLD_CALLS / 1e3 / cprobe_want
+                                         for t in res["probe_mem"].samples] if cprobe else []
             loads.append(os.getloadavg()[0])
             print(f"  timed {name}: {len(mine)} points", flush=True)
         points = [p for p in points if p["t"]]
@@ -189,6 +201,9 @@ def main() -> int:
             cold_meas = r0.get("measured_cold_ms", meas if regime == "cold" else None)
             p["host_speed"], p["cold_add_ms"] = r0.get("host_speed"), r0.get("cold_add_ms")
             p["host_speed_mem"] = r0.get("host_speed_mem")
+            p["tw"], p["t"] = r0.get("warm_samples") or [], r0.get("cold_samples") or []
+            p["probe_speeds"] = r0.get("probe_speeds") or []
+            p["probe_mem_speeds"] = r0.get("probe_mem_speeds") or []
             if p["host_speed_mem"] and old.get("probe_mem_expected_s") and cprobe_want:
                 p["host_speed_mem"] *= old["probe_mem_expected_s"] / cprobe_want
             if p["host_speed"] and old.get("probe_expected_s") and probe_want:
@@ -217,6 +232,15 @@ def main() -> int:
         # weights exceed the L3 (and the cold probe was timed), else the cached one
         big = cm.ort.gemm_weight_bytes(c.graph) > dev.l3_bytes > 0
         hsm = p.get("host_speed_mem") if big and p.get("host_speed_mem") else hs
+        # paired: each round's call against the same round's probe, the median of the ratios
+        # (a slow phase that spans a round slows both; medians of each apart do not cancel it)
+        ws, ps = p.get("tw") or [], p.get("probe_speeds") or []
+        pms = p.get("probe_mem_speeds") or []
+        paired = statistics.median(pred * v / w for w, v in zip(ws, ps)) - 1 \
+            if ws and len(ps) == len(ws) else None
+        mps = pms if big and len(pms) == len(ws) else ps
+        paired_m = statistics.median(pred * v / w for w, v in zip(ws, mps)) - 1 \
+            if ws and len(mps) == len(ws) else None
         cold_ms = pred * hs + ca if hs and ca is not None else None
         rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
                      "regime": regime, "measured_cold_ms": cold_meas,
@@ -230,6 +254,11 @@ def main() -> int:
                      "host_speed_mem": p.get("host_speed_mem"), "weights_exceed_l3": big,
                      "matched_speed": hsm,
                      "matched_adjusted_rel_err": pred * hsm / meas - 1 if hsm else None,
+                     "paired_rel_err": paired, "paired_matched_rel_err": paired_m,
+                     "warm_samples": [round(t, 3) for t in p.get("tw") or []],
+                     "cold_samples": [round(t, 3) for t in p.get("t") or []],
+                     "probe_speeds": [round(v, 4) for v in ps],
+                     "probe_mem_speeds": [round(v, 4) for v in pms],
                      "probe_adjusted_rel_err": pred * hs / meas - 1 if hs else None,
                      "measured_min_ms": fastest, "noise_iqr": iqr, "predicted_ms": pred,
                      "roofline_ms": raw, "rel_err": err, "rel_err_vs_min": pred / fastest - 1,
@@ -299,6 +328,14 @@ def main() -> int:
         print(f"{len(mat)} predictions scaled by the matching probe (the cold one for models "
               f"whose GEMM weights exceed the L3; host {speeds[0]:.2f}..{speeds[-1]:.2f}x): "
               f"within +-10%: {100 * within_mat:.0f}%, median |error| {100 * med_mat:.1f}%")
+    for key, what in (("paired_rel_err", "the cached probe"),
+                      ("paired_matched_rel_err", "the matching probe")):
+        pr = [r[key] for r in rows if r[key] is not None]
+        if pr:
+            print(f"{len(pr)} predictions scaled round by round by {what} (each round's call "
+                  f"over that round's probe, median of the ratios): within +-10%: "
+                  f"{100 * sum(abs(e) <= 0.1 for e in pr) / len(pr):.0f}%, median |error| "
+                  f"{100 * statistics.median(map(abs, pr)):.1f}%")
     if colds:
         adds = sorted(r["cold_add_ms"] for r in colds)
         print(f"{len(colds)} predictions scaled by the probe plus its cold-call cost "
@@ -339,6 +376,8 @@ def main() -> int:
             "median_abs_err_probe_adjusted": med_adj, "probe_point": probe,
             "probe_expected_s": probe_want,
             "within10_probe_matched": within_mat if mat else None,
+            "within10_paired": _share([r["paired_rel_err"] for r in rows]),
+            "within10_paired_matched": _share([r["paired_matched_rel_err"] for r in rows]),
             "median_abs_err_probe_matched": med_mat, "probe_mem_point": cprobe,
             "probe_mem_expected_s": cprobe_want,
             "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,
