@@ -245,7 +245,9 @@ class CompiledModel:
             device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.
             host_probe: CPU only: scale the prediction by the host's speed now against when
                 its device spec was measured (`cost_models.devices.host_speed`, ~1 s): on a
-                shared host whose speed drifts 10-30% within minutes.
+                shared host whose speed drifts 10-30% within minutes. The probe matches the
+                grid the model is priced at: the cold probe (weights from DRAM) when the
+                model's GEMM weights exceed the L3, else the cached one.
         """
         from ember import cost_models
 
@@ -257,7 +259,9 @@ class CompiledModel:
             spec = cost_models.get_device(dev)
             if spec.kind != "cpu":
                 raise ValueError(f"host_probe times this CPU; the prediction is for {dev}")
-            ms *= cost_models.devices.host_speed(spec) or 1.0
+            cold = cost_models.ort.gemm_weight_bytes(self.graph) > spec.l3_bytes > 0
+            ms *= (cost_models.devices.host_speed(spec, cold=cold)
+                   or cost_models.devices.host_speed(spec) or 1.0)
         return ms
 
     def save(self, path: str | os.PathLike) -> Path:

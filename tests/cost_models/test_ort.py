@@ -139,10 +139,18 @@ def test_ort_program_is_predicted_with_the_ort_runtime(tmp_path: Path) -> None:
 
     calls = []
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(devices, "host_speed", lambda spec, threads=None: calls.append(spec) or 1.25)
+    monkey.setattr(devices, "host_speed", lambda spec, threads=None, cold=False:
+                   calls.append((spec, cold)) or (1.5 if cold else 1.25))
     try:
         assert c.predicted_latency_ms(x, host_probe=True) == pytest.approx(1.25 * want)
-        assert calls and calls[0].kind == "cpu"
+        assert calls and calls[0][0].kind == "cpu" and not calls[0][1]
+        # a model whose GEMM weights exceed the L3 is scaled by the cold (DRAM) probe
+        small_l3 = cm.get_device("cpu").l3_bytes
+        if small_l3:
+            monkey.setattr(cm.ort, "gemm_weight_bytes", lambda g: small_l3 + 1)
+            big = c.predicted_latency_ms(x)  # now priced at the cold grid
+            assert c.predicted_latency_ms(x, host_probe=True) == pytest.approx(1.5 * big)
+            assert calls[-1][1]
         with pytest.raises(ValueError, match="host_probe"):
             c.predicted_latency_ms(x, device="h100", host_probe=True)
     finally:
