@@ -407,8 +407,8 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
                          {"x": rnd(m, k)}))
         # the same products in a chain whose weights are twice the L3 (at most 128 GEMMs),
         # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
-        # above (AVX-512 EPYC). Read for a weight bigger than the L3 (GPT-2's 154 MB LM head:
-        # its blocks' GEMMs ran at the cached rates in ORT's profile, the head did not)
+        # above (AVX-512 EPYC). Read for every GEMM of a model whose GEMM weights together
+        # exceed the L3 (`ember.cost_models.ort._cold_weight`)
         pairs = _cold_pairs(k, n, l3_bytes)
         if 2 * pairs * 4 * k * n >= 1.5 * l3_bytes:
             chain, cold = _gemm_chain(k, n, 2 * pairs, rnd)
@@ -768,7 +768,9 @@ def get_device(name: str = "cpu", *, cache_dir: str | os.PathLike | None = None,
 # probe (the cold-grid chain nearest `_PROBE_COLD_MKN`, weights twice the L3, read from DRAM)
 # also sees a neighbour's traffic in the shared L3 and memory. In two 33-point runs the
 # models whose weights exceed the L3 ran 1.2-1.8x slower than in an earlier run while the
-# cached probe said 1.06-1.21x.
+# cached probe said 1.06-1.21x. Neither probe is reliable alone (BENCHMARKS.md section 6,
+# session 16: the cold one fixed GPT-2, BERT and the LLaMA in two runs of three and misread
+# the compute-bound ViT in two).
 _PROBE_MKN = (256, 768, 768)
 _PROBE_COLD_MKN = (64, 768, 768)
 
@@ -778,8 +780,9 @@ def probe_point(spec: DeviceSpec, cold: bool = False) -> tuple[int, int, int, fl
     grid), or None when the spec has no such grid (a published device, a build without
     onnxruntime, no L3 size to exceed)."""
     ortk = (spec.measured or {}).get("ort") or {}
-    grid = (ortk.get("gemm_cold") if cold and spec.l3_bytes else ortk.get("gemm")) or []
-    if not grid or (cold and not spec.l3_bytes):
+    grid = (ortk.get("gemm_cold") if cold and spec.l3_bytes else
+            None if cold else ortk.get("gemm")) or []
+    if not grid:
         return None
     want = _PROBE_COLD_MKN if cold else _PROBE_MKN
 
