@@ -259,7 +259,7 @@ class CompiledModel:
             spec = cost_models.get_device(dev)
             if spec.kind != "cpu":
                 raise ValueError(f"host_probe times this CPU; the prediction is for {dev}")
-            cold = cost_models.ort.gemm_weight_bytes(self.graph) > spec.l3_bytes > 0
+            cold = cost_models.ort.weights_exceed_l3(self.graph, spec.l3_bytes)
             ms *= (cost_models.devices.host_speed(spec, cold=cold)
                    or cost_models.devices.host_speed(spec) or 1.0)
         return ms

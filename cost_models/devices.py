@@ -408,7 +408,7 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
         # the same products in a chain whose weights are twice the L3 (at most 128 GEMMs),
         # none of them cached when it runs: at M <= 64 0.2-0.8x the rate of the 4-GEMM chain
         # above (AVX-512 EPYC). Read for every GEMM of a model whose GEMM weights together
-        # exceed the L3 (`ember.cost_models.ort._cold_weight`)
+        # exceed the L3 (`ember.cost_models.ort.weights_exceed_l3`)
         pairs = _cold_pairs(k, n, l3_bytes)
         if 2 * pairs * 4 * k * n >= 1.5 * l3_bytes:
             chain, cold = _gemm_chain(k, n, 2 * pairs, rnd)
@@ -780,8 +780,9 @@ def probe_point(spec: DeviceSpec, cold: bool = False) -> tuple[int, int, int, fl
     grid), or None when the spec has no such grid (a published device, a build without
     onnxruntime, no L3 size to exceed)."""
     ortk = (spec.measured or {}).get("ort") or {}
-    grid = (ortk.get("gemm_cold") if cold and spec.l3_bytes else
-            None if cold else ortk.get("gemm")) or []
+    if cold and not spec.l3_bytes:
+        return None
+    grid = ortk.get("gemm_cold" if cold else "gemm") or []
     if not grid:
         return None
     want = _PROBE_COLD_MKN if cold else _PROBE_MKN

@@ -65,6 +65,8 @@ __all__ = [
     "node_roofline_s",
     "gemm_flops_per_s",
     "estimate_graph_ort",
+    "gemm_weight_bytes",
+    "weights_exceed_l3",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,7 @@ def node_roofline_s(n: Node, device: DeviceSpec, env: Mapping[str, int],
     the device peaks x the op-class efficiencies and the torch dispatch overhead.
 
     ``cold_weights``: the node's weight is not in cache when it runs (the model's GEMM weights
-    exceed the L3, `_cold_weight`): fp32 GEMMs read the grid timed with weights streamed from DRAM
+    exceed the L3, `weights_exceed_l3`): fp32 GEMMs read the grid timed with weights streamed from DRAM
     (``gemm_cold``, spec version 6) up to its largest M, the cached grid past it."""
     c = node_cost(n)
     cls = c.op_class
@@ -365,12 +367,13 @@ def gemm_weight_bytes(g: Graph) -> int:
     return sum(g.weights[w].numel() * g.weights[w].element_size() for w in names)
 
 
-def _cold_weight(n: Node, g: Graph, l3_bytes: int, weight_bytes: int | None = None) -> bool:
-    """Whether ``n`` multiplies by a weight that is not in cache when it runs: every GEMM
-    weight of a model whose GEMM weights together exceed the L3. A call reads them in the
-    same order every time, the pattern an LRU-like cache keeps nothing of, so each block's
-    weights were evicted by the rest of the model since the previous call (and a single
-    weight bigger than the L3, an LM head, is evicted by itself).
+def weights_exceed_l3(g: Graph, l3_bytes: int) -> bool:
+    """Whether the GEMM weights of ``g`` together exceed the L3; then none of them is in cache
+    when its GEMM runs (`estimate_graph_ort` prices them at the cold grid, the host-speed
+    probe that matches them is the cold one). A call reads them in the same order every
+    time, the pattern an LRU-like cache keeps nothing of, so each block's weights were
+    evicted by the rest of the model since the previous call (and a single weight bigger
+    than the L3, an LM head, is evicted by itself).
 
     Measured on an AVX2 EPYC (32 MiB L3, 2 vCPUs): the earlier rule, only a weight bigger
     than the L3, under-predicted the 120 MiB LLaMA's calls by ~4 ms at every shape up to 512
@@ -379,13 +382,14 @@ def _cold_weight(n: Node, g: Graph, l3_bytes: int, weight_bytes: int | None = No
     91/91/100/64% within 10% (probe-scaled; BENCHMARKS.md section 6). A per-kernel profile on
     an AVX-512 EPYC had put BERT's and GPT-2's block GEMMs at the cached rates; the profiler's
     own per-kernel cost makes such small differences hard to read."""
+    return l3_bytes > 0 and gemm_weight_bytes(g) > l3_bytes
+
+
+def _cold_weight(n: Node, g: Graph, exceed: bool) -> bool:
+    """Whether ``n`` multiplies by a weight that is not in cache when it runs: a weight of a
+    model whose GEMM weights exceed the L3 (``exceed``, `weights_exceed_l3`)."""
     w = n.inputs[1] if len(n.inputs) > 1 else None
-    if w is None or l3_bytes <= 0 or w.name not in g.weights:
-        return False
-    if weight_bytes is None:
-        weight_bytes = gemm_weight_bytes(g)
-    t = g.weights[w.name]
-    return max(weight_bytes, t.numel() * t.element_size()) > l3_bytes
+    return exceed and w is not None and w.name in g.weights
 
 
 def estimate_graph_ort(g: Graph, device: DeviceSpec, symbols: Mapping[str, int] | None = None,
@@ -405,8 +409,8 @@ def estimate_graph_ort(g: Graph, device: DeviceSpec, symbols: Mapping[str, int] 
         spec = DeviceSpec.from_json(m.device_spec)
         if spec.measured.get("cpu_model") == device.measured.get("cpu_model"):
             device = spec
-    wbytes = gemm_weight_bytes(g)
-    roofs = [node_roofline_s(n, device, env, _cold_weight(n, g, device.l3_bytes, wbytes))
+    exceed = weights_exceed_l3(g, device.l3_bytes)
+    roofs = [node_roofline_s(n, device, env, _cold_weight(n, g, exceed))
              for n in g.nodes]
     flops = [r[1] for r in roofs]
     nbytes = [r[2] for r in roofs]

@@ -126,7 +126,7 @@ def main() -> int:
     # over the spec's says how much slower the host is now than when the spec was measured
     probe, probe_want = cm.devices.probe_point(dev), cm.devices.probe_expected_s(dev)
     # the cold probe (weights from DRAM) scales the models whose GEMM weights exceed the L3,
-    # the ones the cost model prices at the cold grid (`ember.cost_models.ort._cold_weight`)
+    # the ones the cost model prices at the cold grid (`ember.cost_models.ort.weights_exceed_l3`)
     cprobe = cm.devices.probe_point(dev, cold=True)
     cprobe_want = cm.devices.probe_expected_s(dev, cold=True)
     points = []
@@ -230,7 +230,7 @@ def main() -> int:
         hs, ca = p.get("host_speed"), p.get("cold_add_ms")
         # the probe that matches the grid the model is priced at: cold when its GEMM
         # weights exceed the L3 (and the cold probe was timed), else the cached one
-        big = cm.ort.gemm_weight_bytes(c.graph) > dev.l3_bytes > 0
+        big = cm.ort.weights_exceed_l3(c.graph, dev.l3_bytes)
         hsm = p.get("host_speed_mem") if big and p.get("host_speed_mem") else hs
         # paired: each round's call against the same round's probe, the median of the ratios
         # (a slow phase that spans a round slows both; medians of each apart do not cancel it)
@@ -291,7 +291,7 @@ def main() -> int:
     within_adj = sum(abs(r["probe_adjusted_rel_err"]) <= 0.10 for r in adj) / max(1, len(adj))
     med_adj = statistics.median(abs(r["probe_adjusted_rel_err"]) for r in adj) if adj else None
     mat = [r for r in rows if r["matched_adjusted_rel_err"] is not None]
-    within_mat = sum(abs(r["matched_adjusted_rel_err"]) <= 0.10 for r in mat) / max(1, len(mat))
+    within_mat = _share([r["matched_adjusted_rel_err"] for r in mat])
     med_mat = statistics.median(abs(r["matched_adjusted_rel_err"]) for r in mat) if mat else None
     per_model = {}
     for m in dict.fromkeys(r["model"] for r in rows):
@@ -328,13 +328,15 @@ def main() -> int:
         print(f"{len(mat)} predictions scaled by the matching probe (the cold one for models "
               f"whose GEMM weights exceed the L3; host {speeds[0]:.2f}..{speeds[-1]:.2f}x): "
               f"within +-10%: {100 * within_mat:.0f}%, median |error| {100 * med_mat:.1f}%")
+    paired_share = {}
     for key, what in (("paired_rel_err", "the cached probe"),
                       ("paired_matched_rel_err", "the matching probe")):
         pr = [r[key] for r in rows if r[key] is not None]
+        paired_share[key] = _share(pr)
         if pr:
             print(f"{len(pr)} predictions scaled round by round by {what} (each round's call "
                   f"over that round's probe, median of the ratios): within +-10%: "
-                  f"{100 * sum(abs(e) <= 0.1 for e in pr) / len(pr):.0f}%, median |error| "
+                  f"{100 * paired_share[key]:.0f}%, median |error| "
                   f"{100 * statistics.median(map(abs, pr)):.1f}%")
     if colds:
         adds = sorted(r["cold_add_ms"] for r in colds)
@@ -375,9 +377,9 @@ def main() -> int:
             "within10_probe_cold": within_cold if colds else None,
             "median_abs_err_probe_adjusted": med_adj, "probe_point": probe,
             "probe_expected_s": probe_want,
-            "within10_probe_matched": within_mat if mat else None,
-            "within10_paired": _share([r["paired_rel_err"] for r in rows]),
-            "within10_paired_matched": _share([r["paired_matched_rel_err"] for r in rows]),
+            "within10_probe_matched": within_mat,
+            "within10_paired": paired_share["paired_rel_err"],
+            "within10_paired_matched": paired_share["paired_matched_rel_err"],
             "median_abs_err_probe_matched": med_mat, "probe_mem_point": cprobe,
             "probe_mem_expected_s": cprobe_want,
             "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,
