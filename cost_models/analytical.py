@@ -476,6 +476,10 @@ def _static_size(v: Value) -> int:
 
 
 # ----------------------------------------------------------------------------- graph estimate
+# op classes whose kernels are compute-bound (their rates are the device's GEMM-like grids)
+COMPUTE_CLASSES = frozenset({"gemm", "conv", "dwconv", "attention"})
+
+
 @dataclass(frozen=True)
 class GroupEstimate:
     """One kernel: the nodes it runs, its cost at concrete shapes, its anchor op class."""
@@ -514,6 +518,18 @@ class GraphEstimate:
         for gr in self.groups:
             out[gr.op_class] = out.get(gr.op_class, 0.0) + gr.latency_s * 1e6
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def compute_us(self) -> float:
+        """Microseconds of the compute-bound kernels (`COMPUTE_CLASSES`: GEMMs, convs,
+        attention); the rest of `total_us` is memory-bound kernels, dispatch and the call."""
+        return sum(gr.latency_s for gr in self.groups if gr.op_class in COMPUTE_CLASSES) * 1e6
+
+    def scaled_us(self, compute: float, other: float) -> float:
+        """`total_us` on a host whose compute-bound kernels run ``compute`` times and whose
+        other kernels (and the call) ``other`` times as long as the device spec measured:
+        the two slowdowns two host-speed probes read (`devices.host_speed`)."""
+        comp = self.compute_us()
+        return comp * compute + (self.total_us - comp) * other
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "runtime": self.runtime, "symbols": dict(self.symbols),

@@ -47,6 +47,8 @@ __all__ = [
     "probe_point",
     "probe_runner",
     "probe_expected_s",
+    "stream_probe",
+    "stream_probe_runner",
     "host_speed",
     "OP_CLASSES",
 ]
@@ -841,19 +843,71 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20, gemm
     return run
 
 
-def host_speed(spec: DeviceSpec, threads: int | None = None, cold: bool = False
-               ) -> float | None:
+# the stream probe: a chain of Adds at one row of the spec's memory-bound table, the kernels
+# every node that is not a GEMM, conv or attention is priced by
+_PROBE_STREAM_BYTES = 196608  # 24576 floats in, 24576 out: in cache, split over the threads
+_STREAM_CHAIN = 32
+
+
+def stream_probe(spec: DeviceSpec) -> tuple[int, float] | None:
+    """(floats per Add, seconds one call of the `_STREAM_CHAIN`-Add probe graph takes at the
+    spec's speed) of the stream probe, or None when the spec has no memory-bound table."""
+    ortk = (spec.measured or {}).get("ort") or {}
+    table = ortk.get("stream") or []
+    if not table:
+        return None
+    b, t = min(table, key=lambda r: abs(math.log(float(r[0]) / _PROBE_STREAM_BYTES)))
+    call = float(ortk.get("call_overhead_s", 0.0))
+    return int(b) // 8, call + _STREAM_CHAIN * float(t)
+
+
+def stream_probe_runner(numel: int, threads: int = 2, calls: int = 20) -> Callable[..., Any]:
+    """A runner for `ember.isolated` (``"ember.cost_models.devices:stream_probe_runner"``):
+    each call runs the stream probe graph (`_STREAM_CHAIN` Adds of ``numel`` floats, the
+    graph the spec's memory-bound table was timed with) ``calls`` times back to back."""
+    import numpy as np
+    from onnx import helper
+
+    from ember.ort_session import graph_session
+
+    rng = np.random.default_rng(0)
+    w = min(768, numel)
+    x = rng.standard_normal((numel // w, w)).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "c"],
+                              ["y" if i == _STREAM_CHAIN - 1 else f"a{i}"])
+             for i in range(_STREAM_CHAIN)]
+    sess = graph_session(nodes, {"x": x}, threads,
+                         {"c": rng.standard_normal(w).astype(np.float32)})
+    feed = {"x": x}
+
+    def run(*_: Any) -> Any:
+        for _ in range(calls - 1):
+            sess.run(None, feed)
+        return sess.run(None, feed)[0]
+
+    return run
+
+
+def host_speed(spec: DeviceSpec, threads: int | None = None, cold: bool = False,
+               stream: bool = False) -> float | None:
     """The host's slowdown now against when ``spec`` was measured: the probe's median time
     now over the time the spec implies (1.0: as fast; 1.2: calls take 20% longer). ``cold``:
-    the cold probe (weights from DRAM). Takes about a second. None when the spec has no such
-    grid."""
-    pt, want = probe_point(spec, cold), probe_expected_s(spec, cold)
-    if pt is None or want is None:
-        return None
+    the cold GEMM probe (weights from DRAM); ``stream``: the stream probe (memory-bound Adds).
+    Takes about a second. None when the spec has no such grid."""
     import torch
 
-    run = probe_runner(*pt[:3], threads=threads or torch.get_num_threads(), calls=1,
-                       gemms=probe_gemms(spec, cold))
+    nthreads = threads or torch.get_num_threads()
+    if stream:
+        sp = stream_probe(spec)
+        if sp is None:
+            return None
+        run = stream_probe_runner(sp[0], threads=nthreads, calls=1)
+        want = sp[1]
+    else:
+        pt, want = probe_point(spec, cold), probe_expected_s(spec, cold)
+        if pt is None or want is None:
+            return None
+        run = probe_runner(*pt[:3], threads=nthreads, calls=1, gemms=probe_gemms(spec, cold))
     time.sleep(0.05)
     return _typical_time(run, min_time=0.02, repeats=9) / want
 

@@ -129,6 +129,8 @@ def main() -> int:
     # the ones the cost model prices at the cold grid (`ember.cost_models.ort.weights_exceed_l3`)
     cprobe = cm.devices.probe_point(dev, cold=True)
     cprobe_want = cm.devices.probe_expected_s(dev, cold=True)
+    # the stream probe (a chain of Adds) scales the memory-bound rest of each prediction
+    sprobe = cm.devices.stream_probe(dev)
     points = []
     for name, c in models.items():
         zm = _zoo(name, args.size)
@@ -165,9 +167,14 @@ def main() -> int:
                 cs["probe_mem"] = Contender("ember.cost_models.devices:probe_runner",
                                             (*cprobe[:3], args.threads, PROBE_COLD_CALLS,
                                              cm.devices.probe_gemms(dev, cold=True)))
+            if sprobe:
+                cs["probe_stream"] = Contender("ember.cost_models.devices:stream_probe_runner",
+                                               (sprobe[0], args.threads, PROBE_CALLS))
             res = time_isolated(cs, [], repeats=args.repeats, warmup=3, threads=args.threads,
                                 calls=args.calls)
-            slow = cold = slow_mem = None
+            slow = cold = slow_mem = slow_stream = None
+            if sprobe and res["probe_stream"].ms:
+                slow_stream = res["probe_stream"].ms / PROBE_CALLS / 1e3 / sprobe[1]
             if cprobe and res["probe_mem"].ms:
                 slow_mem = res["probe_mem"].ms / PROBE_COLD_CALLS / 1e3 / cprobe_want
             if probe and res["probe"].ms:
@@ -178,13 +185,15 @@ def main() -> int:
             for i, p in enumerate(mine):
                 p["t"], p["tw"] = res[str(i)].samples, res[str(i)].warm_samples
                 p["host_speed"], p["cold_add_ms"] = slow, cold
-                p["host_speed_mem"] = slow_mem
+                p["host_speed_mem"], p["host_speed_stream"] = slow_mem, slow_stream
                 # per round (the same rounds as the point's own samples): for the estimator
                 # that pairs each round's call with that round's probe
                 p["probe_speeds"] = [t / PROBE_CALLS / 1e3 / probe_want
                                      for t in res["probe"].samples] if probe else []
                 p["probe_mem_speeds"] = [t / PROBE_COLD_CALLS / 1e3 / cprobe_want
                                          for t in res["probe_mem"].samples] if cprobe else []
+                p["probe_stream_speeds"] = [t / PROBE_CALLS / 1e3 / sprobe[1]
+                                            for t in res["probe_stream"].samples] if sprobe else []
             loads.append(os.getloadavg()[0])
             print(f"  timed {name}: {len(mine)} points", flush=True)
         points = [p for p in points if p["t"]]
@@ -204,6 +213,8 @@ def main() -> int:
             p["tw"], p["t"] = r0.get("warm_samples") or [], r0.get("cold_samples") or []
             p["probe_speeds"] = r0.get("probe_speeds") or []
             p["probe_mem_speeds"] = r0.get("probe_mem_speeds") or []
+            p["host_speed_stream"] = r0.get("host_speed_stream")
+            p["probe_stream_speeds"] = r0.get("probe_stream_speeds") or []
             if p["host_speed_mem"] and old.get("probe_mem_expected_s") and cprobe_want:
                 p["host_speed_mem"] *= old["probe_mem_expected_s"] / cprobe_want
             if p["host_speed"] and old.get("probe_expected_s") and probe_want:
@@ -242,6 +253,16 @@ def main() -> int:
         paired_m = statistics.median(pred * v / w for w, v in zip(ws, mps)) - 1 \
             if ws and len(mps) == len(ws) else None
         cold_ms = pred * hs + ca if hs and ca is not None else None
+        # split: the compute-bound kernels scaled by the matching GEMM probe, the rest (memory-
+        # bound kernels, dispatch, the call) by the stream probe
+        est = cm.estimate_graph(c.graph, dev, cm.symbols_from_inputs(c.graph, list(p["inputs"])),
+                                runtime=runtime)
+        share = est.compute_us() / est.total_us
+        hss, sps = p.get("host_speed_stream"), p.get("probe_stream_speeds") or []
+        split = pred * (share * hsm + (1 - share) * hss) if hsm and hss else None
+        paired_s = statistics.median(pred * (share * v + (1 - share) * u) / w
+                                     for w, v, u in zip(ws, mps, sps)) - 1 \
+            if ws and len(mps) == len(ws) == len(sps) else None
         rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
                      "regime": regime, "measured_cold_ms": cold_meas,
                      "cold_rel_err": pred / cold_meas - 1 if cold_meas else None,
@@ -255,6 +276,10 @@ def main() -> int:
                      "matched_speed": hsm,
                      "matched_adjusted_rel_err": pred * hsm / meas - 1 if hsm else None,
                      "paired_rel_err": paired, "paired_matched_rel_err": paired_m,
+                     "compute_share": share, "host_speed_stream": hss,
+                     "split_rel_err": split / meas - 1 if split else None,
+                     "paired_split_rel_err": paired_s,
+                     "probe_stream_speeds": [round(v, 4) for v in sps],
                      "warm_samples": [round(t, 3) for t in p.get("tw") or []],
                      "cold_samples": [round(t, 3) for t in p.get("t") or []],
                      "probe_speeds": [round(v, 4) for v in ps],
@@ -270,7 +295,9 @@ def main() -> int:
               + f")  predicted {pred:8.3f} ms ({100 * err:+6.1f}%)"
               + (f" x host {hs:.2f} ({100 * (pred * hs / meas - 1):+6.1f}%)" if hs else "")
               + (f" x matched {hsm:.2f} ({100 * (pred * hsm / meas - 1):+6.1f}%)"
-                 if hsm and hsm != hs else ""))
+                 if hsm and hsm != hs else "")
+              + (f" split (stream x {hss:.2f}) ({100 * (split / meas - 1):+6.1f}%)"
+                 if split else ""))
     if not rows:
         print("no measurements")
         return 1
@@ -329,8 +356,14 @@ def main() -> int:
               f"whose GEMM weights exceed the L3; host {speeds[0]:.2f}..{speeds[-1]:.2f}x): "
               f"within +-10%: {100 * within_mat:.0f}%, median |error| {100 * med_mat:.1f}%")
     paired_share = {}
+    split_share = _share([r["split_rel_err"] for r in rows])
+    if split_share is not None:
+        print(f"predictions split (compute-bound kernels x the matching GEMM probe, the rest x "
+              f"the stream probe): within +-10%: {100 * split_share:.0f}%, median |error| "
+              f"{100 * statistics.median(abs(r['split_rel_err']) for r in rows if r['split_rel_err'] is not None):.1f}%")
     for key, what in (("paired_rel_err", "the cached probe"),
-                      ("paired_matched_rel_err", "the matching probe")):
+                      ("paired_matched_rel_err", "the matching probe"),
+                      ("paired_split_rel_err", "the split (GEMM and stream probes)")):
         pr = [r[key] for r in rows if r[key] is not None]
         paired_share[key] = _share(pr)
         if pr:
@@ -380,6 +413,9 @@ def main() -> int:
             "within10_probe_matched": within_mat,
             "within10_paired": paired_share["paired_rel_err"],
             "within10_paired_matched": paired_share["paired_matched_rel_err"],
+            "within10_split": split_share,
+            "within10_paired_split": paired_share["paired_split_rel_err"],
+            "probe_stream": sprobe,
             "median_abs_err_probe_matched": med_mat, "probe_mem_point": cprobe,
             "probe_mem_expected_s": cprobe_want,
             "repeats": old["repeats"] if old else args.repeats, "rescored_from": args.rescore,

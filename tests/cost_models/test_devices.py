@@ -166,3 +166,10 @@ def test_host_speed_probe(cpu: DeviceSpec) -> None:
         slow = devices.host_speed(cpu, threads=1, cold=True)
         assert slow is not None and 0.2 < slow < 20
     assert devices.probe_point(replace(cpu, l3_bytes=0), cold=True) is None
+    # the stream probe: a chain of Adds at one row of the spec's memory-bound table
+    numel, want = devices.stream_probe(cpu)
+    row = [r for r in cpu.measured["ort"]["stream"] if int(r[0]) == 8 * numel]
+    assert row and want > devices._STREAM_CHAIN * row[0][1]
+    slow = devices.host_speed(cpu, threads=1, stream=True)
+    assert slow is not None and 0.2 < slow < 20
+    assert devices.stream_probe(devices.get_device("h100")) is None

@@ -89,6 +89,13 @@ def test_estimate_is_call_overhead_plus_corrected_nodes(cpu: DeviceSpec) -> None
                                           * 1e6)
     # views are ORT kernels too: the permute copies, so it has a cost
     assert bare.node_us[-1] > 0
+    # two host slowdowns (`GraphEstimate.scaled_us`): the GEMMs by one, the rest (the copy,
+    # the call) by the other
+    comp = sum(us for us, gr in zip(bare.node_us, bare.groups) if gr.op_class == "gemm")
+    assert bare.compute_us() == pytest.approx(comp) and 0 < comp < bare.total_us
+    assert bare.scaled_us(1.0, 1.0) == pytest.approx(bare.total_us)
+    assert bare.scaled_us(2.0, 1.0) == pytest.approx(bare.total_us + comp)
+    assert bare.scaled_us(1.0, 3.0) == pytest.approx(3 * bare.total_us - 2 * comp)
     # larger batches never predict less for a GEMM-only graph under the bare roofline
     assert ort.estimate_graph_ort(g, cpu, {"batch": 512}, model=False).total_us > bare.total_us
 
