@@ -17,7 +17,8 @@ devices.host_speed`): the cached one (a GEMM chain whose weights stay in the L3)
 one (a chain whose weights are twice the L3); predictions are reported scaled by the first, and
 by the one matching the grid the model is priced at (the cold probe for a model whose GEMM
 weights exceed the L3): a shared host's neighbours slow DRAM-bound models more than
-CPU-bound ones.
+CPU-bound ones. A third, the stream probe (a chain of Adds), scales the memory-bound rest of
+each prediction in the "split" figure (`GraphEstimate.scaled_us`).
 
     python examples/cost_model_accuracy.py --build /tmp/cm_art          # compile + save only
     python examples/cost_model_accuracy.py --artifacts /tmp/cm_art --json out.json
