@@ -327,6 +327,13 @@ def _gemm_chain(k: int, n: int, count: int, rnd: Callable[..., Any]
     return nodes, inits
 
 
+def _node_chain(make: Callable[[str, str], Any], length: int) -> list[Any]:
+    """``length`` ONNX nodes ``make(input, output)`` in a chain from ``x`` to ``y`` (the
+    memory-bound table's graphs and the stream probe)."""
+    return [make("x" if i == 0 else f"a{i - 1}", "y" if i == length - 1 else f"a{i}")
+            for i in range(length)]
+
+
 def _cold_pairs(k: int, n: int, l3_bytes: int) -> int:
     """K -> N -> K pairs in a cold-grid chain: weights twice the L3, at most
     `_COLD_MAX_GEMMS` GEMMs (the chain is cold when they reach 1.5x the L3)."""
@@ -462,8 +469,7 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
 
     def per_node(make: Callable[[str, str], Any], x: Any, inits: dict[str, Any],
                  length: int = 16) -> float:
-        nodes = [make("x" if i == 0 else f"a{i - 1}", "y" if i == length - 1 else f"a{i}")
-                 for i in range(length)]
+        nodes = _node_chain(make, length)
         t1 = typical(graph_session([make("x", "y")], {"x": x}, threads, inits), {"x": x})
         tl = typical(graph_session(nodes, {"x": x}, threads, inits), {"x": x})
         return max((tl - t1) / (length - 1), 1e-8)
@@ -873,9 +879,7 @@ def stream_probe_runner(numel: int, threads: int = 2, calls: int = 20) -> Callab
     rng = np.random.default_rng(0)
     w = min(768, numel)
     x = rng.standard_normal((numel // w, w)).astype(np.float32)
-    nodes = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "c"],
-                              ["y" if i == _STREAM_CHAIN - 1 else f"a{i}"])
-             for i in range(_STREAM_CHAIN)]
+    nodes = _node_chain(lambda a, b: helper.make_node("Add", [a, "c"], [b]), _STREAM_CHAIN)
     sess = graph_session(nodes, {"x": x}, threads,
                          {"c": rng.standard_normal(w).astype(np.float32)})
     feed = {"x": x}

@@ -256,12 +256,13 @@ def main() -> int:
         cold_ms = pred * hs + ca if hs and ca is not None else None
         # split: the compute-bound kernels scaled by the matching GEMM probe, the rest (memory-
         # bound kernels, dispatch, the call) by the stream probe
+        # (`GraphEstimate.scaled_us`; the estimate's total is ``pred``)
         est = cm.estimate_graph(c.graph, dev, cm.symbols_from_inputs(c.graph, list(p["inputs"])),
                                 runtime=runtime)
         share = est.compute_us() / est.total_us
         hss, sps = p.get("host_speed_stream"), p.get("probe_stream_speeds") or []
-        split = pred * (share * hsm + (1 - share) * hss) if hsm and hss else None
-        paired_s = statistics.median(pred * (share * v + (1 - share) * u) / w
+        split = est.scaled_us(hsm, hss) / 1e3 if hsm and hss else None
+        paired_s = statistics.median(est.scaled_us(v, u) / 1e3 / w
                                      for w, v, u in zip(ws, mps, sps)) - 1 \
             if ws and len(mps) == len(ws) == len(sps) else None
         rows.append({"model": p["model"], "program": runtime, **p["dims"], "measured_ms": meas,
@@ -357,11 +358,12 @@ def main() -> int:
               f"whose GEMM weights exceed the L3; host {speeds[0]:.2f}..{speeds[-1]:.2f}x): "
               f"within +-10%: {100 * within_mat:.0f}%, median |error| {100 * med_mat:.1f}%")
     paired_share = {}
-    split_share = _share([r["split_rel_err"] for r in rows])
-    if split_share is not None:
-        print(f"predictions split (compute-bound kernels x the matching GEMM probe, the rest x "
-              f"the stream probe): within +-10%: {100 * split_share:.0f}%, median |error| "
-              f"{100 * statistics.median(abs(r['split_rel_err']) for r in rows if r['split_rel_err'] is not None):.1f}%")
+    splits = [r["split_rel_err"] for r in rows if r["split_rel_err"] is not None]
+    split_share = _share(splits)
+    if splits:
+        print(f"{len(splits)} predictions split (compute-bound kernels x the matching GEMM "
+              f"probe, the rest x the stream probe): within +-10%: {100 * split_share:.0f}%, "
+              f"median |error| {100 * statistics.median(map(abs, splits)):.1f}%")
     for key, what in (("paired_rel_err", "the cached probe"),
                       ("paired_matched_rel_err", "the matching probe"),
                       ("paired_split_rel_err", "the split (GEMM and stream probes)")):
