@@ -820,6 +820,16 @@ def probe_expected_s(spec: DeviceSpec, cold: bool = False) -> float | None:
     return call + probe_gemms(spec, cold) * 2.0 * m * k * n / rate
 
 
+def _calls_runner(sess: Any, feed: dict[str, Any], calls: int) -> Callable[..., Any]:
+    """A probe runner: each call runs ``sess`` on ``feed`` ``calls`` times back to back."""
+    def run(*_: Any) -> Any:
+        for _ in range(calls - 1):
+            sess.run(None, feed)
+        return sess.run(None, feed)[0]
+
+    return run
+
+
 def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20, gemms: int = 0
                  ) -> Callable[..., Any]:
     """A runner for `ember.isolated` (``"ember.cost_models.devices:probe_runner"``): each call
@@ -839,14 +849,7 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20, gemm
     x = rnd(m, k)
     sess = graph_session(nodes, {"x": x}, threads, inits, dynamic_rows=True)
     del inits
-    feed = {"x": x}
-
-    def run(*_: Any) -> Any:
-        for _ in range(calls - 1):
-            sess.run(None, feed)
-        return sess.run(None, feed)[0]
-
-    return run
+    return _calls_runner(sess, {"x": x}, calls)
 
 
 # the stream probe: a chain of Adds at one row of the spec's memory-bound table, the kernels
@@ -882,14 +885,7 @@ def stream_probe_runner(numel: int, threads: int = 2, calls: int = 20) -> Callab
     nodes = _node_chain(lambda a, b: helper.make_node("Add", [a, "c"], [b]), _STREAM_CHAIN)
     sess = graph_session(nodes, {"x": x}, threads,
                          {"c": rng.standard_normal(w).astype(np.float32)})
-    feed = {"x": x}
-
-    def run(*_: Any) -> Any:
-        for _ in range(calls - 1):
-            sess.run(None, feed)
-        return sess.run(None, feed)[0]
-
-    return run
+    return _calls_runner(sess, {"x": x}, calls)
 
 
 def host_speed(spec: DeviceSpec, threads: int | None = None, cold: bool = False,
