@@ -366,12 +366,14 @@ def node_cost(node: Node, phys: Mapping[str, Dim] | None = None) -> NodeCost:
     return NodeCost(flops, _ival(total), cls, dtype, tuple(reads), tuple(writes))
 
 
-_COMPUTE_BOUND = ("gemm", "conv", "dwconv", "attention")
+# op classes whose kernels are compute-bound (their rates are the device's GEMM-like peaks
+# and grids); the rest are memory-bound
+COMPUTE_CLASSES = frozenset({"gemm", "conv", "dwconv", "attention"})
 
 
 def _effs(device: DeviceSpec, cls: str) -> tuple[float, float]:
     """(compute efficiency, memory efficiency) of an op class on ``device``."""
-    if cls in _COMPUTE_BOUND:
+    if cls in COMPUTE_CLASSES:
         return device.eff(cls), device.eff("elementwise")
     # pointwise/reduction code is vectorized but not FMA-dense: a quarter of the GEMM peak
     return 0.25, device.eff(cls if cls != "view" else "data")
@@ -476,10 +478,6 @@ def _static_size(v: Value) -> int:
 
 
 # ----------------------------------------------------------------------------- graph estimate
-# op classes whose kernels are compute-bound (their rates are the device's GEMM-like grids)
-COMPUTE_CLASSES = frozenset({"gemm", "conv", "dwconv", "attention"})
-
-
 @dataclass(frozen=True)
 class GroupEstimate:
     """One kernel: the nodes it runs, its cost at concrete shapes, its anchor op class."""

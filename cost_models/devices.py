@@ -334,6 +334,21 @@ def _node_chain(make: Callable[[str, str], Any], length: int) -> list[Any]:
             for i in range(length)]
 
 
+def _add_node(a: str, b: str) -> Any:
+    """``b = a + c`` (``c`` a row vector): the node of the memory-bound table's chains and of
+    the stream probe."""
+    from onnx import helper
+
+    return helper.make_node("Add", [a, "c"], [b])
+
+
+def _add_operands(numel: int, rnd: Callable[..., Any]) -> tuple[Any, dict[str, Any]]:
+    """(x, {"c": row}) of an Add chain over ``numel`` floats: rows of up to 768."""
+    w = min(768, numel)
+    x = rnd(numel // w, w)
+    return x, {"c": rnd(w)}
+
+
 def _cold_pairs(k: int, n: int, l3_bytes: int) -> int:
     """K -> N -> K pairs in a cold-grid chain: weights twice the L3, at most
     `_COLD_MAX_GEMMS` GEMMs (the chain is cold when they reach 1.5x the L3)."""
@@ -477,10 +492,8 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
     d = 768
     add = {}
     for numel in (_ORT_STREAM_NUMEL_QUICK if quick else _ORT_STREAM_NUMEL):
-        w = min(d, numel)
-        x = rnd(numel // w, w)
-        add[numel] = per_node(lambda a, b: helper.make_node("Add", [a, "c"], [b]), x,
-                              {"c": rnd(w)})
+        x, c = _add_operands(numel, rnd)
+        add[numel] = per_node(_add_node, x, c)
         out["stream"].append([2 * 4 * numel, add[numel]])
     # other memory-bound kernels as multiples of the Add at one L3-resident size
     numel = 393216 if 393216 in add else max(add)
@@ -875,16 +888,12 @@ def stream_probe_runner(numel: int, threads: int = 2, calls: int = 20) -> Callab
     each call runs the stream probe graph (`_STREAM_CHAIN` Adds of ``numel`` floats, the
     graph the spec's memory-bound table was timed with) ``calls`` times back to back."""
     import numpy as np
-    from onnx import helper
 
     from ember.ort_session import graph_session
 
     rng = np.random.default_rng(0)
-    w = min(768, numel)
-    x = rng.standard_normal((numel // w, w)).astype(np.float32)
-    nodes = _node_chain(lambda a, b: helper.make_node("Add", [a, "c"], [b]), _STREAM_CHAIN)
-    sess = graph_session(nodes, {"x": x}, threads,
-                         {"c": rng.standard_normal(w).astype(np.float32)})
+    x, c = _add_operands(numel, lambda *shape: rng.standard_normal(shape).astype(np.float32))
+    sess = graph_session(_node_chain(_add_node, _STREAM_CHAIN), {"x": x}, threads, c)
     return _calls_runner(sess, {"x": x}, calls)
 
 

@@ -49,7 +49,7 @@ import zoo  # noqa: E402  (tests/zoo.py: the model zoo)
 
 import ember  # noqa: E402
 from ember import cost_models as cm  # noqa: E402
-from ember.isolated import Contender, time_isolated  # noqa: E402
+from ember.isolated import Contender, IsolatedResult, time_isolated  # noqa: E402
 
 # symbol grids per model family: text models vary batch and seq, image models batch
 TEXT_GRID = [{"batch": b, "seq": s} for b in (1, 2, 4) for s in (8, 32, 64)]
@@ -82,6 +82,13 @@ def build(names: list[str], size: str, out: Path | None,
             c.save(out / f"{name}.ember")
         models[name] = c
     return models
+
+
+def _speeds(r: IsolatedResult, calls: int, want: float) -> tuple[float | None, list[float]]:
+    """A probe's slowdown against the spec (its time per probe call over the ``want`` seconds
+    the spec implies): the median over the rounds (None when it failed), and each round's."""
+    return (r.ms / calls / 1e3 / want if r.ms else None,
+            [t / calls / 1e3 / want for t in r.samples])
 
 
 def _share(errs: list[float | None]) -> float | None:
@@ -173,28 +180,22 @@ def main() -> int:
                                                (sprobe[0], args.threads, PROBE_CALLS))
             res = time_isolated(cs, [], repeats=args.repeats, warmup=3, threads=args.threads,
                                 calls=args.calls)
-            slow = cold = slow_mem = slow_stream = None
-            if sprobe and res["probe_stream"].ms:
-                slow_stream = res["probe_stream"].ms / PROBE_CALLS / 1e3 / sprobe[1]
-            if cprobe and res["probe_mem"].ms:
-                slow_mem = res["probe_mem"].ms / PROBE_COLD_CALLS / 1e3 / cprobe_want
-            if probe and res["probe"].ms:
-                warm_ms = res["probe"].ms / PROBE_CALLS
-                slow = warm_ms / 1e3 / probe_want
-                if res["probe_cold"].ms:
-                    cold = res["probe_cold"].ms - warm_ms
+            # each probe's slowdown, and per round (the same rounds as the points' own
+            # samples): for the estimator that pairs each round's call with that round's probe
+            none: tuple[float | None, list[float]] = (None, [])
+            slow, per = _speeds(res["probe"], PROBE_CALLS, probe_want) if probe else none
+            slow_mem, per_mem = _speeds(res["probe_mem"], PROBE_COLD_CALLS, cprobe_want) \
+                if cprobe else none
+            slow_stream, per_stream = _speeds(res["probe_stream"], PROBE_CALLS, sprobe[1]) \
+                if sprobe else none
+            cold = res["probe_cold"].ms - res["probe"].ms / PROBE_CALLS \
+                if slow and res["probe_cold"].ms else None
             for i, p in enumerate(mine):
                 p["t"], p["tw"] = res[str(i)].samples, res[str(i)].warm_samples
                 p["host_speed"], p["cold_add_ms"] = slow, cold
                 p["host_speed_mem"], p["host_speed_stream"] = slow_mem, slow_stream
-                # per round (the same rounds as the point's own samples): for the estimator
-                # that pairs each round's call with that round's probe
-                p["probe_speeds"] = [t / PROBE_CALLS / 1e3 / probe_want
-                                     for t in res["probe"].samples] if probe else []
-                p["probe_mem_speeds"] = [t / PROBE_COLD_CALLS / 1e3 / cprobe_want
-                                         for t in res["probe_mem"].samples] if cprobe else []
-                p["probe_stream_speeds"] = [t / PROBE_CALLS / 1e3 / sprobe[1]
-                                            for t in res["probe_stream"].samples] if sprobe else []
+                p["probe_speeds"], p["probe_mem_speeds"] = per, per_mem
+                p["probe_stream_speeds"] = per_stream
             loads.append(os.getloadavg()[0])
             print(f"  timed {name}: {len(mine)} points", flush=True)
         points = [p for p in points if p["t"]]
