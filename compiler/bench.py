@@ -210,8 +210,9 @@ def bench_model_file(model: str, *, repeats: int = 10, threads: int = 2,
         e = res.timings["ember"].max_rel_err
         return format_results([res]) + "\nEmber max rel error vs ORT: " + \
             (f"{e:.2e}" if e is not None else "n/a")
-    ep = torch.export.load(str(path))
-    module = ep.module()
+    from .frontends.fx import load_pt2
+
+    module = load_pt2(path).module()
     res = bench_module(path.name, module, inputs, repeats=repeats, threads=threads,
                        ember_model=em)
     return format_results([res])

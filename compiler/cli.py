@@ -1,4 +1,4 @@
-"""The ``ember`` command line: compile, run, inspect, report, bench.
+"""The ``ember`` command line: compile, run, inspect, report, bench, sign, verify, keygen.
 
 Errors exit non-zero with one clear line (no traceback unless ``--debug``).
 """
@@ -99,6 +99,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     if not Path(a.model).exists():
         raise CompilerError(f"{a.model}: no such file")
+    if a.sign:
+        from ember.signing import load_public_key
+
+        load_public_key(a.sign)  # a bad key fails now, not after the compile
     passes = a.passes or f"O{a.opt}"
     shapes = _parse_input_shapes(a.input_shape)
     if shapes and not str(a.model).lower().endswith(".onnx"):
@@ -129,6 +133,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
                        metric=a.metric)
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
     cm.save(out)
+    if a.sign:
+        from ember.artifact import sign_artifact
+
+        print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
     if a.emit == "onnx":
         from ember.export_onnx import export_onnx
 
@@ -165,7 +173,8 @@ def _parse_drop(text: str) -> float:
 def cmd_run(a: argparse.Namespace) -> int:
     import ember
 
-    cm = ember.load(a.artifact, fallback="reference" if a.fallback else None)
+    cm = ember.load(a.artifact, fallback="reference" if a.fallback else None,
+                    trusted_keys=a.trust or (), trust_native=a.trust_native)
     inputs = _load_inputs(a.input)
     outs = cm(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -191,11 +200,40 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(read_manifest(a.artifact), indent=1))
         return 0
-    cm = ember.load(a.artifact, fallback="reference")
+    cm = ember.load(a.artifact, fallback="reference", trusted_keys=a.trust or (),
+                    trust_native=a.trust_native)
     print(f"artifact: {a.artifact}")
     print(cm.summary())
     if a.ir:
         print(cm.graph)
+    return 0
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    from ember.artifact import sign_artifact
+
+    kid = sign_artifact(a.artifact, a.key, signer=a.signer or "")
+    print(f"signed {a.artifact} with {kid}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from ember.artifact import verify_artifact
+
+    info = verify_artifact(a.artifact, a.trust or ())
+    print(f"{a.artifact}: signature and every file verify; {info}")
+    if a.trust and not info.trusted:
+        raise CompilerError(f"{a.artifact}: signed by {info.key_id}, which is not among the "
+                            f"--trust keys")
+    return 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from ember.signing import generate_keypair
+
+    priv, pub = generate_keypair(a.output, a.public)
+    print(f"wrote {priv} (private: keep it secret) and {pub} (public: give it to whoever "
+          f"loads your artifacts, as --trust {pub.name})")
     return 0
 
 
@@ -215,6 +253,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
                             symbols=_parse_symbols(a.symbol), passes=a.passes)
     print(rows)
     return 0
+
+
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="append", metavar="KEY.pub.pem",
+                   help="trust artifacts signed by this public key: their native program "
+                        "(AOTInductor .so, cubins, mobile .so) is loaded (repeatable)")
+    p.add_argument("--trust-native", action="store_true",
+                   help="load a native program even from an unsigned artifact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--emit", choices=["onnx"], help="also write the optimized IR as ONNX")
     c.add_argument("--strict", action="store_true", help="fallbacks are errors")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    c.add_argument("--sign", metavar="KEY.pem", help="sign the artifact with this private key")
+    c.add_argument("--signer", help="a name recorded in the signature")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="run an artifact on .npy inputs")
@@ -251,13 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", nargs="+", help=".npy per output, or one .npz")
     r.add_argument("--fallback", action="store_true",
                    help="run on the reference backend if the artifact's backend is unavailable")
+    _trust_args(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
     i.add_argument("artifact")
     i.add_argument("--ir", action="store_true", help="print the whole IR")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    _trust_args(i)
     i.set_defaults(fn=cmd_inspect)
+
+    sg = sub.add_parser("sign", help="sign an artifact (Ed25519; covers the manifest and "
+                        "every file)")
+    sg.add_argument("artifact")
+    sg.add_argument("--key", required=True, metavar="KEY.pem", help="private key (ember keygen)")
+    sg.add_argument("--signer", help="a name recorded in the signature")
+    sg.set_defaults(fn=cmd_sign)
+
+    vf = sub.add_parser("verify", help="verify an artifact's signature and every file's sha256")
+    vf.add_argument("artifact")
+    vf.add_argument("--trust", action="append", metavar="KEY.pub.pem",
+                    help="require a signature by this public key (repeatable)")
+    vf.set_defaults(fn=cmd_verify)
+
+    kg = sub.add_parser("keygen", help="write a new Ed25519 signing key pair")
+    kg.add_argument("output", help="private key path (e.g. ember-key.pem)")
+    kg.add_argument("--public", help="public key path (default: OUTPUT with .pub.pem)")
+    kg.set_defaults(fn=cmd_keygen)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report on an artifact")
     rp.add_argument("artifact")

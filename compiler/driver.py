@@ -67,20 +67,7 @@ def import_model(
         if path.suffix != ".pt2":
             raise FrontendError(f"{path}: unknown model format (expected .onnx or a "
                                 f"torch.export .pt2 file)")
-        import zipfile
-
-        if not zipfile.is_zipfile(path):
-            raise FrontendError(f"{path}: not a torch.export .pt2 archive (not a zip file)")
-        export_log = logging.getLogger("torch.export")
-        level = export_log.level
-        export_log.setLevel(logging.CRITICAL)  # torch logs its own traceback before raising
-        try:
-            model = torch.export.load(str(path))
-        except Exception as e:  # a corrupt .pt2 must not surface as a deep traceback
-            raise FrontendError(f"{path}: cannot load torch.export program: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        finally:
-            export_log.setLevel(level)
+        model = fx.load_pt2(path)
     if isinstance(model, torch.export.ExportedProgram):
         return fx.import_exported_program(model, input_names=input_names)
     if isinstance(model, torch.nn.Module):

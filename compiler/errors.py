@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "EmberError",
     "CompilerError",
     "UnsupportedOpError",
     "UnsupportedOp",
@@ -17,8 +18,12 @@ __all__ = [
 ]
 
 
-class CompilerError(Exception):
-    """Base of every error Ember raises on purpose."""
+class EmberError(Exception):
+    """Base of every error Ember raises on purpose: one line naming the file, op or field."""
+
+
+class CompilerError(EmberError):
+    """An error compiling, loading or running a model (every Ember error today is one)."""
 
 
 @dataclass(frozen=True)

@@ -261,7 +261,9 @@ def load_exported(path: str, compile: bool = False) -> Runner:
     (Inductor) when ``compile``."""
     import torch
 
-    mod = torch.export.load(path).module()
+    from ember.frontends.fx import load_pt2
+
+    mod = load_pt2(path).module()
     fn = torch.compile(mod) if compile else mod
 
     def run(*xs: np.ndarray) -> Any:

@@ -55,4 +55,5 @@ class CpuBackend:
 
     def load(self, directory: str | Path, info: Mapping[str, Any], graph: Graph | None = None,
              **opts: Any) -> CpuProgram:
-        return load_program(directory, info, graph=graph)
+        return load_program(directory, info, graph=graph,
+                            allow_native=bool(opts.get("allow_native", True)))

@@ -203,7 +203,14 @@ def _external_params(path: Path, weights: Mapping[str, torch.Tensor] | None,
 
     if weights is None:  # a model that holds its params (as exported at compile time)
         return {}
-    names = detached_param_names(onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    names = detached_param_names(model)
+    # any other external reference would make ONNX Runtime open a file the artifact names
+    stray = [i.name for i in model.graph.initializer
+             if i.data_location == onnx.TensorProto.EXTERNAL and i.name not in set(names)]
+    if stray:
+        raise ArtifactError(f"{path}: initializer(s) {stray[:3]} refer to external files; an "
+                            f"Ember payload takes its params only from the artifact's weights")
     missing = [n for n in names if n not in weights]
     if missing:
         raise ArtifactError(f"{path} refers to params the artifact's weights lack: {missing[:3]}")
@@ -300,24 +307,43 @@ def _choose_spinning(path: Path, runner: _OrtRunner, ins: Sequence[torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- pickle check
-def find_pickles(package: str | Path) -> list[str]:
-    """Members of a zip that are, or parse as, a pickle (``.pkl`` names or pickle streams)."""
+def _is_pickle(data: bytes) -> bool:
+    """Whether ``data`` starts with a well-formed pickle stream of any protocol (0-5): its
+    opcodes parse up to a STOP with a consistent stack and memo (``pickletools.dis`` checks
+    both, so text such as ``hello.`` is not taken for one). Binary data fails within a few
+    bytes."""
+    import io
     import pickletools
+
+    if len(data) < 2:
+        return False
+    try:
+        pickletools.dis(data, out=io.StringIO())
+    except Exception:  # noqa: BLE001  (not a well-formed pickle stream)
+        return False
+    return True
+
+
+def find_pickles(package: str | Path | Any, _depth: int = 0) -> list[str]:
+    """Members of a zip that are, or hold, a pickle: ``.pkl`` names, pickle streams of every
+    protocol, and the same inside zips nested in it (named ``outer!inner``)."""
+    import io
 
     found = []
     with zipfile.ZipFile(package) as z:
-        for name in z.namelist():
-            data = z.read(name)
-            if name.endswith((".pkl", ".pickle")) or name.endswith("/data.pkl"):
+        for info in z.infolist():
+            name = info.filename
+            if name.endswith((".pkl", ".pickle")):
                 found.append(name)
                 continue
-            # protocol 2+ pickles start with PROTO (0x80) and a protocol byte, end with STOP
-            if len(data) >= 3 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[-1:] == b".":
+            data = z.read(info)
+            if data[:4] == b"PK\x03\x04" and _depth < 4:
                 try:
-                    for _ in pickletools.genops(data):
-                        pass
-                except Exception:  # not a well-formed pickle stream
-                    continue
+                    found += [f"{name}!{n}" for n in find_pickles(io.BytesIO(data), _depth + 1)]
+                except zipfile.BadZipFile:
+                    found.append(name)  # a zip we cannot read is not a zip we can vouch for
+                continue
+            if _is_pickle(data):
                 found.append(name)
     return found
 
@@ -554,8 +580,11 @@ def _aoti_candidate(gm: torch.fx.GraphModule, g: Graph, ins: Sequence[torch.Tens
 
 
 def load_program(directory: str | Path, info: Mapping[str, Any],
-                 graph: Graph | None = None) -> CpuProgram:
-    """Rebuilds a program saved by `CpuProgram.save` (+ the artifact's IR for the eager kind)."""
+                 graph: Graph | None = None, allow_native: bool = True) -> CpuProgram:
+    """Rebuilds a program saved by `CpuProgram.save` (+ the artifact's IR for the eager kind).
+
+    With ``allow_native=False`` (an untrusted artifact) an AOTInductor package, which is a
+    shared library, is not loaded: the program is rebuilt eagerly from the IR and weights."""
     d = Path(directory)
     kind = info.get("kind")
     info = dict(info)
@@ -573,7 +602,11 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
                             disabled=ort_info.get("disabled_optimizers", ()))
         return CpuProgram("onnxruntime", runner, graph, info, package=path)
     if kind != "aoti":
-        raise ArtifactError(f"cpu payload in {d}: unknown kind {kind!r}")
+        raise ArtifactError(f"cpu payload in {d}: unknown kind {str(kind)[:40]!r}")
+    if not allow_native:
+        g = graph if graph is not None else read_artifact_graph(d)
+        return CpuProgram("eager", lower_graph(g), g,
+                          {**info, "kind": "eager", "not_loaded": "aoti (untrusted)"})
     pkg = d / PACKAGE_FILE
     if not pkg.is_file():
         raise ArtifactError(f"cpu payload missing: {pkg}")

@@ -77,4 +77,5 @@ class CudaBackend:
 
     def load(self, directory: str | Path, info: Mapping[str, Any], graph: Graph | None = None,
              **opts: Any) -> CudaProgram:
-        return load_program(directory, info, graph=graph)
+        return load_program(directory, info, graph=graph,
+                            allow_native=bool(opts.get("allow_native", True)))

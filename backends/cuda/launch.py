@@ -180,10 +180,25 @@ class KernelTable:
             files = entry.get("binaries", {}).get(f"sm_{arch}")
             if not files:
                 continue
-            group = {Path(f).name: str(d / f) for f in files.values()}
-            meta = json.loads((d / files["json"]).read_text())
+            group = {Path(f).name: str(_inside(d, f)) for f in files.values()}
+            meta = json.loads(_inside(d, files["json"]).read_text())
             table.kernels[entry["key"]] = CompiledKernel(None, group, meta.get("hash", ""))
         return table
+
+
+def _inside(root: Any, rel: Any) -> Any:
+    """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root``; a kernel
+    manifest naming anything else (absolute, ``..``, a link out) is refused."""
+    from pathlib import Path
+
+    from ember.errors import ArtifactError
+
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ArtifactError(f"kernel manifest in {root}: path {str(rel)[:80]!r} leaves the payload")
+    p = Path(root) / rel
+    if not p.resolve().is_relative_to(Path(root).resolve()):
+        raise ArtifactError(f"kernel manifest in {root}: path {rel[:80]!r} leaves the payload")
+    return p
 
 
 @contextlib.contextmanager

@@ -234,8 +234,11 @@ def compile_graph(g: Graph, example_inputs: Sequence[Any], *,
 
 
 def load_program(directory: str | Path, info: Mapping[str, Any],
-                 graph: Graph | None = None) -> CudaProgram:
-    """Rebuilds a saved CUDA program on this machine's GPU (raises without one)."""
+                 graph: Graph | None = None, allow_native: bool = True) -> CudaProgram:
+    """Rebuilds a saved CUDA program on this machine's GPU (raises without one).
+
+    With ``allow_native=False`` (an untrusted artifact) the payload's cubins are not loaded:
+    the kernels are generated again from the IR (Triton JIT), as when no cubin matches."""
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"cannot load a CUDA program here: {NO_GPU_REASON}")
     d = Path(directory)
@@ -243,7 +246,7 @@ def load_program(directory: str | Path, info: Mapping[str, Any],
     gm = lower_graph(g, None, {"tf32": bool(info.get("tf32", False))})
     table = None
     mpath = d / _KDIR / "manifest.json"
-    if mpath.is_file():
+    if mpath.is_file() and allow_native:
         major, minor = torch.cuda.get_device_capability()
         arch = 90 if major == 9 else 80 if major == 8 else major * 10 + minor
         try:

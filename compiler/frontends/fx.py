@@ -24,6 +24,7 @@ import operator
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -34,7 +35,8 @@ from ..errors import FrontendError, UnsupportedOp, UnsupportedOpError
 from ..ir import Graph, GraphBuilder, SourceLoc, TensorType, Value, from_torch_dtype, sym
 from ..ir.shapes import Dim, dims_equal, evaluate, simplify
 
-__all__ = ["import_module", "import_exported_program", "export_module", "supported_aten_ops"]
+__all__ = ["import_module", "import_exported_program", "export_module", "supported_aten_ops",
+           "load_pt2"]
 
 log = logging.getLogger(__name__)
 
@@ -711,3 +713,81 @@ def _h(*names: str) -> Callable[[Handler], Handler]:
 
 
 from . import _fx_ops  # noqa: E402,F401  (registers the handlers)
+
+# ----------------------------------------------------------------------------- .pt2 files
+_PT2_MAX_MEMBERS = 100_000
+
+
+def _pt2_configs(z: Any, path: Path) -> None:
+    """Refuses a .pt2 whose payload configs declare pickled tensors or opaque objects."""
+    import json
+
+    for name in z.namelist():
+        if not name.endswith(("weights_config.json", "constants_config.json")):
+            continue
+        try:
+            cfg = json.loads(z.read(name)).get("config", {})
+        except (ValueError, AttributeError) as e:
+            raise FrontendError(f"{path}: {name} is not valid JSON ({e})") from None
+        for fqn, meta in (cfg.items() if isinstance(cfg, dict) else ()):
+            pname = str((meta or {}).get("path_name", "")) if isinstance(meta, dict) else ""
+            if not isinstance(meta, dict) or meta.get("use_pickle") or not pname.startswith(
+                    ("weight_", "tensor_")):
+                raise FrontendError(
+                    f"{path}: {name} declares '{fqn}' as a pickled or opaque object "
+                    f"({pname or 'no path'}); Ember loads .pt2 archives of plain tensors only "
+                    f"(re-export without custom objects, or compile the nn.Module / an ONNX file)")
+
+
+def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
+    """Loads a ``torch.export`` archive without running code from it.
+
+    ``.pt2`` is a trusted-only format: torch can unpickle parts of it. Ember refuses archives
+    that declare pickled weights or constants, opaque or custom objects, or compiled
+    (AOTInductor) models, and loads the rest with every ``torch.load`` forced to
+    ``weights_only=True`` (torch's restricted unpickler) so the sample inputs cannot run code.
+
+    Raises:
+        FrontendError: one line naming the file and what was refused.
+    """
+    import logging as _logging
+    import os
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FrontendError(f"{path}: no such file")
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise FrontendError(f"{path}: not a torch.export .pt2 archive ({e})") from None
+    with z:
+        names = z.namelist()
+        if len(names) > _PT2_MAX_MEMBERS:
+            raise FrontendError(f"{path}: {len(names)} members (at most {_PT2_MAX_MEMBERS})")
+        native = [n for n in names if n.endswith((".so", ".dll", ".dylib", ".cpp", ".cubin"))
+                  or "/data/aotinductor/" in n]
+        if native:
+            raise FrontendError(f"{path}: holds compiled code ({native[0]}); Ember compiles "
+                                f"torch.export programs, not AOTInductor packages")
+        _pt2_configs(z, path)
+    export_log = _logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(_logging.CRITICAL)  # torch logs its own traceback before raising
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # a corrupt or refused .pt2 must not surface as a deep traceback
+        raise FrontendError(f"{path}: cannot load torch.export program: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") \
+            from None
+    finally:
+        export_log.setLevel(level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -57,7 +57,17 @@ ONNX_DTYPES: dict[int, str] = {
     TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
     TensorProto.BOOL: "bool",
 }
-_FOLD_LIMIT = 1 << 16  # ConstantOfShape results up to this many elements fold to constants
+# An import-time fold (Range, Tile, Expand of a value known while importing) makes at most this
+# many elements: a few hundred bytes of ONNX must not make the importer allocate gigabytes.
+FOLD_MAX_ELEMENTS = 1 << 24
+FULL_MAX_ELEMENTS = 1 << 28  # a ConstantOfShape of static shape (materialized when run)
+_FULL_FOLD_LIMIT = 1 << 16  # ConstantOfShape results up to this many elements fold to constants
+
+
+def _check_fold(node: onnx.NodeProto, n: int) -> None:
+    if n > FOLD_MAX_ELEMENTS:
+        raise FrontendError(f"ONNX node '{node.name or '?'}' ({node.op_type}): folding it at "
+                            f"import would make {n} elements (at most {FOLD_MAX_ELEMENTS})")
 
 
 @dataclass(frozen=True)
@@ -409,13 +419,21 @@ class _Importer:
                 isinstance(e, sympy.Basic) for e in v) for v in attrs.values())
         if name == "full":
             fold = not any(isinstance(d, sympy.Basic) for d in attrs["shape"]) and \
-                math.prod(attrs["shape"]) <= _FOLD_LIMIT
+                math.prod(attrs["shape"]) <= _FULL_FOLD_LIMIT
         elif name == "arange":
             fold = not any(isinstance(attrs.get(k), sympy.Basic) for k in ("start", "end", "step"))
         if fold:
             opdef = get_op(name)
             a = opdef.normalize_attrs(dict(attrs))
             opdef.check_arity(len(inputs))
+            # the result's size is known from the types before anything is computed
+            outs = opdef.infer([None if i is None else TensorType(
+                _dtype_name(i.dtype), tuple(i.shape)) for i in inputs], a)
+            n = sum(math.prod(t.shape) for t in outs
+                    if all(isinstance(d, int) for d in t.shape))
+            if n > FOLD_MAX_ELEMENTS:
+                raise FrontendError(f"ONNX node at {self.loc}: folding '{name}' at import would "
+                                    f"make {n} elements (at most {FOLD_MAX_ELEMENTS})")
             with torch.no_grad():
                 out = opdef.reference(list(inputs), a)
             if isinstance(out, torch.Tensor):
@@ -1308,6 +1326,9 @@ def _constant_of_shape(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict)
     shape = cx.dims(ins[0], "shape")
     val = _tensor_attr(cx, at["value"]) if "value" in at else torch.zeros(1)
     v = val.reshape(-1)[0].item()
+    if all(isinstance(d, int) for d in shape) and math.prod(shape) > FULL_MAX_ELEMENTS:
+        raise FrontendError(f"ONNX node '{node.name or '?'}' (ConstantOfShape): a constant of "
+                            f"{math.prod(shape)} elements (at most {FULL_MAX_ELEMENTS})")
     return [cx.op("full", [], shape=tuple(shape), value=v, dtype=_dtype_name(val.dtype))]
 
 
@@ -1319,7 +1340,10 @@ def _range(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
         raise _Unsupported("Range with run-time start/limit/delta")
     s, e, d = (_py(v.reshape(-1)[0]) for v in vals)  # type: ignore[union-attr]
     if all(isinstance(x, int | float) for x in (s, e, d)):
+        if d == 0:
+            raise _Unsupported("Range with delta 0")
         n = max(int(math.ceil((e - s) / d)), 0)
+        _check_fold(node, n)
         t = torch.arange(n, dtype=torch.float64) * d + s
         return [t.to(to_torch_dtype(dt))]
     return [cx.op("arange", [], start=s, end=e, step=d, dtype=dt)]
@@ -1577,6 +1601,7 @@ def _expand(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
     shape = cx.dims(ins[1], "Expand shape")
     out = broadcast_shapes(cx.shape(x), shape)
     if isinstance(x, SymArray):
+        _check_fold(node, math.prod(int(d) for d in out))
         return [cx.from_known(np.broadcast_to(x.arr, tuple(int(d) for d in out)).copy(),
                               x.dtype)]
     if tuple(out) == cx.shape(x):
@@ -1590,6 +1615,7 @@ def _tile(cx: _Importer, node: onnx.NodeProto, ins: list, at: dict) -> list:
     if isinstance(ins[0], SymArray):
         if not all(isinstance(r, int) for r in reps):
             raise _Unsupported("Tile of an import-time array by symbolic repeats")
+        _check_fold(node, ins[0].arr.size * math.prod(max(int(r), 0) for r in reps))
         return [cx.from_known(np.tile(ins[0].arr, reps), ins[0].dtype)]
     return [cx.op("tile", [ins[0]], repeats=tuple(reps))]
 

@@ -8,6 +8,7 @@ symbols. Expressions are kept simplified so structural comparison is meaningful.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "dims_equal",
     "dim_to_json",
     "dim_from_json",
+    "parse_dim",
     "dim_str",
     "numel",
     "free_symbols",
@@ -108,7 +110,7 @@ def evaluate(d: Dim, env: Mapping[str, int]) -> int:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sympy.simplify(sympy.Integer(a) - b if isinstance(a, int) else a - b) == 0
 
 
 def numel(shape: Sequence[Dim]) -> Dim:
@@ -128,24 +130,174 @@ def dim_to_json(d: Dim) -> int | str:
     return str(d)
 
 
-def dim_from_json(v: int | str) -> Dim:
+def dim_from_json(v: Any, where: str = "dimension") -> Dim:
+    """A dim from its JSON form: an int, or the text ``str(expr)`` wrote.
+
+    The text is parsed by `parse_dim`'s strict grammar, never evaluated: an artifact or model
+    file is data, and a dim string such as ``Max.__new__.__globals__[...]`` is refused.
+
+    Raises:
+        ShapeError: naming ``where`` (e.g. ``ir.json: node 12 output 0``) and the problem.
+    """
+    if isinstance(v, bool):
+        raise ShapeError(f"{where}: a dimension cannot be a bool")
     if isinstance(v, int):
+        if abs(v) > _MAX_INT:
+            raise ShapeError(f"{where}: dimension {v} is out of range")
         return v
-    names = {n: sym(n) for n in _identifiers(v)}
-    names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max,
-                  "Min": sympy.Min, "Mod": sympy.Mod, "FloorDiv": _floordiv})
-    return simplify(sympy.sympify(v, locals=names))
+    if not isinstance(v, str):
+        raise ShapeError(f"{where}: a dimension must be an int or a string, "
+                         f"not {type(v).__name__}")
+    return parse_dim(v, where)
 
 
-def _floordiv(a: Any, b: Any) -> Any:
-    return sympy.floor(a / b)
+# ----------------------------------------------------------------------------- dim grammar
+# expr   := term (('+' | '-') term)*
+# term   := unary (('*' | '/' | '//' | '%') unary)*
+# unary  := ('-' | '+') unary | power
+# power  := atom ('**' INT)?
+# atom   := INT | NAME | FUNC '(' expr (',' expr)* ')' | '(' expr ')'
+# The functions are those Ember's own dims print as; NAME is a dim name (no dunder).
+_MAX_DIM_TEXT = 512
+_MAX_DEPTH = 24
+_MAX_INT = 10**15
+_MAX_POW = 8
+_FUNCS: dict[str, tuple[int, Any]] = {
+    "floor": (1, lambda a: sympy.floor(a)),
+    "ceiling": (1, lambda a: sympy.ceiling(a)),
+    "Max": (-1, lambda *a: sympy.Max(*a)),
+    "Min": (-1, lambda *a: sympy.Min(*a)),
+    "Mod": (2, lambda a, b: sympy.Mod(a, b)),
+    "FloorDiv": (2, lambda a, b: sympy.floor(a / b)),
+}
+_TOKEN_RE = re.compile(r"\s*(?:(\d+)|([A-Za-z][A-Za-z0-9_]*)|(\*\*|//|[-+*/%(),]))")
 
 
-def _identifiers(text: str) -> list[str]:
-    import re
+def _tokens(text: str, where: str) -> list[str]:
+    out: list[str] = []
+    pos = 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        if m is None:
+            raise ShapeError(f"{where}: dimension {text[:60]!r} has an unexpected character "
+                             f"at column {pos} (allowed: integers, dim names, + - * / // % "
+                             f"** ( ) and {', '.join(_FUNCS)})")
+        out.append(m.group(m.lastindex or 0))
+        pos = m.end()
+    return out
 
-    reserved = {"floor", "ceiling", "Max", "Min", "Mod", "FloorDiv"}
-    return [t for t in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text) if t not in reserved]
+
+class _DimParser:
+    def __init__(self, text: str, where: str) -> None:
+        self.text, self.where = text, where
+        self.toks = _tokens(text, where)
+        self.i = 0
+        self.depth = 0
+
+    def fail(self, why: str) -> ShapeError:
+        return ShapeError(f"{self.where}: dimension {self.text[:60]!r} is not a valid dim "
+                          f"expression ({why})")
+
+    def peek(self) -> str | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, want: str | None = None) -> str:
+        t = self.peek()
+        if t is None or (want is not None and t != want):
+            raise self.fail(f"expected {want or 'more'} at token {self.i}")
+        self.i += 1
+        return t
+
+    def parse(self) -> Any:
+        if not self.toks:
+            raise self.fail("empty")
+        e = self.expr()
+        if self.peek() is not None:
+            raise self.fail(f"unexpected {self.peek()!r}")
+        return e
+
+    def expr(self) -> Any:
+        self.depth += 1
+        if self.depth > _MAX_DEPTH:
+            raise self.fail("nested too deeply")
+        e = self.term()
+        while self.peek() in ("+", "-"):
+            e = e + self.term() if self.take() == "+" else e - self.term()
+        self.depth -= 1
+        return e
+
+    def term(self) -> Any:
+        e = self.unary()
+        while self.peek() in ("*", "/", "//", "%"):
+            op = self.take()
+            r = self.unary()
+            if op in ("/", "//", "%") and r == 0:
+                raise self.fail("division by zero")
+            e = (e * r if op == "*" else e / r if op == "/" else
+                 sympy.floor(e / r) if op == "//" else sympy.Mod(e, r))
+        return e
+
+    def unary(self) -> Any:
+        if self.peek() in ("-", "+"):
+            self.depth += 1
+            if self.depth > _MAX_DEPTH:
+                raise self.fail("nested too deeply")
+            e = -self.unary() if self.take() == "-" else self.unary()
+            self.depth -= 1
+            return e
+        return self.power()
+
+    def power(self) -> Any:
+        e = self.atom()
+        if self.peek() == "**":
+            self.take()
+            t = self.take()
+            if not t.isdigit() or int(t) > _MAX_POW:
+                raise self.fail(f"exponent must be an integer 0..{_MAX_POW}")
+            e = e ** int(t)
+        return e
+
+    def atom(self) -> Any:
+        t = self.take()
+        if t.isdigit():
+            if len(t) > 16 or int(t) > _MAX_INT:
+                raise self.fail("integer out of range")
+            return sympy.Integer(int(t))
+        if t == "(":
+            e = self.expr()
+            self.take(")")
+            return e
+        if t[0].isalpha():
+            if self.peek() == "(":
+                if t not in _FUNCS:
+                    raise self.fail(f"unknown function {t!r}")
+                arity, fn = _FUNCS[t]
+                self.take("(")
+                args = [self.expr()]
+                while self.peek() == ",":
+                    self.take()
+                    args.append(self.expr())
+                self.take(")")
+                if arity >= 0 and len(args) != arity:
+                    raise self.fail(f"{t} takes {arity} argument(s)")
+                return fn(*args)
+            if t in _FUNCS or len(t) > 64:
+                raise self.fail(f"{t!r} is not a dim name")
+            return sym(t)
+        raise self.fail(f"unexpected {t!r}")
+
+
+def parse_dim(text: str, where: str = "dimension") -> Dim:
+    """Parses a dim printed by Ember (``seq``, ``2*seq + 1``, ``floor(seq/2)``, ...).
+
+    A strict grammar over integers, dim names, ``+ - * / // % **`` and the helper functions
+    Ember writes (floor, ceiling, Max, Min, Mod, FloorDiv): nothing is evaluated as Python.
+    """
+    if len(text) > _MAX_DIM_TEXT:
+        raise ShapeError(f"{where}: dimension text is {len(text)} characters "
+                         f"(at most {_MAX_DIM_TEXT})")
+    return simplify(_DimParser(text, where).parse())
 
 
 def bind_symbols(

@@ -78,5 +78,12 @@ class TensorType:
         return {"dtype": self.dtype, "shape": [dim_to_json(d) for d in self.shape]}
 
     @staticmethod
-    def from_json(d: dict) -> TensorType:
-        return TensorType(d["dtype"], tuple(dim_from_json(x) for x in d["shape"]))
+    def from_json(d: dict, where: str = "type") -> TensorType:
+        """Raises ValueError (ShapeError for dims) naming ``where`` on a malformed type."""
+        if not isinstance(d, dict) or not isinstance(d.get("dtype"), str) \
+                or not isinstance(d.get("shape"), list):
+            raise ValueError(f"{where}: a type needs a 'dtype' string and a 'shape' list")
+        if d["dtype"] not in DTYPES:
+            raise ValueError(f"{where}: unknown dtype {d['dtype'][:40]!r}")
+        return TensorType(d["dtype"], tuple(dim_from_json(x, f"{where} dim {i}")
+                                            for i, x in enumerate(d["shape"])))
