@@ -157,7 +157,7 @@ def dim_from_json(v: Any, where: str = "dimension") -> Dim:
 # unary  := ('-' | '+') unary | power
 # power  := atom ('**' INT)?
 # atom   := INT | NAME | FUNC '(' expr (',' expr)* ')' | '(' expr ')'
-# The functions are those Ember's own dims print as; NAME is a dim name (no dunder).
+# The functions are those Ember's own dims print as; NAME is a dim name (no double underscore).
 _MAX_DIM_TEXT = 512
 _MAX_DEPTH = 24
 _MAX_INT = 10**15
@@ -170,7 +170,7 @@ _FUNCS: dict[str, tuple[int, Any]] = {
     "Mod": (2, lambda a, b: sympy.Mod(a, b)),
     "FloorDiv": (2, lambda a, b: sympy.floor(a / b)),
 }
-_TOKEN_RE = re.compile(r"\s*(?:(\d+)|([A-Za-z][A-Za-z0-9_]*)|(\*\*|//|[-+*/%(),]))")
+_TOKEN_RE = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*/%(),]))")
 
 
 def _tokens(text: str, where: str) -> list[str]:
@@ -268,7 +268,7 @@ class _DimParser:
             e = self.expr()
             self.take(")")
             return e
-        if t[0].isalpha():
+        if t[0].isalpha() or t[0] == "_":
             if self.peek() == "(":
                 if t not in _FUNCS:
                     raise self.fail(f"unknown function {t!r}")
@@ -282,8 +282,8 @@ class _DimParser:
                 if arity >= 0 and len(args) != arity:
                     raise self.fail(f"{t} takes {arity} argument(s)")
                 return fn(*args)
-            if t in _FUNCS or len(t) > 64:
-                raise self.fail(f"{t!r} is not a dim name")
+            if "__" in t or len(t) > 64:
+                raise self.fail(f"{t[:64]!r} is not a dim name")
             return sym(t)
         raise self.fail(f"unexpected {t!r}")
 
