@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .ops import get_op
+from .printer import format_graph, format_node
 from .types import TensorType, from_torch_dtype
 
 __all__ = [
@@ -88,8 +90,6 @@ class Node:
         return self.outputs[0]
 
     def __str__(self) -> str:
-        from .printer import format_node
-
         return format_node(self)
 
 
@@ -150,8 +150,6 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        from .printer import format_graph
-
         return format_graph(self)
 
 
@@ -238,8 +236,6 @@ class GraphBuilder:
         name: str | None = None,
     ) -> Value | tuple[Value, ...]:
         """Appends a node, inferring output types. Returns one Value or a tuple."""
-        from .ops import get_op
-
         opdef = get_op(op)
         attrs = opdef.normalize_attrs(dict(attrs or {}))
         types = opdef.infer([None if v is None else v.type for v in inputs], attrs)

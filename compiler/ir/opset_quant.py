@@ -422,9 +422,13 @@ def _opt(x: Sequence[torch.Tensor | None], i: int) -> torch.Tensor | None:
     return x[i] if len(x) > i else None
 
 
+# every op of this module is a linear over a compressed weight, with the fused epilogue
+_TRAITS = frozenset({"gemm", "linear", "quantized"})
+
+
 def _reg(name: str, infer: Any, ref: Any, attrs: dict[str, Any], lo: int, hi: int,
          doc: str) -> None:
-    register_op(OpDef(name, infer, ref, {**EPILOGUE_ATTRS, **attrs}, lo, hi, False, doc))
+    register_op(OpDef(name, infer, ref, {**EPILOGUE_ATTRS, **attrs}, lo, hi, _TRAITS, doc))
 
 
 # ----------------------------------------------------------------------------- qlinear_dynamic
