@@ -57,7 +57,6 @@ from .shapes import dims_equal
 from .types import TensorType, is_float
 
 __all__ = [
-    "QUANT_LINEAR_OPS",
     "EPILOGUE_ATTRS",
     "U7_QMAX",
     "choose_u7_qparams",
@@ -795,5 +794,3 @@ def _bf16_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
 _reg("linear_bf16", _bf16_infer, _bf16_ref, {}, 2, 4,
      "bf16 weights and activations (AMX/AVX512-BF16 where present), fp32 result")
 
-QUANT_LINEAR_OPS = frozenset({"qlinear_dynamic", "qlinear_static", "linear_woq", "lut_linear",
-                              "sparse_linear", "linear_bf16"})
