@@ -15,9 +15,7 @@ import contextlib
 import io
 import logging
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,26 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["median_ms", "Timing", "BenchResult", "ort_session", "bench_module",
+__all__ = ["Timing", "BenchResult", "ort_session", "bench_module",
            "bench_model_file", "format_results", "geomean"]
 
 log = logging.getLogger(__name__)
-
-
-def median_ms(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3,
-              min_time_s: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - t_start) < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) > 10 * repeats:
-            break
-    return statistics.median(times)
 
 
 def geomean(xs: Sequence[float]) -> float:

@@ -385,7 +385,7 @@ def compile(  # noqa: A001  (the public name is ember.compile)
         fidelity = {"skipped": f"cannot run here: {avail.reason}"}
     elif check_fidelity:
         with pr.stage("fidelity check vs reference"):
-            from ember.backends.reference import run_graph
+            from ember.ir import run_graph
 
             want = run_graph(g0, *example)
             with torch.no_grad():

@@ -452,7 +452,7 @@ class _Search:
                  deadline: float | None, calib_batches: int,
                  example: Sequence[torch.Tensor] | None) -> None:
         from ember import cost_models
-        from ember.backends.reference import run_graph
+        from ember.ir import run_graph
 
         self.run_graph = run_graph
         self.cm = cost_models

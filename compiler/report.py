@@ -60,7 +60,7 @@ def time_nodes(g: Graph, inputs: Sequence[torch.Tensor], repeats: int = 3) -> li
     Runs the graph op by op with each op's eager-torch reference, timing every call; the
     result is how the interpreter spends its time, not the compiled backend's kernels.
     """
-    from ember.backends.reference.interpreter import concretize
+    from ember.ir.interpret import concretize
 
     steps = []
     for n in g.nodes:

@@ -26,7 +26,7 @@ from typing import Any
 
 import sympy
 
-from ember.ir import Graph, Node, Value
+from ember.ir import Graph, Node, Value, has_trait
 from ember.ir.shapes import Dim, evaluate
 
 from .devices import DeviceSpec
@@ -53,16 +53,10 @@ DTYPE_BYTES: dict[str, float] = {
 }
 
 # ----------------------------------------------------------------------------- op classes
-_VIEWS = {"reshape", "permute", "expand", "slice", "select", "squeeze", "unsqueeze", "view",
-          "flatten", "transpose", "identity"}
-_GEMM = {"linear", "fused_linear", "matmul", "einsum", "bmm", "addmm"}
-_CONV = {"conv", "fused_conv", "conv_transpose"}
-_NORM = {"layer_norm", "rms_norm", "batch_norm", "group_norm"}
-_REDUCE = {"sum", "mean", "amax", "amin", "prod", "var", "argmax", "argmin", "any", "cumsum",
-           "softmax", "log_softmax", "topk", "max_pool", "avg_pool", "adaptive_avg_pool"}
-_GATHER = {"embedding", "gather", "index_select", "gather_nd", "scatter_elements",
-           "scatter_nd", "one_hot"}
-_DATA = {"concat", "pad", "tile", "flip", "roll", "tril", "triu", "full", "arange", "resize"}
+# (op trait, cost class) in priority order: the first trait an op has gives its class
+_CLASS_OF_TRAIT = (("movement", "view"), ("conv", "conv"), ("gemm", "gemm"),
+                   ("attention", "attention"), ("norm", "norm"), ("reduction", "reduction"),
+                   ("gather", "gather"), ("token", "gather"), ("data", "data"))
 # FLOPs per output element of pointwise ops that are more than one instruction
 _TRANSCENDENTAL = {"exp": 8, "log": 8, "sqrt": 4, "rsqrt": 4, "sin": 8, "cos": 8, "tanh": 10,
                    "sigmoid": 10, "silu": 11, "erf": 10, "gelu": 14, "mish": 20, "softplus": 12,
@@ -71,39 +65,18 @@ _TRANSCENDENTAL = {"exp": 8, "log": 8, "sqrt": 4, "rsqrt": 4, "sin": 8, "cos": 8
 _ACT_FLOPS = {"none": 0, "relu": 1, "clamp": 2, "leaky_relu": 2}
 
 
-def _has_flag(name: str, *parts: str) -> bool:
-    return any(p in name for p in parts)
-
-
 def op_class(node: Node) -> str:
     """The cost class of a node: gemm, conv, dwconv, attention, norm, reduction, gather,
-    data, quant, elementwise or view.
-
-    Ops introduced later (quantized/sparse GEMMs, token ops) are classified by name, so the
-    model covers them before it knows their attributes.
+    data, elementwise or view, from its op's traits (`ember.ir.ops`); an op that is not
+    registered is elementwise.
     """
     op = node.op
-    if op in _VIEWS:
-        return "view"
-    if op in _CONV:
-        g = node.attrs.get("groups", 1)
-        return "dwconv" if g > 1 and _conv_cin(node) == g else "conv"
-    if op in _GEMM or _has_flag(op, "linear", "matmul", "_mm", "gemm"):
-        return "gemm"
-    if "conv" in op:
-        return "conv"
-    if "attention" in op:
-        return "attention"
-    if op in _NORM or op.endswith("_norm"):
-        return "norm"
-    if op in _REDUCE:
-        return "reduction"
-    if op in _GATHER or _has_flag(op, "token_", "gather", "scatter"):
-        return "gather"
-    if op in _DATA:
-        return "data"
-    if _has_flag(op, "quantize", "dequant", "requant"):
-        return "quant"
+    for trait, cls in _CLASS_OF_TRAIT:
+        if has_trait(op, trait):
+            if cls == "conv":
+                g = node.attrs.get("groups", 1)
+                return "dwconv" if g > 1 and _conv_cin(node) == g else "conv"
+            return cls
     return "elementwise"
 
 
@@ -335,7 +308,7 @@ def node_cost(node: Node, phys: Mapping[str, Dim] | None = None) -> NodeCost:
         x = node.inputs[0]
         flops = _ival(8 * _numel(x.type.shape)) if x is not None else 0
     elif cls == "reduction":
-        if node.op in ("max_pool", "avg_pool", "adaptive_avg_pool"):
+        if has_trait(node.op, "pool"):
             flops = _pool_flops(node)
         else:
             x = node.inputs[0]
@@ -345,11 +318,11 @@ def node_cost(node: Node, phys: Mapping[str, Dim] | None = None) -> NodeCost:
         # reads only the gathered rows/elements of the source, not the whole table
         flops = 0
         src = node.inputs[0]
-        if src is not None and node.op in ("embedding", "index_select", "gather", "gather_nd"):
+        if src is not None and has_trait(node.op, "lookup"):
             reads = [(n, b if n != src.name else vbytes(out)) for n, b in reads]
     elif cls == "data":
         flops = 0
-        if node.op in ("full", "arange"):
+        if has_trait(node.op, "generator"):
             reads = []
     elif cls == "quant":
         flops = _ival(3 * out_n)

@@ -30,6 +30,7 @@ from typing import Any
 
 from ember.hostinfo import cache_dir as ember_cache_dir
 from ember.hostinfo import cpu_model
+from ember.timing import call_samples_s, pass_time_s
 
 __all__ = [
     "DeviceSpec",
@@ -556,17 +557,8 @@ def _measure_nbits(threads: int, quick: bool, typical: Callable[[Any, dict[str, 
 def _repeat_times(fn: Callable[[], Any], min_time: float, repeats: int) -> list[float]:
     """``repeats`` per-call means of ``fn``, each over enough calls for ``min_time``."""
     fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / one))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        ts.append((time.perf_counter() - t0) / n)
-    return ts
+    one = max(pass_time_s([fn]), 1e-7)
+    return call_samples_s(fn, repeats, inner=max(1, int(min_time / one)))
 
 
 def _best_time(fn: Callable[[], Any], min_time: float = 0.05, repeats: int = 5) -> float:

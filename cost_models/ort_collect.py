@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ember.timing import call_samples_s
+
 from .devices import get_device
 from .measured import gbr_to_trees
 from .ort import (
@@ -243,13 +245,7 @@ def time_graph(side: Mapping[str, Any], work: Path, repeats: int) -> list[dict[s
         # the plain calls first, then the profiled runs: interleaved, the profiling session's
         # still-spinning workers took the cores from the call timed right after it
         time.sleep(0.05)
-        for _ in range(3):
-            cm.run(*ins)
-        e2e = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            cm.run(*ins)
-            e2e.append(time.perf_counter() - t0)
+        e2e = call_samples_s(lambda ins=ins: cm.run(*ins), repeats, warmup=3)
         time.sleep(0.05)
         for _ in range(3 + repeats):
             prof.run(None, feeds)

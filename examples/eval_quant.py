@@ -50,7 +50,7 @@ from ember.isolated import (  # noqa: E402
     exported_contender,
     time_isolated,
 )
-from ember.passes._qkernels import time_interleaved  # noqa: E402
+from ember.timing import time_interleaved  # noqa: E402
 
 log = logging.getLogger("eval_quant")
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,8 +50,8 @@ sys.path.insert(0, str(HERE))
 PLOTS = HERE / "plots"
 
 import ember  # noqa: E402
-from ember.backends.reference.interpreter import run_graph  # noqa: E402
 from ember.frontends import fx  # noqa: E402
+from ember.ir import run_graph  # noqa: E402
 from ember.isolated import (  # noqa: E402
     Contender,
     artifact_contenders,

@@ -43,8 +43,8 @@ def int8_vs_fp32(model: nn.Module, x: torch.Tensor, macs: int) -> dict[str, Any]
     """Instructions/inference, weights bytes and error of fp32 and int8 builds per cpu."""
     from ember.backends.mobile import compile_graph
     from ember.backends.mobile.analysis import count_instructions, neon_report
-    from ember.backends.reference import run_graph
     from ember.driver import relative_error
+    from ember.ir import run_graph
     from ember.passmanager import PassContext, PassManager, parse_pipeline
 
     graphs = {}

@@ -44,8 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import unseen_models  # noqa: E402
 
 import ember  # noqa: E402
-from ember.backends.reference import run_graph  # noqa: E402
 from ember.frontends import fx  # noqa: E402
+from ember.ir import run_graph  # noqa: E402
 
 STAGES = ["fx", "O2", "w8a8", "merge", "prune", "skip", "onnx"]
 TOL = 1e-4

@@ -1,7 +1,6 @@
 """Calibration for approximate passes: run the graph on ``ctx.calib``, collect activation stats.
 
-`collect_stats` interprets the graph with the op references (passes may not import backends)
-and accumulates, for each watched value (a linear's input), per-channel absolute maxima, the
+`collect_stats` runs the graph on the IR's evaluator (`ember.ir.run_graph`) and accumulates, for each watched value (a linear's input), per-channel absolute maxima, the
 global min/max, and a reservoir of samples for percentiles. From those:
 
 - ``minmax``:      range = [min, max] over all calibration batches;
@@ -13,16 +12,15 @@ global min/max, and a reservoir of samples for percentiles. From those:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 
-from ember.ir import Graph, bind_symbols, evaluate, get_op, to_torch_dtype
+from ember.ir import Graph, run_graph
 
-__all__ = ["ActStats", "collect_stats", "run_graph", "activation_range", "outlier_channels",
+__all__ = ["ActStats", "collect_stats", "activation_range", "outlier_channels",
            "output_fidelity", "as_input_tuples"]
 
 log = logging.getLogger(__name__)
@@ -52,42 +50,6 @@ class ActStats:
         self.samples.append(v)
 
 
-def _concretize(v: Any, env: dict[str, int]) -> Any:
-    if isinstance(v, sympy.Basic):
-        return evaluate(v, env)
-    if isinstance(v, tuple | list):
-        return type(v)(_concretize(x, env) for x in v)
-    return v
-
-
-def run_graph(g: Graph, args: Sequence[Any],
-              watch: Callable[[str, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-    """Runs ``g`` with the op references; ``watch(name, tensor)`` sees every node input."""
-    tensors = []
-    for a, v in zip(args, g.inputs):
-        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
-        tensors.append(t.to(to_torch_dtype(v.type.dtype)))
-    env = bind_symbols([v.type.shape for v in g.inputs], [tuple(t.shape) for t in tensors],
-                       list(g.input_names or [v.name for v in g.inputs]))
-    vals: dict[str, torch.Tensor] = {v.name: t for v, t in zip(g.inputs, tensors)}
-    vals.update(g.weights)
-    with torch.no_grad():
-        for n in g.nodes:
-            attrs = {k: _concretize(a, env) for k, a in n.attrs.items()}
-            ins = [None if v is None else vals[v.name] for v in n.inputs]
-            if watch is not None:
-                for v, t in zip(n.inputs, ins):
-                    if v is not None and t is not None:
-                        watch(v.name, t)
-            out = get_op(n.op).reference(ins, attrs)
-            if isinstance(out, torch.Tensor):
-                vals[n.outputs[0].name] = out
-            else:
-                for v, t in zip(n.outputs, out):
-                    vals[v.name] = t
-    return [vals[v.name] for v in g.outputs]
-
-
 def as_input_tuples(calib: Iterable[Any]) -> list[tuple[Any, ...]]:
     return [tuple(c) if isinstance(c, list | tuple) else (c,) for c in calib]
 
@@ -107,7 +69,7 @@ def collect_stats(g: Graph, calib: Sequence[tuple[Any, ...]], names: Iterable[st
 
     for args in calib:
         seen.clear()
-        run_graph(g, args, watch)
+        run_graph(g, *args, watch=watch)
     return stats
 
 

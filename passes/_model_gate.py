@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from ember.ir import Graph
+from ember.timing import pass_time_s, round_robin_ms
 
 __all__ = ["compare_in_ort"]
 
@@ -69,18 +69,10 @@ def compare_in_ort(before: Graph, after: Graph, inputs: Sequence[torch.Tensor],
         feeds[k] = {n: t.detach().contiguous().numpy() for n, t in zip(names, inputs)}
     for k, s in sess.items():  # warm-up: first runs allocate and pick kernels
         s.run(None, feeds[k])
-    t0 = time.perf_counter()
-    for k, s in sess.items():
-        s.run(None, feeds[k])
-    one = max(time.perf_counter() - t0, 1e-6)
+    runs = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sess.items()}
+    one = max(pass_time_s(runs), 1e-6)
     rounds = max(3, min(rounds, int(budget_s / one)))
-    ms: dict[str, list[float]] = {"before": [], "after": []}
-    for r in range(rounds):
-        for k in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            time.sleep(settle_s)
-            t1 = time.perf_counter()
-            sess[k].run(None, feeds[k])
-            ms[k].append((time.perf_counter() - t1) * 1e3)
+    ms = round_robin_ms(runs, rounds, rotate=True, settle_s=settle_s)
     b, a = min(ms["before"]), min(ms["after"])
     return {"before_ms": round(b, 4), "after_ms": round(a, 4), "speedup": round(b / a, 4),
             "rounds": rounds, "stat": "min",

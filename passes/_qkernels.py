@@ -22,8 +22,7 @@ import os
 import platform
 import statistics
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ember.hostinfo import cpu_flags
+from ember.timing import time_interleaved
 
-__all__ = ["GateResult", "predict_speedup", "measure_speedup", "gate", "time_interleaved",
+__all__ = ["GateResult", "predict_speedup", "measure_speedup", "gate",
            "clear_cache", "CPU_SPEC"]
 
 log = logging.getLogger(__name__)
@@ -108,28 +108,6 @@ def predict_speedup(m: int, k: int, n: int, scheme: str, spec: CpuSpec = CPU_SPE
     tq = max(tc, (act + wbytes * k * n) / bw) + passes * 4.0 * m * k / bw
     tq += spec.call_overhead_us * 1e-6 * (2 if passes else 1)
     return t32 / tq
-
-
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 9,
-                     budget_s: float = 1.0) -> dict[str, list[float]]:
-    """Per-round wall times (ms) of each function, run alternately round by round."""
-    for f in fns.values():  # warm-up: caches, packing, allocator
-        f()
-        f()
-    t0 = time.perf_counter()
-    for f in fns.values():
-        f()
-    one = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, min(20, int(0.02 / one * len(fns))))
-    rounds = max(3, min(rounds, int(budget_s / (one * inner) + 1)))
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            s = time.perf_counter()
-            for _ in range(inner):
-                f()
-            out[k].append((time.perf_counter() - s) / inner * 1e3)
-    return out
 
 
 def measure_speedup(fp32: Callable[[], Any], kernel: Callable[[], Any],

@@ -2,7 +2,8 @@
 
 A `Rule` names the ops it can be rooted at and a ``match(node, index)`` function. ``match``
 returns a `Fail` (falsy, with a reason, for ``--explain`` style reporting) or an emit function.
-`apply_rules` matches every node of a snapshot of the graph, rebuilds the graph with the
+`apply_rules` matches every node of a snapshot of the graph, rebuilds the graph (with
+`ember.ir.graph.Rebuilder`, the IR's one rebuilding primitive) with the
 matched nodes replaced by what their emit functions build, removes dead code, and repeats until
 no rule fires (a fixed point). Matching always reads the snapshot (its users and producers are
 complete); emitting maps snapshot values to their current replacements through `Emitter.v`.
@@ -26,7 +27,7 @@ from typing import Any
 import sympy
 import torch
 
-from ember.ir import Graph, GraphBuilder, Node, Value
+from ember.ir import Graph, Node, Rebuilder, Value
 from ember.ir.opset import check_types_equal
 from ember.passmanager import PassContext
 
@@ -62,23 +63,16 @@ class Fail:
 
 
 class Emitter:
-    """What an emit function builds with: a `GraphBuilder` plus the value mapping."""
+    """What an emit function builds with: the rebuild's `GraphBuilder` plus the value mapping."""
 
-    def __init__(self, b: GraphBuilder, env: dict[str, Value], root: Node,
-                 used: set[str] | None = None) -> None:
-        self.b = b
-        self._env = env
-        self._used = used if used is not None else set()
+    def __init__(self, rb: Rebuilder, root: Node) -> None:
+        self._rb = rb
+        self.b = rb.b
         self.root = root
 
     def v(self, value: Value | None) -> Value | None:
         """The current value standing for snapshot value ``value``."""
-        if value is None:
-            return None
-        if value.name in self._env:
-            self._used.add(value.name)
-            return self._env[value.name]
-        return value
+        return self._rb.map(value)
 
     def op(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, Any] | None = None,
            name: str | None = None) -> Value:
@@ -185,39 +179,23 @@ def rebuild(g: Graph, plan: Mapping[Node, EmitFn],
     the names of the replacement values of each planned node; ``used`` gets the names of the
     replaced values that something read (through their replacement).
     """
-    used = used if used is not None else set()
-    b = GraphBuilder.seeded_from(g)
-    env: dict[str, Value] = {}
-
-    def m(v: Value | None) -> Value | None:
-        if v is None:
-            return None
-        if v.name in env:
-            used.add(v.name)
-            return env[v.name]
-        return v
-
+    rb = Rebuilder(g, used)
     for n in g.nodes:
         emit = plan.get(n)
         if emit is None:
-            b.nodes.append(Node(n.op, tuple(m(v) for v in n.inputs), n.outputs, n.attrs, n.loc))
+            rb.keep(n)
             continue
-        repl = list(emit(Emitter(b, env, n, used)))
+        repl = list(emit(Emitter(rb, n)))
         if emitted is not None:
             emitted[n] = [v.name for v in repl if v is not None]
-        if len(repl) != len(n.outputs):
-            raise ValueError(f"rewrite of {n.op} gave {len(repl)} values for {len(n.outputs)}")
-        for old, new in zip(n.outputs, repl):
-            if new is None:
-                continue
-            if not same_type(old, new):
-                raise TypeError(f"rewrite of {n.op} at {n.loc} replaces %{old.name}: {old.type} "
-                                f"with %{new.name}: {new.type}")
-            if new.name != old.name:
-                env[old.name] = new
-    b.outputs = [m(v) for v in g.outputs]  # type: ignore[misc]
-    b.output_names = list(g.output_names)
-    return b.build()
+        rb.replace(n, repl, _check_type)
+    return rb.finish()
+
+
+def _check_type(n: Node, old: Value, new: Value) -> None:
+    if not same_type(old, new):
+        raise TypeError(f"rewrite of {n.op} at {n.loc} replaces %{old.name}: {old.type} "
+                        f"with %{new.name}: {new.type}")
 
 
 def eliminate_dead(g: Graph) -> Graph:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, Node, Value
+from ember.ir import Graph, Node, Value, ops_with
 from ember.ir.opset_fused import ACTIVATIONS
 from ember.passmanager import PassContext, register_pass
 
@@ -43,10 +43,10 @@ __all__ = ["FuseLinearActConfig", "fuse_linear_act"]
 
 log = logging.getLogger(__name__)
 
-_BASE = ("linear", "conv", "fused_linear", "fused_conv")
-_LINEARS = ("linear", "fused_linear")
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _FUSED = {"linear": "fused_linear", "conv": "fused_conv"}
+_BASE = (*_FUSED, *_FUSED.values())  # ops an epilogue fuses into
+_LINEARS = tuple(sorted(ops_with("linear") - ops_with("quantized")))  # float linears
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _ACT_OF_OP = {op: name for name, (op, _) in ACTIVATIONS.items() if op}
 _EPILOGUE_DEFAULTS: dict[str, Any] = {"activation": "none", "approximate": "none",
                                       "alpha": None, "min": None, "max": None,
@@ -69,7 +69,7 @@ class FuseLinearActConfig:
 
 
 def _enabled(op: str, cfg: FuseLinearActConfig) -> bool:
-    return cfg.linear if op in ("linear", "fused_linear") else cfg.conv
+    return cfg.linear if op in _LINEARS else cfg.conv
 
 
 def _fused_attrs(base: Node) -> tuple[str, dict[str, Any]]:

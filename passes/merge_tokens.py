@@ -28,11 +28,12 @@ from typing import Any
 
 import sympy
 
-from ember.ir import Graph, Value
+from ember.ir import Graph, Value, evaluate_values
 from ember.ir.shapes import Dim, floor_div, simplify
 from ember.passmanager import PassContext, PassManager, register_pass
 
-from ._blocks import Block, BlockReport, Emitter, TokenRewriteError, find_blocks, reduce_tokens
+from ._blocks import Block, BlockReport, find_blocks
+from ._token_rewrite import Emitter, TokenRewriteError, reduce_tokens
 
 __all__ = ["MergeTokensConfig", "merge_tokens", "merge_schedule", "search_merge_schedule"]
 
@@ -193,7 +194,7 @@ def search_merge_schedule(g: Graph, calib: Sequence[Sequence[Any]],
     Returns:
         The ``per_layer`` string ("8|6|4|0...") and every candidate measured (a trace).
     """
-    from ._blocks import evaluate_values, graph_flops
+    from ._blocks import graph_flops
 
     base = PassManager(prefix).run(g, PassContext()) if prefix else g
     rep = find_blocks(base)

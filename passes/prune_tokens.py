@@ -32,7 +32,8 @@ from ember.ir import Graph, Value
 from ember.ir.shapes import Dim, floor_div, simplify
 from ember.passmanager import PassContext, register_pass
 
-from ._blocks import Block, BlockReport, Emitter, TokenRewriteError, find_blocks, reduce_tokens
+from ._blocks import Block, BlockReport, find_blocks
+from ._token_rewrite import Emitter, TokenRewriteError, reduce_tokens
 
 __all__ = ["PruneTokensConfig", "prune_tokens", "prune_plan"]
 

@@ -77,7 +77,9 @@ from ember.ir import (
     bind_symbols,
     evaluate,
     get_op,
+    ops_with,
     rewrite,
+    run_graph,
     sym,
 )
 from ember.ir.opset_quant import (
@@ -101,7 +103,7 @@ __all__ = ["QuantizeConfig", "quantize", "parse_scheme", "SchemeSpec", "linear_c
 
 log = logging.getLogger(__name__)
 
-LINEAR_OPS = ("linear", "fused_linear")
+LINEAR_OPS = ops_with("linear") - ops_with("quantized")  # the float linears it quantizes
 
 
 @dataclass(frozen=True)
@@ -452,7 +454,7 @@ def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
     def watch(name: str, t: torch.Tensor) -> None:
         if name in want and name not in acts and t.is_floating_point():
             acts[name] = t
-    _calib.run_graph(g, list(inputs), watch)
+    run_graph(g, *inputs, watch=watch)
     d = get_op("qlinear_dynamic")
     out: dict[str, dict[str, float]] = {}
     spec = SchemeSpec("w8a8-dynamic", "dynamic")
@@ -603,7 +605,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
     final: dict[str, _Prepared] = {}
     by_node = {r["node"]: r for r in layers}
     if cfg.sensitivity and calib and plan:
-        ref_out = [_calib.run_graph(g, a) for a in calib]
+        ref_out = [run_graph(g, *a) for a in calib]
         for name, (s0, n, w, _) in plan.items():
             chosen = None
             trials = []
@@ -612,7 +614,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
                     continue
                 prep, info = prep_for(s, n, w)
                 g1 = apply(g, {name: prep})
-                cos = _calib.output_fidelity(ref_out, [_calib.run_graph(g1, a) for a in calib])
+                cos = _calib.output_fidelity(ref_out, [run_graph(g1, *a) for a in calib])
                 trials.append({"scheme": s.name + ("+outliers" if s.outliers else ""),
                                "cosine": round(cos, 6), **info})
                 if 1.0 - cos <= cfg.max_layer_drop:

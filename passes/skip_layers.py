@@ -59,10 +59,19 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, GraphBuilder, Node, Value, bind_symbols, rewrite, to_torch_dtype
+from ember.ir import (
+    Graph,
+    GraphBuilder,
+    Node,
+    Value,
+    bind_symbols,
+    evaluate_values,
+    rewrite,
+    to_torch_dtype,
+)
 from ember.passmanager import PassContext, register_pass
 
-from ._blocks import BlockReport, evaluate_values, find_blocks, graph_flops
+from ._blocks import BlockReport, find_blocks, graph_flops
 from ._rewrite import eliminate_dead
 
 __all__ = ["SkipLayersConfig", "skip_layers", "block_cosines", "remove_blocks", "bridge_blocks"]

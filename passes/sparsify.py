@@ -38,12 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from ember.errors import CompilerError
-from ember.ir import Graph, GraphBuilder, Node, Value, get_op, rewrite
+from ember.ir import Graph, GraphBuilder, Node, Value, get_op, rewrite, run_graph
 from ember.ir.opset_quant import EPILOGUE_ATTRS, encode_sparse
 from ember.passmanager import PassContext, register_pass
+from ember.timing import time_interleaved
 
 from . import _calib
-from ._qkernels import gate, time_interleaved
+from ._qkernels import gate
 from ._rewrite import eliminate_dead
 from .quantize import _rows, example_env, linear_candidates
 
@@ -191,7 +192,7 @@ def _act_norms(g: Graph, ctx: PassContext, names: Sequence[str]) -> dict[str, to
             sq[name] = s if name not in sq else sq[name] + s
 
     for args in _calib.as_input_tuples(ctx.calib):
-        _calib.run_graph(g, args, watch)
+        run_graph(g, *args, watch=watch)
     return {k: v.sqrt() for k, v in sq.items()}
 
 

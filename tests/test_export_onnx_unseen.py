@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from ember.backends.reference import run_graph
 from ember.export_onnx import export_onnx
 from ember.frontends import fx
+from ember.ir import run_graph
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -18,8 +18,8 @@ from torch import nn
 
 import ember
 from ember import planner
-from ember.backends.reference import run_graph
 from ember.driver import import_model
+from ember.ir import run_graph
 from ember.planner import CandidateRecord, Plan, choose_metric, plan, split_calib
 
 # a small space keeps every plan a few seconds: token and layer knobs of both strengths

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.hostinfo import cache_dir, cpu_flags, cpu_model
+from ember.timing import median_ms
 
 __all__ = ["ort_kernel_choices", "skip_layernorm_fusion", "masked_mha_fusion", "export_choices",
            "disabled_optimizers"]
@@ -74,14 +75,7 @@ def _time_model(nodes: list[Any], feeds: dict[str, Any], threads: int, repeats: 
     from ember.ort_session import graph_session
 
     sess = graph_session(nodes, feeds, threads, inits, disabled)
-    for _ in range(5):
-        sess.run(None, feeds)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return median_ms(lambda: sess.run(None, feeds), repeats, warmup=5)
 
 
 def _measure_attention(threads: int) -> dict[str, Any]:

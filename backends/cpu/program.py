@@ -33,6 +33,7 @@ import torch
 
 from ember.errors import ArtifactError, CompilerError
 from ember.ir import Graph
+from ember.timing import median_ms, round_robin_ms
 
 from ..base import read_artifact_graph
 from .lowering import cast_inputs, lower_graph, symbol_sources
@@ -44,7 +45,6 @@ __all__ = [
     "DEFAULT_INDUCTOR_CONFIGS",
     "PACKAGE_FILE",
     "find_pickles",
-    "median_ms",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,35 +61,16 @@ DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {
 }
 
 
-def median_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def interleaved_medians_ms(fns: Mapping[str, Callable[[], Any]], repeats: int = 5,
                            warmup: int = 2, settle_s: float = 0.02) -> dict[str, float]:
     """Median wall time (ms) of each ``fn``, timed round-robin in a rotating order so that
     a load burst hits every candidate alike (timing one candidate after another let the order
     decide close calls), with ``settle_s`` idle before each call so that the previous
     runtime's still-spinning worker threads do not slow the next one."""
-    names = list(fns)
     for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(max(1, repeats)):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(settle_s)
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+        for f in fns.values():
+            f()
+    times = round_robin_ms(fns, max(1, repeats), rotate=True, settle_s=settle_s)
     return {n: statistics.median(t) for n, t in times.items()}
 
 

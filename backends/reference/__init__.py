@@ -1,4 +1,7 @@
-"""Reference backend: interprets the IR with each op's eager-torch reference."""
+"""Reference backend: the IR's own evaluator (`ember.ir.interpret`) as a backend program.
+
+It needs no hardware and supports every registered op; each op runs its eager-torch reference.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,11 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, Node, has_op
+from ember.ir import Graph, Interpreter, Node, has_op
 
 from ..base import Availability, Support, read_artifact_graph
-from .interpreter import Interpreter, run_graph
 
-__all__ = ["Interpreter", "run_graph", "ReferenceBackend", "ReferenceProgram"]
+__all__ = ["ReferenceBackend", "ReferenceProgram"]
 
 
 class ReferenceProgram:

@@ -3,7 +3,8 @@
 ``Graph(inputs, params, nodes, outputs, weights)``: ``inputs`` are runtime tensors, ``params``
 are named constants whose tensors live in ``weights`` (they become ``weights.safetensors`` in an
 artifact), ``nodes`` are in topological order and each defines fresh ``Value``s. Graphs are
-treated as immutable: passes build new graphs with `GraphBuilder` / `rewrite`.
+treated as immutable: passes build new graphs with `GraphBuilder`, and rebuild existing ones
+with `Rebuilder` (the one rebuilding primitive) or its callback form `rewrite`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .ops import get_op
+from .printer import format_graph, format_node
 from .types import TensorType, from_torch_dtype
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "Node",
     "Graph",
     "GraphBuilder",
+    "Rebuilder",
     "rewrite",
     "NO_LOC",
 ]
@@ -88,8 +92,6 @@ class Node:
         return self.outputs[0]
 
     def __str__(self) -> str:
-        from .printer import format_node
-
         return format_node(self)
 
 
@@ -150,8 +152,6 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        from .printer import format_graph
-
         return format_graph(self)
 
 
@@ -238,8 +238,6 @@ class GraphBuilder:
         name: str | None = None,
     ) -> Value | tuple[Value, ...]:
         """Appends a node, inferring output types. Returns one Value or a tuple."""
-        from .ops import get_op
-
         opdef = get_op(op)
         attrs = opdef.normalize_attrs(dict(attrs or {}))
         types = opdef.infer([None if v is None else v.type for v in inputs], attrs)
@@ -270,6 +268,66 @@ class GraphBuilder:
         )
 
 
+class Rebuilder:
+    """Rebuilds a graph node by node: the one graph-rebuilding primitive of Ember.
+
+    ``b`` is a `GraphBuilder` seeded from the old graph (its inputs and params, every old value
+    name reserved); ``env`` maps an old value name to the value standing for it now; `map`
+    reads through ``env`` and records in ``read`` the old names whose replacement was read.
+    A rebuild walks the old nodes in order and, for each, either `keep`s it (its inputs
+    remapped) or emits new nodes into ``b`` and `replace`s its outputs; `finish` builds the
+    graph. `rewrite` is this walk with a callback; the rule engine
+    (`ember.passes._rewrite.rebuild`) and the token rewrite drive a `Rebuilder` themselves.
+    """
+
+    def __init__(self, g: Graph, read: set[str] | None = None) -> None:
+        self.g = g
+        self.b = GraphBuilder.seeded_from(g)
+        self.env: dict[str, Value] = {}
+        self.read = read if read is not None else set()
+
+    def map(self, v: Value | None) -> Value | None:
+        """The value standing for old value ``v`` now (``v`` itself when not replaced)."""
+        if v is None:
+            return None
+        if v.name in self.env:
+            self.read.add(v.name)
+            return self.env[v.name]
+        return v
+
+    def remapped(self, n: Node) -> Node:
+        """Old node ``n`` with its inputs mapped (same outputs, attrs and location)."""
+        return Node(n.op, tuple(self.map(v) for v in n.inputs), n.outputs, n.attrs, n.loc)
+
+    def keep(self, n: Node) -> Node:
+        """Appends old node ``n`` with its inputs mapped; returns the appended node."""
+        n2 = self.remapped(n)
+        self.b.nodes.append(n2)
+        return n2
+
+    def replace(self, n: Node, values: Sequence[Value | None],
+                check: Callable[[Node, Value, Value], None] | None = None) -> None:
+        """Old node ``n``'s outputs are now ``values`` (None: an output nothing reads);
+        ``check(n, old, new)`` may reject a replacement by raising."""
+        values = list(values)
+        if len(values) != len(n.outputs):
+            raise ValueError(f"rewrite of {n.op} gave {len(values)} values for {len(n.outputs)}")
+        for old, new in zip(n.outputs, values):
+            if new is None:
+                continue
+            if check is not None:
+                check(n, old, new)
+            if new.name != old.name:
+                self.env[old.name] = new
+
+    def finish(self, outputs: Sequence[Value] | None = None) -> Graph:
+        """The rebuilt graph; its outputs are ``outputs``, or the old outputs mapped."""
+        self.b.outputs = list(outputs) if outputs is not None else [
+            self.map(v) for v in self.g.outputs]  # type: ignore[misc]
+        self.b.output_names = list(self.g.output_names)
+        return self.b.build()
+
+
 # A rewrite callback gets the node (with inputs already remapped), the builder, and returns
 # None to keep the node unchanged, or the replacement values for its outputs.
 RewriteFn = Callable[[Node, GraphBuilder], Sequence[Value] | None]
@@ -280,24 +338,12 @@ def rewrite(g: Graph, fn: RewriteFn) -> Graph:
 
     Input and param values keep their names. Unused params are kept (run DCE to drop them).
     """
-    b = GraphBuilder.seeded_from(g)
-    env: dict[str, Value] = {}
-
-    def m(v: Value | None) -> Value | None:
-        return None if v is None else env.get(v.name, v)
-
+    rb = Rebuilder(g)
     for n in g.nodes:
-        n2 = Node(n.op, tuple(m(v) for v in n.inputs), n.outputs, n.attrs, n.loc)
-        repl = fn(n2, b)
+        n2 = rb.remapped(n)
+        repl = fn(n2, rb.b)
         if repl is None:
-            b.nodes.append(n2)
-            continue
-        repl = list(repl)
-        if len(repl) != len(n.outputs):
-            raise ValueError(f"rewrite of {n.op} gave {len(repl)} values for {len(n.outputs)}")
-        for old, new in zip(n.outputs, repl):
-            if new is not None and new.name != old.name:
-                env[old.name] = new
-    b.outputs = [m(v) for v in g.outputs]  # type: ignore[misc]
-    b.output_names = list(g.output_names)
-    return b.build()
+            rb.b.nodes.append(n2)
+        else:
+            rb.replace(n, repl)
+    return rb.finish()

@@ -83,9 +83,9 @@ def _opt(x: Sequence[Any], i: int) -> Any:
 
 
 def _reg(name: str, infer: Any, ref: Any, attrs: dict | None = None, n: int | tuple = 1,
-         elementwise: bool = False, doc: str = "") -> None:
+         traits: tuple[str, ...] = (), doc: str = "") -> None:
     lo, hi = (n, n) if isinstance(n, int) else n
-    register_op(OpDef(name, infer, ref, attrs or {}, lo, hi, elementwise, doc))
+    register_op(OpDef(name, infer, ref, attrs or {}, lo, hi, frozenset(traits), doc))
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -113,23 +113,26 @@ _UNARY = {
 }
 for _name, (_fn, _flt) in _UNARY.items():
     _reg(_name, _float_same if _flt else _same, lambda x, a, _fn=_fn: _fn(x[0]),
-         elementwise=True, doc=f"elementwise {_name}")
+         traits=("elementwise",), doc=f"elementwise {_name}")
 
 _reg("logical_not", lambda t, a: [_t(t, 0, "logical_not").with_dtype("bool")],
-     lambda x, a: torch.logical_not(x[0]), elementwise=True)
+     lambda x, a: torch.logical_not(x[0]), traits=("elementwise",))
 _reg("isnan", lambda t, a: [_t(t, 0, "isnan").with_dtype("bool")],
-     lambda x, a: torch.isnan(x[0]), elementwise=True)
+     lambda x, a: torch.isnan(x[0]), traits=("elementwise",))
 _reg("gelu", _float_same, lambda x, a: F.gelu(x[0], approximate=a["approximate"]),
-     {"approximate": "none"}, elementwise=True, doc="GELU, exact (erf) or tanh approximation")
+     {"approximate": "none"},
+     traits=("elementwise",), doc="GELU, exact (erf) or tanh approximation")
 _reg("leaky_relu", _same, lambda x, a: F.leaky_relu(x[0], a["negative_slope"]),
-     {"negative_slope": 0.01}, elementwise=True)
-_reg("elu", _float_same, lambda x, a: F.elu(x[0], a["alpha"]), {"alpha": 1.0}, elementwise=True)
+     {"negative_slope": 0.01}, traits=("elementwise",))
+_reg("elu", _float_same, lambda x, a: F.elu(x[0], a["alpha"]), {"alpha": 1.0},
+     traits=("elementwise",))
 _reg("softplus", _float_same, lambda x, a: F.softplus(x[0], a["beta"], a["threshold"]),
-     {"beta": 1.0, "threshold": 20.0}, elementwise=True)
+     {"beta": 1.0, "threshold": 20.0}, traits=("elementwise",))
 _reg("clamp", _same, lambda x, a: torch.clamp(x[0], a["min"], a["max"]),
-     {"min": None, "max": None}, elementwise=True, doc="clamp to [min, max]; None = unbounded")
+     {"min": None, "max": None},
+     traits=("elementwise",), doc="clamp to [min, max]; None = unbounded")
 _reg("cast", lambda t, a: [_t(t, 0, "cast").with_dtype(a["dtype"])],
-     lambda x, a: x[0].to(to_torch_dtype(a["dtype"])), {"dtype": REQUIRED}, elementwise=True)
+     lambda x, a: x[0].to(to_torch_dtype(a["dtype"])), {"dtype": REQUIRED}, traits=("elementwise",))
 
 
 def _binary_infer(out_bool: bool = False, true_div: bool = False) -> Any:
@@ -152,15 +155,19 @@ _BINARY = {
     "atan2": torch.atan2,
 }
 for _name, _fn in _BINARY.items():
-    _reg(_name, _binary_infer(), lambda x, a, _fn=_fn: _fn(x[0], x[1]), n=2, elementwise=True)
+    _reg(_name, _binary_infer(), lambda x, a, _fn=_fn: _fn(x[0], x[1]), n=2,
+         traits=("elementwise",))
 _reg("div", _binary_infer(true_div=True),
      lambda x, a: torch.div(x[0], x[1], rounding_mode=a["rounding_mode"]),
-     {"rounding_mode": None}, n=2, elementwise=True, doc="division; rounding_mode trunc|floor")
-for _name, _fn in {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le,
-                   "gt": torch.gt, "ge": torch.ge, "logical_and": torch.logical_and,
+     {"rounding_mode": None}, n=2,
+     traits=("elementwise",), doc="division; rounding_mode trunc|floor")
+for _name, _fn in {"eq": torch.eq, "ne": torch.ne, "logical_and": torch.logical_and,
                    "logical_or": torch.logical_or, "logical_xor": torch.logical_xor}.items():
     _reg(_name, _binary_infer(out_bool=True), lambda x, a, _fn=_fn: _fn(x[0], x[1]), n=2,
-         elementwise=True)
+         traits=("elementwise",))
+for _name, _fn in {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}.items():
+    _reg(_name, _binary_infer(out_bool=True), lambda x, a, _fn=_fn: _fn(x[0], x[1]), n=2,
+         traits=("elementwise", "order_compare"))
 
 
 def _where_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -169,7 +176,7 @@ def _where_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("where", _where_infer, lambda x, a: torch.where(x[0].bool(), x[1], x[2]), n=3,
-     elementwise=True, doc="select x where cond else y")
+     traits=("elementwise",), doc="select x where cond else y")
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -203,14 +210,14 @@ def _dims_arg(a: Attrs, rank: int) -> list[int]:
 
 
 _reg("sum", _reduce_infer("sum"), lambda x, a: torch.sum(x[0], _dims_arg(a, x[0].dim()), a["keepdim"]),
-     {"dims": None, "keepdim": False})
+     {"dims": None, "keepdim": False}, traits=("reduction",))
 _reg("mean", _reduce_infer("mean", floaty=True),
      lambda x, a: torch.mean(x[0], _dims_arg(a, x[0].dim()), a["keepdim"]),
-     {"dims": None, "keepdim": False})
+     {"dims": None, "keepdim": False}, traits=("reduction",))
 _reg("amax", _reduce_infer("amax"), lambda x, a: torch.amax(x[0], _dims_arg(a, x[0].dim()), a["keepdim"]),
-     {"dims": None, "keepdim": False})
+     {"dims": None, "keepdim": False}, traits=("reduction",))
 _reg("amin", _reduce_infer("amin"), lambda x, a: torch.amin(x[0], _dims_arg(a, x[0].dim()), a["keepdim"]),
-     {"dims": None, "keepdim": False})
+     {"dims": None, "keepdim": False}, traits=("reduction",))
 
 
 def _prod_ref(x: Any, a: Attrs) -> torch.Tensor:
@@ -220,22 +227,27 @@ def _prod_ref(x: Any, a: Attrs) -> torch.Tensor:
     return y
 
 
-_reg("prod", _reduce_infer("prod"), _prod_ref, {"dims": None, "keepdim": False})
+_reg("prod", _reduce_infer("prod"), _prod_ref, {"dims": None, "keepdim": False},
+     traits=("reduction",))
 _reg("var", _reduce_infer("var", floaty=True),
      lambda x, a: torch.var(x[0], _dims_arg(a, x[0].dim()), correction=a["correction"],
                             keepdim=a["keepdim"]),
-     {"dims": None, "keepdim": False, "correction": 1})
+     {"dims": None, "keepdim": False, "correction": 1}, traits=("reduction",))
 _reg("argmax", _reduce_infer("argmax", dtype="int64"),
-     lambda x, a: torch.argmax(x[0], a["dim"], a["keepdim"]), {"dim": REQUIRED, "keepdim": False})
+     lambda x, a: torch.argmax(x[0], a["dim"], a["keepdim"]), {"dim": REQUIRED, "keepdim": False},
+     traits=("reduction",))
 _reg("argmin", _reduce_infer("argmin", dtype="int64"),
-     lambda x, a: torch.argmin(x[0], a["dim"], a["keepdim"]), {"dim": REQUIRED, "keepdim": False})
+     lambda x, a: torch.argmin(x[0], a["dim"], a["keepdim"]), {"dim": REQUIRED, "keepdim": False},
+     traits=("reduction",))
 _reg("any", lambda t, a: [TensorType("bool", _reduce_shape(_t(t, 0, "any"), a["dims"], a["keepdim"], "any"))],
      lambda x, a: torch.any(x[0], dim=tuple(_dims_arg(a, x[0].dim())), keepdim=a["keepdim"]),
-     {"dims": None, "keepdim": False})
+     {"dims": None, "keepdim": False}, traits=("reduction",))
 _reg("cumsum", lambda t, a: [_t(t, 0, "cumsum") if _t(t, 0, "cumsum").dtype not in ("bool", "int32", "int8", "uint8") else _t(t, 0, "cumsum").with_dtype("int64")],
-     lambda x, a: torch.cumsum(x[0], a["dim"]), {"dim": REQUIRED})
-_reg("softmax", _float_same, lambda x, a: torch.softmax(x[0], a["dim"]), {"dim": -1})
-_reg("log_softmax", _float_same, lambda x, a: torch.log_softmax(x[0], a["dim"]), {"dim": -1})
+     lambda x, a: torch.cumsum(x[0], a["dim"]), {"dim": REQUIRED}, traits=("reduction",))
+_reg("softmax", _float_same, lambda x, a: torch.softmax(x[0], a["dim"]), {"dim": -1},
+     traits=("reduction",))
+_reg("log_softmax", _float_same, lambda x, a: torch.log_softmax(x[0], a["dim"]), {"dim": -1},
+     traits=("reduction",))
 
 
 def _topk_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -247,7 +259,8 @@ def _topk_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 _reg("topk", _topk_infer,
      lambda x, a: tuple(torch.topk(x[0], a["k"], a["dim"], a["largest"], a["sorted"])),
-     {"k": REQUIRED, "dim": -1, "largest": True, "sorted": True}, doc="values, indices")
+     {"k": REQUIRED, "dim": -1, "largest": True, "sorted": True}, doc="values, indices",
+     traits=("reduction",))
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -273,7 +286,7 @@ def _matmul_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("matmul", _matmul_infer, lambda x, a: torch.matmul(x[0], x[1]), n=2,
-     doc="torch.matmul semantics (batched, broadcasting)")
+     doc="torch.matmul semantics (batched, broadcasting)", traits=("gemm",))
 
 
 def _linear_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -286,7 +299,7 @@ def _linear_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("linear", _linear_infer, lambda x, a: F.linear(x[0], x[1], _opt(x, 2)), n=(2, 3),
-     doc="y = x @ w.T + b, w is [out, in]")
+     doc="y = x @ w.T + b, w is [out, in]", traits=("gemm", "linear"))
 
 
 def _conv_out(n: Dim, k: int, s: int, p: int, d: int) -> Dim:
@@ -319,7 +332,7 @@ def _conv_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 _reg("conv", _conv_infer, _conv_ref,
      {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}, n=(2, 3),
-     doc="N-d convolution (1d/2d/3d), weight [out, in/groups, *k]")
+     doc="N-d convolution (1d/2d/3d), weight [out, in/groups, *k]", traits=("conv",))
 
 
 def _conv_t_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -339,7 +352,8 @@ def _conv_t_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("conv_transpose", _conv_t_infer, _conv_t_ref,
-     {"stride": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}, n=(2, 3))
+     {"stride": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}, n=(2, 3),
+     traits=("conv",))
 
 
 def _pool_infer(op: str) -> Any:
@@ -381,10 +395,11 @@ def _avgpool_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("max_pool", _pool_infer("max_pool"), _maxpool_ref,
-     {"kernel": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False})
+     {"kernel": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
+     traits=("reduction", "pool"))
 _reg("avg_pool", _pool_infer("avg_pool"), _avgpool_ref,
      {"kernel": REQUIRED, "stride": None, "padding": 0, "ceil_mode": False,
-      "count_include_pad": True})
+      "count_include_pad": True}, traits=("reduction", "pool"))
 
 
 def _adaptive_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -399,7 +414,8 @@ def _adaptive_ref(x: Any, a: Attrs) -> torch.Tensor:
     return fn(x[0], a["output_size"])
 
 
-_reg("adaptive_avg_pool", _adaptive_infer, _adaptive_ref, {"output_size": REQUIRED})
+_reg("adaptive_avg_pool", _adaptive_infer, _adaptive_ref, {"output_size": REQUIRED},
+     traits=("reduction", "pool"))
 
 
 def _interpolate_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -436,16 +452,18 @@ def _rms_norm_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("layer_norm", lambda t, a: [_t(t, 0, "layer_norm")], _layer_norm_ref,
-     {"axes": 1, "eps": 1e-5}, n=(1, 3), doc="LayerNorm over the last `axes` dims")
+     {"axes": 1, "eps": 1e-5}, n=(1, 3), doc="LayerNorm over the last `axes` dims",
+     traits=("norm",))
 _reg("rms_norm", lambda t, a: [_t(t, 0, "rms_norm")], _rms_norm_ref,
-     {"axes": 1, "eps": None}, n=(1, 2), doc="RMSNorm over the last `axes` dims")
+     {"axes": 1, "eps": None}, n=(1, 2), doc="RMSNorm over the last `axes` dims", traits=("norm",))
 _reg("batch_norm", lambda t, a: [_t(t, 0, "batch_norm")],
      lambda x, a: F.batch_norm(x[0], x[1], x[2], _opt(x, 3), _opt(x, 4), False, 0.0,
                                   a["eps"]),
-     {"eps": 1e-5}, n=(3, 5), doc="inference BatchNorm: x, mean, var, weight?, bias?")
+     {"eps": 1e-5}, n=(3, 5), doc="inference BatchNorm: x, mean, var, weight?, bias?",
+     traits=("norm",))
 _reg("group_norm", lambda t, a: [_t(t, 0, "group_norm")],
      lambda x, a: F.group_norm(x[0], a["groups"], _opt(x, 1), _opt(x, 2), a["eps"]),
-     {"groups": REQUIRED, "eps": 1e-5}, n=(1, 3))
+     {"groups": REQUIRED, "eps": 1e-5}, n=(1, 3), traits=("norm",))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -472,7 +490,8 @@ def _attention_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 _reg("attention", _attention_infer, _attention_ref,
      {"scale": None, "is_causal": False, "enable_gqa": False}, n=(3, 4),
-     doc="softmax(q k^T * scale + mask) v; mask bool (keep) or additive float")
+     doc="softmax(q k^T * scale + mask) v; mask bool (keep) or additive float",
+     traits=("attention",))
 
 
 def _embedding_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -481,7 +500,7 @@ def _embedding_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("embedding", _embedding_infer, lambda x, a: F.embedding(x[1], x[0]), n=2,
-     doc="rows of weight (input 0) at indices (input 1)")
+     doc="rows of weight (input 0) at indices (input 1)", traits=("gather", "lookup"))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -502,7 +521,7 @@ def _reshape_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("reshape", _reshape_infer, lambda x, a: torch.reshape(x[0], tuple(a["shape"])),
-     {"shape": REQUIRED}, doc="reshape to `shape` (dims may be symbolic)")
+     {"shape": REQUIRED}, doc="reshape to `shape` (dims may be symbolic)", traits=("movement",))
 
 
 def _permute_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -513,7 +532,8 @@ def _permute_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(x.shape[p] for p in perm))]
 
 
-_reg("permute", _permute_infer, lambda x, a: x[0].permute(*a["perm"]), {"perm": REQUIRED})
+_reg("permute", _permute_infer, lambda x, a: x[0].permute(*a["perm"]), {"perm": REQUIRED},
+     traits=("movement",))
 
 
 def _expand_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -526,7 +546,8 @@ def _expand_infer(types: Types, attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(out))]
 
 
-_reg("expand", _expand_infer, lambda x, a: x[0].expand(*a["shape"]), {"shape": REQUIRED})
+_reg("expand", _expand_infer, lambda x, a: x[0].expand(*a["shape"]), {"shape": REQUIRED},
+     traits=("movement",))
 
 
 def _slice_len(size: Dim, start: Any, end: Any, step: int) -> tuple[Dim, Dim, Dim]:
@@ -561,7 +582,8 @@ def _slice_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("slice", _slice_infer, _slice_ref,
-     {"dim": REQUIRED, "start": 0, "end": BIG, "step": 1}, doc="x[..., start:end:step, ...]")
+     {"dim": REQUIRED, "start": 0, "end": BIG, "step": 1}, doc="x[..., start:end:step, ...]",
+     traits=("movement",))
 
 
 def _select_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -571,7 +593,8 @@ def _select_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("select", _select_infer, lambda x, a: torch.select(x[0], a["dim"], a["index"]),
-     {"dim": REQUIRED, "index": REQUIRED}, doc="x.select(dim, index): drops dim")
+     {"dim": REQUIRED, "index": REQUIRED}, doc="x.select(dim, index): drops dim",
+     traits=("movement",))
 
 
 def _concat_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -591,7 +614,7 @@ def _concat_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("concat", _concat_infer, lambda x, a: torch.cat(list(x), a["dim"]), {"dim": 0},
-     n=(1, 10_000))
+     n=(1, 10_000), traits=("data",))
 
 
 def _gather_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -600,7 +623,7 @@ def _gather_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("gather", _gather_infer, lambda x, a: torch.gather(x[0], a["dim"], x[1]), {"dim": REQUIRED},
-     n=2, doc="torch.gather")
+     n=2, doc="torch.gather", traits=("gather", "lookup"))
 
 
 def _index_select_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -618,7 +641,8 @@ def _index_select_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("index_select", _index_select_infer, _index_select_ref, {"dim": REQUIRED}, n=2,
-     doc="take along one dim with an index tensor of any rank (numpy.take)")
+     doc="take along one dim with an index tensor of any rank (numpy.take)",
+     traits=("gather", "lookup"))
 
 
 def _pad_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -634,12 +658,13 @@ def _pad_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 _reg("pad", _pad_infer,
      lambda x, a: F.pad(x[0], list(a["pads"]), a["mode"], a["value"] if a["mode"] == "constant" else None),
      {"pads": REQUIRED, "mode": "constant", "value": 0.0},
-     doc="torch F.pad order: (last_lo, last_hi, prev_lo, prev_hi, ...)")
-_reg("flip", _same, lambda x, a: torch.flip(x[0], list(a["dims"])), {"dims": REQUIRED})
+     doc="torch F.pad order: (last_lo, last_hi, prev_lo, prev_hi, ...)", traits=("data",))
+_reg("flip", _same, lambda x, a: torch.flip(x[0], list(a["dims"])), {"dims": REQUIRED},
+     traits=("data",))
 _reg("roll", _same, lambda x, a: torch.roll(x[0], list(a["shifts"]), list(a["dims"])),
-     {"shifts": REQUIRED, "dims": REQUIRED})
-_reg("tril", _same, lambda x, a: torch.tril(x[0], a["diagonal"]), {"diagonal": 0})
-_reg("triu", _same, lambda x, a: torch.triu(x[0], a["diagonal"]), {"diagonal": 0})
+     {"shifts": REQUIRED, "dims": REQUIRED}, traits=("data",))
+_reg("tril", _same, lambda x, a: torch.tril(x[0], a["diagonal"]), {"diagonal": 0}, traits=("data",))
+_reg("triu", _same, lambda x, a: torch.triu(x[0], a["diagonal"]), {"diagonal": 0}, traits=("data",))
 
 
 def _tile_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -651,7 +676,8 @@ def _tile_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("tile", _tile_infer, lambda x, a: x[0].repeat(*a["repeats"]) if len(a["repeats"]) >= x[0].dim()
-     else torch.tile(x[0], tuple(a["repeats"])), {"repeats": REQUIRED}, doc="torch.Tensor.repeat")
+     else torch.tile(x[0], tuple(a["repeats"])), {"repeats": REQUIRED}, doc="torch.Tensor.repeat",
+     traits=("data",))
 
 
 # ----------------------------------------------------------------------------- creation
@@ -661,7 +687,7 @@ def _full_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 _reg("full", _full_infer,
      lambda x, a: torch.full(tuple(a["shape"]), a["value"], dtype=to_torch_dtype(a["dtype"])),
-     {"shape": REQUIRED, "value": REQUIRED, "dtype": "float32"}, n=0)
+     {"shape": REQUIRED, "value": REQUIRED, "dtype": "float32"}, n=0, traits=("data", "generator"))
 
 
 def _arange_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -675,7 +701,7 @@ def _arange_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 _reg("arange", _arange_infer,
      lambda x, a: torch.arange(a["start"], a["end"], a["step"], dtype=to_torch_dtype(a["dtype"])),
-     {"start": 0, "end": REQUIRED, "step": 1, "dtype": "int64"}, n=0)
+     {"start": 0, "end": REQUIRED, "step": 1, "dtype": "int64"}, n=0, traits=("data", "generator"))
 
 
 def check_types_equal(a: TensorType, b: TensorType) -> bool:

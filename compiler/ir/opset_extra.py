@@ -26,11 +26,11 @@ Attrs = Mapping[str, Any]
 
 
 def _reg(name: str, infer: Any, ref: Any, attrs: dict | None = None, n: int | tuple = 1,
-         elementwise: bool = False, doc: str = "") -> None:
+         traits: tuple[str, ...] = (), doc: str = "") -> None:
     if has_op(name):  # the core set gained it: the core definition wins
         return
     lo, hi = (n, n) if isinstance(n, int) else n
-    register_op(OpDef(name, infer, ref, attrs or {}, lo, hi, elementwise, doc))
+    register_op(OpDef(name, infer, ref, attrs or {}, lo, hi, frozenset(traits), doc))
 
 
 def _t(types: Types, i: int, op: str) -> TensorType:
@@ -49,10 +49,10 @@ def _float_same(types: Types, attrs: Attrs) -> list[TensorType]:
 _UNARY = {"tan": torch.tan, "asin": torch.asin, "acos": torch.acos, "sinh": torch.sinh,
           "cosh": torch.cosh, "asinh": torch.asinh, "acosh": torch.acosh, "atanh": torch.atanh}
 for _name, _fn in _UNARY.items():
-    _reg(_name, _float_same, lambda x, a, _fn=_fn: _fn(x[0]), elementwise=True,
+    _reg(_name, _float_same, lambda x, a, _fn=_fn: _fn(x[0]), traits=("elementwise",),
          doc=f"elementwise {_name}")
 _reg("bitwise_not", lambda t, a: [_t(t, 0, "bitwise_not")],
-     lambda x, a: torch.bitwise_not(x[0]), elementwise=True)
+     lambda x, a: torch.bitwise_not(x[0]), traits=("elementwise",))
 
 
 def _binary_same(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -61,7 +61,7 @@ def _binary_same(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("bitwise_xor", _binary_same, lambda x, a: torch.bitwise_xor(x[0], x[1]), n=2,
-     elementwise=True)
+     traits=("elementwise",))
 
 
 def _isinf_ref(x: Any, a: Attrs) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _isinf_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("isinf", lambda t, a: [_t(t, 0, "isinf").with_dtype("bool")], _isinf_ref,
-     {"detect_positive": True, "detect_negative": True}, elementwise=True)
+     {"detect_positive": True, "detect_negative": True}, traits=("elementwise",))
 
 
 # ----------------------------------------------------------------------------- resize
@@ -245,7 +245,7 @@ _reg("resize", _resize_infer, resize_reference,
       "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_floor",
       "cubic_coeff_a": -0.75, "exclude_outside": False, "antialias": False,
       "extrapolation_value": 0.0},
-     doc="ONNX Resize: sizes per axis (symbolic ok); scales per axis when given")
+     doc="ONNX Resize: sizes per axis (symbolic ok); scales per axis when given", traits=("data",))
 
 
 # ----------------------------------------------------------------------------- einsum
@@ -298,7 +298,7 @@ def _einsum_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("einsum", _einsum_infer, lambda x, a: torch.einsum(a["equation"], *x),
-     {"equation": REQUIRED}, n=(1, 16), doc="torch.einsum")
+     {"equation": REQUIRED}, n=(1, 16), doc="torch.einsum", traits=("gemm",))
 
 
 # ----------------------------------------------------------------------------- gather/scatter
@@ -326,7 +326,7 @@ def _gather_nd_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 
 _reg("gather_nd", _gather_nd_infer, _gather_nd_ref, {"batch_dims": 0}, n=2,
-     doc="ONNX GatherND")
+     doc="ONNX GatherND", traits=("gather", "lookup"))
 
 _REDUCTIONS = {"none": None, "add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
@@ -346,7 +346,7 @@ def _same0(types: Types, attrs: Attrs) -> list[TensorType]:
 
 
 _reg("scatter_elements", _same0, _scatter_elements_ref, {"dim": 0, "reduction": "none"}, n=3,
-     doc="ONNX ScatterElements; reduction none|add|mul|max|min")
+     doc="ONNX ScatterElements; reduction none|add|mul|max|min", traits=("gather",))
 
 
 def _scatter_nd_ref(x: Any, a: Attrs) -> torch.Tensor:
@@ -370,7 +370,8 @@ def _scatter_nd_ref(x: Any, a: Attrs) -> torch.Tensor:
     return data
 
 
-_reg("scatter_nd", _same0, _scatter_nd_ref, {"reduction": "none"}, n=3, doc="ONNX ScatterND")
+_reg("scatter_nd", _same0, _scatter_nd_ref, {"reduction": "none"}, n=3, doc="ONNX ScatterND",
+     traits=("gather",))
 
 
 def _one_hot_infer(types: Types, attrs: Attrs) -> list[TensorType]:
@@ -397,7 +398,7 @@ def _one_hot_ref(x: Any, a: Attrs) -> torch.Tensor:
 
 _reg("one_hot", _one_hot_infer, _one_hot_ref,
      {"depth": REQUIRED, "dim": -1, "on": 1, "off": 0, "dtype": "float32"},
-     doc="one-hot along dim; out-of-range indices give an all-off row")
+     doc="one-hot along dim; out-of-range indices give an all-off row", traits=("gather",))
 
 
 
@@ -449,4 +450,4 @@ def _max_pool_idx_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 _reg("max_pool_with_indices", _max_pool_idx_infer, _max_pool_idx_ref,
      {"kernel": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
       "storage_order": 0},
-     doc="max pool and ONNX-style flat indices over the whole tensor")
+     doc="max pool and ONNX-style flat indices over the whole tensor", traits=("pool",))

@@ -123,9 +123,11 @@ def _fused_ref(base: str) -> Any:
 register_op(OpDef(
     "fused_linear", _fused_infer("linear"), _fused_ref("linear"),
     {**_EPILOGUE_ATTRS, "activation": REQUIRED}, 2, 4,
-    doc="act(x @ w.T + b [+ residual]) [+ residual]: linear with a fused epilogue"))
+    doc="act(x @ w.T + b [+ residual]) [+ residual]: linear with a fused epilogue",
+    traits=frozenset({"gemm", "linear", "fused"})))
 register_op(OpDef(
     "fused_conv", _fused_infer("conv"), _fused_ref("conv"),
     {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **_EPILOGUE_ATTRS,
      "activation": REQUIRED}, 2, 4,
-    doc="act(conv(x, w, b) [+ residual]) [+ residual]: convolution with a fused epilogue"))
+    doc="act(conv(x, w, b) [+ residual]) [+ residual]: convolution with a fused epilogue",
+    traits=frozenset({"conv", "fused"})))

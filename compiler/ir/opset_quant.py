@@ -57,7 +57,6 @@ from .shapes import dims_equal
 from .types import TensorType, is_float
 
 __all__ = [
-    "QUANT_LINEAR_OPS",
     "EPILOGUE_ATTRS",
     "U7_QMAX",
     "choose_u7_qparams",
@@ -422,9 +421,13 @@ def _opt(x: Sequence[torch.Tensor | None], i: int) -> torch.Tensor | None:
     return x[i] if len(x) > i else None
 
 
+# every op of this module is a linear over a compressed weight, with the fused epilogue
+_TRAITS = frozenset({"gemm", "linear", "quantized"})
+
+
 def _reg(name: str, infer: Any, ref: Any, attrs: dict[str, Any], lo: int, hi: int,
          doc: str) -> None:
-    register_op(OpDef(name, infer, ref, {**EPILOGUE_ATTRS, **attrs}, lo, hi, False, doc))
+    register_op(OpDef(name, infer, ref, {**EPILOGUE_ATTRS, **attrs}, lo, hi, _TRAITS, doc))
 
 
 # ----------------------------------------------------------------------------- qlinear_dynamic
@@ -791,5 +794,3 @@ def _bf16_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
 _reg("linear_bf16", _bf16_infer, _bf16_ref, {}, 2, 4,
      "bf16 weights and activations (AMX/AVX512-BF16 where present), fp32 result")
 
-QUANT_LINEAR_OPS = frozenset({"qlinear_dynamic", "qlinear_static", "linear_woq", "lut_linear",
-                              "sparse_linear", "linear_bf16"})

@@ -163,7 +163,8 @@ register_op(OpDef(
     "token_merge", _merge_infer,
     lambda x, a: merge_reference(x[0], x[1], x[2] if len(x) > 2 else None, a["r"], a["protect"]),
     {"r": REQUIRED, "protect": 0}, 2, 3,
-    doc="ToMe bipartite merge of r tokens: (x, metric, size?) -> (y, size, map, rep)"))
+    doc="ToMe bipartite merge of r tokens: (x, metric, size?) -> (y, size, map, rep)",
+    traits=frozenset({"token", "token_reduction"})))
 
 
 # ----------------------------------------------------------------------------- token_select
@@ -226,7 +227,8 @@ register_op(OpDef(
     lambda x, a: select_reference(x[0], x[1], x[2] if len(x) > 2 else None, a["keep"],
                                   a["protect"], bool(a["fuse"]), a["weighting"]),
     {"keep": REQUIRED, "protect": 0, "fuse": False, "weighting": "size"}, 2, 3,
-    doc="keep the top-`keep` tokens by score (+1 fused token): (x, score, size?) -> 4 values"))
+    doc="keep the top-`keep` tokens by score (+1 fused token): (x, score, size?) -> 4 values",
+    traits=frozenset({"token", "token_reduction"})))
 
 
 # ----------------------------------------------------------------------------- token_unmerge
@@ -250,7 +252,8 @@ def _unmerge_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 register_op(OpDef(
     "token_unmerge", _unmerge_infer,
     lambda x, a: unmerge_reference(x[0], x[1], x[2] if len(x) > 2 else None), {}, 2, 3,
-    doc="y[b, map[b, i]] for every original token i; dropped tokens (-1) take fallback"))
+    doc="y[b, map[b, i]] for every original token i; dropped tokens (-1) take fallback",
+    traits=frozenset({"token"})))
 
 
 # ----------------------------------------------------------------------------- token_gather
@@ -280,7 +283,8 @@ def _gather_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
 
 
 register_op(OpDef("token_gather", _gather_infer, _gather_ref, {"dim": REQUIRED}, 2, 2,
-                  doc="x gathered along `dim` with a per-batch index [B, K]"))
+                  doc="x gathered along `dim` with a per-batch index [B, K]",
+                  traits=frozenset({"token"})))
 
 
 # ----------------------------------------------------------------------------- scores
@@ -314,7 +318,8 @@ def _attention_score_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 register_op(OpDef(
     "attention_score", _attention_score_infer, _attention_score_ref,
     {"scale": None, "query": None}, 2, 3,
-    doc="attention each key receives (mean over heads; one query or all) -> [B, N]"))
+    doc="attention each key receives (mean over heads; one query or all) -> [B, N]",
+    traits=frozenset({"token", "attention"})))
 
 
 def _token_score_ref(x: Sequence[torch.Tensor | None], a: Attrs) -> torch.Tensor:
@@ -346,7 +351,8 @@ def _token_score_infer(types: Types, attrs: Attrs) -> list[TensorType]:
 register_op(OpDef(
     "token_score", _token_score_infer, _token_score_ref,
     {"method": "shift", "pivots": 4, "protect": 0}, 1, 2,
-    doc="per-token score [B, N]: ||x - ref|| (shift) or -max cos to pivot tokens (dart)"))
+    doc="per-token score [B, N]: ||x - ref|| (shift) or -max cos to pivot tokens (dart)",
+    traits=frozenset({"token"})))
 
 
 # ----------------------------------------------------------------------------- layer skipping

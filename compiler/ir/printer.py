@@ -1,13 +1,38 @@
-"""Readable text form of the IR."""
+"""Readable text form of the IR.
+
+It formats anything shaped like a `ember.ir.graph.Node` / `Graph` (the protocols below), so it
+imports nothing of the IR: `graph.py` imports it for ``str(node)`` and ``str(graph)``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .graph import Graph, Node
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 __all__ = ["format_graph", "format_node", "format_attr"]
+
+
+class _Value(Protocol):
+    name: str
+    type: Any
+
+
+class _Node(Protocol):
+    op: str
+    inputs: Sequence[_Value | None]
+    outputs: Sequence[_Value]
+    attrs: Mapping[str, Any]
+    loc: Any
+
+
+class _Graph(Protocol):
+    name: str
+    inputs: Sequence[_Value]
+    params: Sequence[_Value]
+    nodes: Sequence[_Node]
+    outputs: Sequence[_Value]
+
+    def param_bytes(self) -> int: ...
 
 
 def format_attr(v: Any) -> str:
@@ -20,7 +45,7 @@ def format_attr(v: Any) -> str:
     return str(v)
 
 
-def format_node(n: Node, with_loc: bool = False) -> str:
+def format_node(n: _Node, with_loc: bool = False) -> str:
     outs = ", ".join(f"%{v.name}" for v in n.outputs)
     ins = ", ".join("_" if v is None else f"%{v.name}" for v in n.inputs)
     attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in n.attrs.items())
@@ -31,7 +56,7 @@ def format_node(n: Node, with_loc: bool = False) -> str:
     return s
 
 
-def format_graph(g: Graph, with_loc: bool = False, max_nodes: int | None = None) -> str:
+def format_graph(g: _Graph, with_loc: bool = False, max_nodes: int | None = None) -> str:
     ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     lines = [f"graph {g.name}({ins}) {{"]
     if g.params:

@@ -20,7 +20,6 @@ from ember.backends.base import IR_FILE, WEIGHTS_FILE
 from ember.backends.cpu import CpuProgram, compile_graph, find_pickles, load_program
 from ember.backends.cpu.lowering import lower_graph
 from ember.backends.cpu.program import PACKAGE_FILE
-from ember.backends.reference import run_graph
 from ember.errors import UnsupportedOpError
 from ember.ir import (
     Graph,
@@ -30,6 +29,7 @@ from ember.ir import (
     TensorType,
     Value,
     graph_to_json,
+    run_graph,
     sym,
     verify,
 )

@@ -101,8 +101,7 @@ def test_linear_woq(bits: int, group: int, m: int) -> None:
 
 def test_linear_woq_w4a8_lowering_rounds_activations() -> None:
     """act_quant=block on CUDA: the activations' int8 rounding, then the int4 kernel."""
-    from ember.backends.reference import run_graph
-    from ember.ir import GraphBuilder, TensorType
+    from ember.ir import GraphBuilder, TensorType, run_graph
 
     gen = torch.Generator().manual_seed(0)
     wq, s = quantize_weight_groups(torch.randn(24, 64, generator=gen), 4, 32)
@@ -259,8 +258,8 @@ def test_backend_availability_reasons() -> None:
 
 
 def test_backend_compiles_zoo_model_to_cuda_artifact(tmp_path: Path) -> None:
-    from ember.backends.reference import run_graph
     from ember.driver import CompiledModel
+    from ember.ir import run_graph
 
     z, cm = _mlp_w8a8()
     g = cm.graph
@@ -303,7 +302,7 @@ def test_backend_compiles_zoo_model_to_cuda_artifact(tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU")
 def test_gpu_artifact_runs_from_cubins(tmp_path: Path) -> None:  # pragma: no cover
     import ember
-    from ember.backends.reference import run_graph
+    from ember.ir import run_graph
 
     os.environ.pop("TRITON_INTERPRET", None)
     z, cm = _mlp_w8a8()

@@ -7,9 +7,8 @@ import time
 import torch
 
 from ember import cost_models as cm
-from ember.backends.reference import run_graph
 from ember.cost_models.devices import DeviceSpec
-from ember.ir import Graph, GraphBuilder, TensorType, sym
+from ember.ir import Graph, GraphBuilder, TensorType, run_graph, sym
 
 
 def _mlp() -> Graph:

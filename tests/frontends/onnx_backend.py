@@ -26,9 +26,9 @@ import torch
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
-from ember.backends.reference import run_graph
 from ember.errors import UnsupportedOpError
 from ember.frontends.onnx import ONNX_DTYPES, import_onnx
+from ember.ir import run_graph
 
 log = logging.getLogger(__name__)
 

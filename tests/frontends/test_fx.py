@@ -13,10 +13,9 @@ import zoo
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ember.backends.reference import run_graph
 from ember.errors import UnsupportedOpError
 from ember.frontends import fx
-from ember.ir import Graph, graph_from_json, graph_to_json, sym, verify
+from ember.ir import Graph, graph_from_json, graph_to_json, run_graph, sym, verify
 
 SMALL = ["mlp", "resnet", "mobilenet_v2", "vit", "bert", "bert_eager", "gpt2", "llama"]
 

@@ -8,9 +8,8 @@ import unseen_models
 from test_fx import assert_matches, eager_outputs
 from torch import nn
 
-from ember.backends.reference import run_graph
 from ember.frontends import fx
-from ember.ir import verify
+from ember.ir import run_graph, verify
 
 
 @pytest.mark.parametrize("name", [

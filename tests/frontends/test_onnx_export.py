@@ -11,10 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ember.backends.reference import run_graph
 from ember.export_onnx import EMBER_DOMAIN, export_onnx
 from ember.frontends.onnx import import_onnx
-from ember.ir import GraphBuilder, TensorType, sym
+from ember.ir import GraphBuilder, TensorType, run_graph, sym
 
 ort = pytest.importorskip("onnxruntime")
 

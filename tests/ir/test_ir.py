@@ -6,7 +6,6 @@ import pytest
 import sympy
 import torch
 
-from ember.backends.reference import run_graph
 from ember.errors import VerificationError
 from ember.ir import (
     Graph,
@@ -21,6 +20,7 @@ from ember.ir import (
     format_graph,
     graph_from_json,
     graph_to_json,
+    run_graph,
     sym,
     verify,
 )

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given
 from strategies import RandomGraph, random_graphs
 
-from ember.backends.reference import run_graph
-from ember.ir import format_graph, graph_from_json, graph_to_json, verify
+from ember.ir import format_graph, graph_from_json, graph_to_json, run_graph, verify
 
 
 @given(random_graphs())

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ember.backends.reference.interpreter import run_graph
-from ember.ir import Graph, verify
+from ember.ir import Graph, run_graph, verify
 from ember.passmanager import PassContext, PassManager
 
 __all__ = ["run_pass", "assert_close_outputs", "check_pass", "random_inputs"]

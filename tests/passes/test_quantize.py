@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import ember
-from ember.backends.reference.interpreter import run_graph
 from ember.errors import CompilerError
-from ember.ir import GraphBuilder, TensorType, get_op, verify
+from ember.ir import GraphBuilder, TensorType, get_op, run_graph, verify
 from ember.ir.opset_quant import (
     choose_u7_qparams,
     dequantize_weight_groups,

@@ -8,9 +8,8 @@ import pytest
 import torch
 import zoo
 
-from ember.backends.reference.interpreter import run_graph
 from ember.frontends import fx
-from ember.ir import get_op, verify
+from ember.ir import get_op, run_graph, verify
 from ember.passes._blocks import find_blocks, graph_flops
 from ember.passes.skip_layers import block_cosines, remove_blocks
 from ember.passmanager import PassContext, PassManager, get_pass

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import ember
-from ember.backends.reference.interpreter import run_graph
 from ember.errors import CompilerError
-from ember.ir import get_op, verify
+from ember.ir import get_op, run_graph, verify
 from ember.ir.opset_quant import decode_sparse, encode_sparse
 from ember.passes import _qkernels
 from ember.passes.sparsify import parse_pattern, prune_mask

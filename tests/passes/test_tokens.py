@@ -8,9 +8,8 @@ import pytest
 import torch
 import zoo
 
-from ember.backends.reference.interpreter import run_graph
 from ember.frontends import fx
-from ember.ir import get_op, verify
+from ember.ir import get_op, run_graph, verify
 from ember.passmanager import PassContext, PassManager, get_pass
 
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from ember.backends.reference.interpreter import run_graph
 from ember.frontends import fx
-from ember.ir import verify
+from ember.ir import run_graph, verify
 from ember.passes._blocks import find_blocks
 from ember.passmanager import PassContext, PassManager
 

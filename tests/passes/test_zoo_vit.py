@@ -27,7 +27,7 @@ def test_vit_from_torch_onnx_export_optimizes_like_its_fx_import(zoo_cache: Path
     from helpers import assert_close_outputs, run_pass
     from zoo_graphs import eager_outputs, zoo_graph
 
-    from ember.backends.reference.interpreter import run_graph
+    from ember.ir import run_graph
 
     onnx_frontend = pytest.importorskip("ember.frontends.onnx")
     zm, g_fx = zoo_graph("vit", zoo_cache)

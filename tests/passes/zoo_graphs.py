@@ -76,7 +76,7 @@ def check_o2(name: str, cache_dir: Path | None, **dims: int) -> tuple[Graph, Gra
     """
     from helpers import assert_close_outputs, run_pass
 
-    from ember.backends.reference.interpreter import run_graph
+    from ember.ir import run_graph
     from ember.passmanager import PassContext
 
     zm, g = zoo_graph(name, cache_dir)
