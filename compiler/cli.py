@@ -130,7 +130,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
     cm.save(out)
     if a.emit == "onnx":
-        from ember.export_onnx import export_onnx
+        from ember.backends.cpu.onnx import export_onnx
 
         rep = export_onnx(cm.graph, out.with_suffix(".onnx"))
         print(f"wrote {out.with_suffix('.onnx')}" + (f" ({rep})" if str(rep) else ""))

@@ -14,9 +14,9 @@ import pytest
 import torch
 import zoo
 
+from ember.backends.cpu.onnx import checkable, export_onnx
 from ember.backends.reference import run_graph
 from ember.driver import relative_error
-from ember.export_onnx import checkable, export_onnx
 from ember.frontends.fx import import_module
 from ember.passmanager import PassManager
 

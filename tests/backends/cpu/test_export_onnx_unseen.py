@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from ember.backends.cpu.onnx import export_onnx
 from ember.backends.reference import run_graph
-from ember.export_onnx import export_onnx
 from ember.frontends import fx
 
 ort = pytest.importorskip("onnxruntime")

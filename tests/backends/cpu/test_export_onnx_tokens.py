@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from ember.backends.cpu.onnx import export_onnx
 from ember.backends.reference import run_graph
-from ember.export_onnx import export_onnx
 from ember.ir import GraphBuilder, TensorType, sym
 
 ort = pytest.importorskip("onnxruntime")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ember
+from ember.backends.cpu.onnx import export_onnx
 from ember.backends.reference import run_graph
-from ember.export_onnx import export_onnx
 from ember.hostinfo import has_int8_dot
 from ember.ir import GraphBuilder, TensorType, sym
 from ember.passes.quantize import SchemeSpec, prepare
