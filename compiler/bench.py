@@ -61,7 +61,7 @@ class BenchResult:
 
 
 def ort_session(onnx_path: str | Path, threads: int) -> Any:
-    from .ort_session import open_session, session_options
+    from ember.backends.cpu.onnx.session import open_session, session_options
 
     return open_session(onnx_path, session_options(threads, quiet=False))
 

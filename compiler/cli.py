@@ -138,7 +138,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
         print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
     if a.emit == "onnx":
-        from ember.export_onnx import export_onnx
+        from ember.backends.cpu.onnx import export_onnx
 
         rep = export_onnx(cm.graph, out.with_suffix(".onnx"))
         print(f"wrote {out.with_suffix('.onnx')}" + (f" ({rep})" if str(rep) else ""))

@@ -84,20 +84,16 @@ def _default_symbol_value(name: str) -> int:
     return 1 if ("batch" in low or low in ("n", "b", "bs")) else 16
 
 
-def pass_options(target: str, example: Sequence[torch.Tensor] | None) -> dict[str, Any]:
-    """What passes may read from ``ctx.options``: the compile's example inputs and, for the
-    CPU target, how its ONNX Runtime program is built (passes that time their rewrite in ORT
-    must build sessions the same way)."""
-    opts: dict[str, Any] = {"example_inputs": list(example) if example is not None else None}
+def pass_context_fields(target: str, example: Sequence[torch.Tensor] | None) -> dict[str, Any]:
+    """The `PassContext` fields the driver fills: the compile's example inputs and the target's
+    gate (for the CPU target with onnxruntime, `ember.backends.cpu.gate.CpuGate`, built with
+    the ONNX Runtime program's export choices so passes time layers as it runs them)."""
+    gate = None
     if target == "cpu":
-        try:
-            from ember.backends.cpu.ort_tuning import disabled_optimizers, export_choices
-        except ImportError:
-            return opts
-        threads = torch.get_num_threads()
-        opts["ort_export"] = {**export_choices(threads),
-                              "disabled_optimizers": disabled_optimizers(threads)}
-    return opts
+        from ember.backends.cpu.gate import cpu_gate
+
+        gate = cpu_gate()
+    return {"example_inputs": list(example) if example is not None else None, "gate": gate}
 
 
 def make_example_inputs(g: Graph, symbols: Mapping[str, int] | None = None,
@@ -332,8 +328,8 @@ def compile(  # noqa: A001  (the public name is ember.compile)
                      base=passes, progress=progress, backend_options=backend_options)
         steps, calib = parse_pipeline(plan.pipeline), plan.pass_calib
     calib_inputs, labels = _split_calib(calib)
-    ctx = PassContext(target=target, calib=calib_inputs, labels=labels)
-    ctx.options.update(pass_options(target, example))
+    ctx = PassContext(target=target, calib=calib_inputs, labels=labels,
+                      **pass_context_fields(target, example))
     with pr.stage(f"passes [{format_pipeline(steps) or 'none'}]"):
         g = PassManager(steps, verify_each=verify,
                         progress=pr.pass_hook if progress else None).run(g0, ctx)

@@ -246,7 +246,7 @@ def load_ember(path: str) -> Runner:
 
 def load_ort(path: str, threads: int = 2, spinning: bool = True) -> Runner:
     """ONNX Runtime's CPU provider on an ONNX file, all graph optimizations on."""
-    from ember.ort_session import open_session, session_options
+    from ember.backends.cpu.onnx.session import open_session, session_options
 
     sess = open_session(path, session_options(threads, spinning=spinning, quiet=False))
     names = [i.name for i in sess.get_inputs()]

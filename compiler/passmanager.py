@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import CompilerError, PassError
 from .ir import Graph, verify
@@ -26,6 +26,7 @@ from .ir import Graph, verify
 __all__ = [
     "PassInfo",
     "PassContext",
+    "TargetGate",
     "PassStep",
     "register_pass",
     "get_pass",
@@ -44,6 +45,26 @@ class EmptyConfig:
     """Config of a pass without knobs."""
 
 
+class TargetGate(Protocol):
+    """What a pass may ask its target about speed (the target's cost gate): the pass decides
+    whether to rewrite, the target answers how fast a form runs there. The CPU backend
+    implements it (`ember.backends.cpu.gate.CpuGate`); the driver puts it on the context.
+
+    Methods:
+        linear_runners: one ``x -> (() -> y)`` factory per one-input graph (input ``x``),
+            running it as the target's program runs it (the quantize pass's per-layer gate).
+            Raises ImportError or `CompilerError` where the target cannot run a graph.
+        compare: ``{"before_ms", "after_ms", "speedup", ...}`` of two whole graphs on
+            ``inputs`` in the target's program, or None where it cannot run them.
+    """
+
+    def linear_runners(self, graphs: Sequence[Graph]
+                       ) -> list[Callable[[Any], Callable[[], Any]]]: ...
+
+    def compare(self, before: Graph, after: Graph,
+                inputs: Sequence[Any]) -> dict[str, Any] | None: ...
+
+
 @dataclass
 class PassContext:
     """What passes may read besides the graph, and where they record their decisions.
@@ -54,7 +75,9 @@ class PassContext:
         labels: optional labels aligned with ``calib``.
         records: per-pass decision records; they go into the artifact manifest.
         seed: for passes with randomness.
-        options: free-form driver options (e.g. a cost model handle).
+        example_inputs: the compile's example inputs (symbol values, layer shapes to time).
+        gate: the target's speed answers; None (a bare context, or a target without one):
+            passes that would time the target's program time torch kernels instead.
     """
 
     target: str = "cpu"
@@ -62,7 +85,8 @@ class PassContext:
     labels: Any = None
     records: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    example_inputs: list[Any] | None = None
+    gate: TargetGate | None = None
 
     def record(self, pass_name: str, **info: Any) -> None:
         self.records.setdefault(pass_name, {}).update(info)

@@ -480,11 +480,10 @@ class _Search:
 
     # -- building and measuring
     def _run_passes(self, g: Graph, steps: Sequence[PassStep]) -> Graph:
-        from .driver import pass_options
+        from .driver import pass_context_fields
 
         ctx = PassContext(target=self.target, calib=self.pass_calib, labels=self.pass_labels,
-                          seed=self.seed)
-        ctx.options.update(pass_options(self.target, self.pass_example))
+                          seed=self.seed, **pass_context_fields(self.target, self.pass_example))
         torch.manual_seed(self.seed)
         out = PassManager(list(steps)).run(g, ctx)
         self.pass_records[tuple(str(s) for s in steps)] = dict(ctx.records)

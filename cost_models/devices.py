@@ -258,7 +258,7 @@ def _ort_sgemm_flops(n: int, threads: int, repeats: int) -> float | None:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    from ember.ort_session import open_session, session_options
+    from ember.backends.cpu.onnx.session import open_session, session_options
 
     rng = np.random.default_rng(0)
     g = helper.make_graph(
@@ -392,7 +392,7 @@ def _measure_ort_kernels(threads: int, quick: bool, reps: int,
         import onnxruntime  # noqa: F401
         from onnx import helper
 
-        from ember.ort_session import graph_session
+        from ember.backends.cpu.onnx.session import graph_session
     except ImportError:
         return None
     rng = np.random.default_rng(0)
@@ -528,7 +528,7 @@ def _measure_nbits(threads: int, quick: bool, typical: Callable[[Any, dict[str, 
     import numpy as np
     from onnx import helper
 
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     g = 32
     rng = np.random.default_rng(1)
@@ -843,7 +843,7 @@ def probe_runner(m: int, k: int, n: int, threads: int = 2, calls: int = 20, gemm
     cached probe's `_GEMM_CHAIN`)."""
     import numpy as np
 
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     rng = np.random.default_rng(0)
 
@@ -881,7 +881,7 @@ def stream_probe_runner(numel: int, threads: int = 2, calls: int = 20) -> Callab
     graph the spec's memory-bound table was timed with) ``calls`` times back to back."""
     import numpy as np
 
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     rng = np.random.default_rng(0)
     x, c = _add_operands(numel, lambda *shape: rng.standard_normal(shape).astype(np.float32))

@@ -11,9 +11,9 @@ time adds a few shape-computing kernels. One call costs::
 
 where the roofline reads and writes every node's tensors (no cross-node fusion: ORT's own
 fusions are learned by the correction from the node's producer/consumer context) and the
-correction is a gradient-boosted regressor fit by ``python -m ember.cost_models.ort_collect``
-on per-node ORT profiles of synthetic training graphs, each node's measured time including the
-executor's per-kernel gap. The model is JSON (`OrtModel`): the trees, the overhead terms and the
+correction is a gradient-boosted regressor (`ember.cost_models.ort_fit`) fit on per-node ORT
+profiles of synthetic training graphs (collected by ``examples/ort_collect.py``), each node's
+measured time including the executor's per-kernel gap. The model is JSON (`OrtModel`): the trees, the overhead terms and the
 device spec its rooflines were computed with. That learned correction generalizes worse than
 the plain roofline and is off by default (`ORT_MODEL_BY_DEFAULT`).
 
@@ -128,7 +128,7 @@ class OrtModel:
             raise ValueError("not an Ember ORT latency model (format != 'ember-ort-model')")
         if d.get("version") != ORT_MODEL_VERSION:
             raise ValueError(f"ORT latency model version {d.get('version')} is not "
-                             f"{ORT_MODEL_VERSION}; refit it with `ort_collect fit`")
+                             f"{ORT_MODEL_VERSION}; refit it with `python examples/ort_collect.py fit`")
         return OrtModel(Correction.from_json(d["correction"]), float(d["call_overhead_s"]),
                         float(d["per_io_s"]), d.get("device_spec"), dict(d.get("meta", {})))
 

@@ -1,7 +1,7 @@
 """How close is the cost model to measured end-to-end latency of the program that ships?
 
 For zoo models that were NOT used to fit the learned corrections (the ORT model is fit on
-synthetic graphs, `python -m ember.cost_models.ort_collect`), compiles each model once for
+synthetic graphs, `python examples/ort_collect.py`), compiles each model once for
 the CPU with dynamic dims (every candidate built and timed, the fastest shipped, as always),
 then at a grid of batch sizes / sequence lengths compares `CompiledModel.predicted_latency_ms`
 (the predictor `ember inspect` shows) with the measured median over >= 10 rounds on 2 threads.

@@ -28,14 +28,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))
 
 import zoo  # noqa: E402
+from ort_collect import _name_nodes, _ort_node_ir  # noqa: E402
+from ort_collect import _trimmed_mean as _fast_half  # noqa: E402
 
 import ember  # noqa: E402
 from ember import cost_models as cm  # noqa: E402
 from ember.cost_models.ort import estimate_graph_ort  # noqa: E402
-from ember.cost_models.ort_collect import _name_nodes, _ort_node_ir  # noqa: E402
-from ember.cost_models.ort_collect import _trimmed_mean as _fast_half  # noqa: E402
 
 
 def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0.0) -> dict:
@@ -43,10 +44,10 @@ def profile(art: Path, inputs: list[torch.Tensor], repeats: int, idle: float = 0
     import onnx
     import onnxruntime as ort
 
+    from ember.backends.cpu.onnx.session import open_session, session_options
     from ember.backends.cpu.ort_tuning import disabled_optimizers
     from ember.backends.cpu.program import _external_params
     from ember.cost_models.analytical import op_class
-    from ember.ort_session import open_session, session_options
 
     c = ember.load(art)
     g = c.graph

@@ -41,13 +41,14 @@ Gating (``gate=measure``, default): a layer is rewritten only where the roofline
 kernel is not slower and a cached interleaved micro-benchmark at its (M, K, N) measures it at
 least ``min_speedup`` faster than fp32 (`._qkernels.gate`); M comes from the example inputs.
 The micro-benchmark times what will run: with ``gate_runtime=onnxruntime`` (the default for the
-CPU target when onnxruntime is installed, as the CPU backend ships ORT on Ember's graph when it
-is fastest) the layer's ONNX export against the fp32 layer, both in ONNX Runtime; with
-``gate_runtime=torch`` the op's torch kernel (fbgemm) against ``F.linear``.
+CPU target when its context carries the target's gate, ``ctx.gate``, which the driver sets when
+onnxruntime is installed, as the CPU backend ships ORT on Ember's graph when it is fastest) the
+layer's ONNX export against the fp32 layer, both in ONNX Runtime (``ctx.gate.linear_runners``);
+with ``gate_runtime=torch`` (or no gate) the op's torch kernel (fbgemm) against ``F.linear``.
 ``gate=predict`` trusts the roofline, ``gate=always`` rewrites every eligible layer.
 With ``gate=measure`` and ONNX Runtime, the whole model is then timed before and after in ONNX
-Runtime on the compile's example inputs (`._model_gate`), and the rewrite is dropped unless it
-is at least ``min_model_speedup`` faster: layers that each win alone can lose together.
+Runtime on the compile's example inputs (``ctx.gate.compare``), and the rewrite is dropped
+unless it is at least ``min_model_speedup`` faster: layers that each win alone can lose together.
 With ``sensitivity=true`` and calibration data, each gated layer is quantized alone and the
 output cosine against fp32 is measured on the calibration inputs; a layer whose drop exceeds
 ``max_layer_drop`` falls back along its scheme's chain (w4 -> w8, lut2 -> lut3 -> w8,
@@ -91,10 +92,9 @@ from ember.ir.opset_quant import (
     quantize_weight_groups,
     quantize_weight_per_channel,
 )
-from ember.passmanager import PassContext, register_pass
+from ember.passmanager import PassContext, TargetGate, register_pass
 
 from . import _calib
-from ._model_gate import compare_in_ort
 from ._qkernels import GateResult, gate
 from ._rewrite import eliminate_dead
 
@@ -202,8 +202,8 @@ def _fallbacks(spec: SchemeSpec, has_calib: bool) -> list[SchemeSpec]:
 
 # ----------------------------------------------------------------------------- candidates
 def example_env(g: Graph, ctx: PassContext) -> dict[str, int]:
-    """Symbol values from the example inputs (``ctx.options['example_inputs']``)."""
-    ex = ctx.options.get("example_inputs")
+    """Symbol values from the example inputs (``ctx.example_inputs``)."""
+    ex = ctx.example_inputs
     if not ex:
         return {}
     try:
@@ -405,40 +405,18 @@ def _one_linear_graph(k: int, prep: _Prepared | None, w: torch.Tensor,
     return b.build()
 
 
-def ort_factories(spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
+def ort_factories(gate: TargetGate, spec: SchemeSpec, n: int, k: int, act_quant: str = "tensor"
                   ) -> tuple[Callable[[torch.Tensor], Callable], Callable[[torch.Tensor], Callable]]:
-    """(fp32, quantized) ``x -> (() -> y)`` factories running the layer's ONNX export in ONNX
-    Runtime: the form the CPU backend's ``onnxruntime`` program runs (one layer, same
-    threads). Raises ImportError without onnxruntime, CompilerError without an ONNX form."""
-    import tempfile
-    from pathlib import Path
-
-    import onnxruntime  # noqa: F401  (ImportError without it: the caller times torch kernels)
-
-    from ember.export_onnx import export_onnx
-    from ember.ort_session import open_session, session_options
-
+    """(fp32, quantized) ``x -> (() -> y)`` factories running the layer in the target's
+    program (``gate.linear_runners``: for the CPU target its ONNX export in ONNX Runtime, one
+    layer, same threads). Raises ImportError or CompilerError where the target cannot."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen) * 0.05
     bias = torch.zeros(n)
     idx = list(range(0, k, 50)) if spec.outliers else []
     prep = prepare(spec, w, x_range=(-4.0, 4.0), outlier_idx=idx, act_quant=act_quant)
-    so = session_options(torch.get_num_threads())
-    sessions = []
-    with tempfile.TemporaryDirectory() as d:
-        for i, p in enumerate((None, prep)):
-            path = Path(d) / f"l{i}.onnx"
-            rep = export_onnx(_one_linear_graph(k, p, w, bias), path)
-            if rep.custom:
-                raise CompilerError(f"no ONNX form for {sorted(rep.custom)}")
-            sessions.append(open_session(path, so))
-
-    def factory(sess: Any) -> Callable[[torch.Tensor], Callable]:
-        def make(x: torch.Tensor) -> Callable[[], Any]:
-            feed = {"x": x.contiguous().numpy()}
-            return lambda: sess.run(None, feed)
-        return make
-    return factory(sessions[0]), factory(sessions[1])
+    fp32_f, q_f = gate.linear_runners([_one_linear_graph(k, p, w, bias) for p in (None, prep)])
+    return fp32_f, q_f
 
 
 def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
@@ -482,11 +460,7 @@ def act_quant_errors(g: Graph, layers: Sequence[tuple[Node, torch.Tensor]],
 def _gate_runtime(cfg: QuantizeConfig, ctx: PassContext) -> str:
     if cfg.gate_runtime != "auto":
         return cfg.gate_runtime
-    if ctx.target != "cpu":
-        return "torch"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if ctx.target != "cpu" or ctx.gate is None:  # no gate: nothing but torch kernels to time
         return "torch"
     return "onnxruntime"
 
@@ -535,7 +509,7 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         "token" if runtime == "onnxruntime" else "tensor"
     act_for: dict[str, str] = {}
     act_errs: dict[str, dict[str, float]] = {}
-    score_on = calib[0] if calib else ctx.options.get("example_inputs")
+    score_on = calib[0] if calib else ctx.example_inputs
     if cfg.act_quant in ("auto", "measure") and spec.kind == "dynamic" and not spec.outliers \
             and runtime == "onnxruntime" and has_int8_dot() and score_on and cands:
         act_errs = act_quant_errors(g, [(n, w) for n, w in cands if not eligible(spec, w)],
@@ -565,11 +539,11 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
         def ort_gate(act: str, m: int = m, k: int = k, nn_: int = nn_) -> GateResult | None:
             """The layer's gate timed in ONNX Runtime with activations ``act`` (None when
             the gate does not time ORT or ORT cannot build the layer)."""
-            if runtime != "onnxruntime" or cfg.gate != "measure":
+            if runtime != "onnxruntime" or cfg.gate != "measure" or ctx.gate is None:
                 return None
             tag = base_tag + (f"+{act}" if spec.kind == "dynamic" else "")
             try:
-                fp32_f, q_f = ort_factories(spec, nn_, k, act)
+                fp32_f, q_f = ort_factories(ctx.gate, spec, nn_, k, act)
                 return gate(m, k, nn_, tag, q_f, mode=cfg.gate, min_speedup=cfg.min_speedup,
                             cache_tag="ort", fp32_factory=fp32_f)
             except (ImportError, CompilerError) as e:
@@ -634,9 +608,10 @@ def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
 
     out = apply(g, final) if final else g
     model_gate: dict[str, Any] | None = None
-    example = ctx.options.get("example_inputs")
-    if final and runtime == "onnxruntime" and cfg.gate == "measure" and example:
-        model_gate = compare_in_ort(g, out, list(example), ctx.options.get("ort_export"))
+    example = ctx.example_inputs
+    if final and runtime == "onnxruntime" and cfg.gate == "measure" and example and \
+            ctx.gate is not None:
+        model_gate = ctx.gate.compare(g, out, list(example))
         if model_gate is not None and model_gate["speedup"] < cfg.min_model_speedup:
             why = (f"whole model measured {model_gate['after_ms']:.3f} ms quantized vs "
                    f"{model_gate['before_ms']:.3f} ms fp32 in ONNX Runtime "

@@ -1,4 +1,7 @@
-"""CPU backend: IR -> fx program -> torch.export -> AOTInductor (C++/OpenMP, oneDNN GEMMs)."""
+"""CPU backend: IR -> fx program -> torch.export -> AOTInductor (C++/OpenMP, oneDNN GEMMs),
+or IR -> ONNX -> ONNX Runtime (`onnx`: the exporter, its emitters and fusion stage, sessions;
+`ort_tuning`: per-machine export choices), whichever is measured faster; `gate` answers the
+passes' speed questions (`ember.passmanager.TargetGate`) in that runtime."""
 
 from __future__ import annotations
 

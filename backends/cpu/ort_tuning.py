@@ -72,7 +72,7 @@ def _time_session(nodes: list[Any], shape: tuple[int, int, int], threads: int,
 def _time_model(nodes: list[Any], feeds: dict[str, Any], threads: int, repeats: int = 30,
                 inits: dict[str, Any] | None = None, disabled: tuple[str, ...] = ()) -> float:
     """Median ms of one ORT run of the graph ``nodes`` (inputs ``feeds``, output ``y``)."""
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     sess = graph_session(nodes, feeds, threads, inits, disabled)
     return median_ms(lambda: sess.run(None, feeds), repeats, warmup=5)
@@ -177,7 +177,7 @@ def masked_mha_fusion(threads: int) -> bool:
 
 
 def export_choices(threads: int) -> dict[str, bool]:
-    """The measured `ember.export_onnx.export_onnx` options for the CPU program here."""
+    """The measured `ember.backends.cpu.onnx.export_onnx` options for the CPU program here."""
     return {"skip_layernorm": skip_layernorm_fusion(threads),
             "masked_mha": masked_mha_fusion(threads)}
 

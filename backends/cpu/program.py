@@ -138,7 +138,7 @@ def _save_onnx_without_params(src: Path, dst: Path, g: Graph) -> None:
     weights.safetensors holds them once, and `load_program` hands them to ONNX Runtime."""
     import onnx
 
-    from ember.export_onnx import detach_params
+    from ember.backends.cpu.onnx import detach_params
 
     model = onnx.load(str(src))
     names = detach_params(model, g.weights)
@@ -156,7 +156,7 @@ class _OrtRunner:
                  spinning: bool = True, disabled: Sequence[str] = ()) -> None:
         import onnxruntime as ort
 
-        from ember.ort_session import open_session, session_options
+        from ember.backends.cpu.onnx.session import open_session, session_options
 
         so = session_options(threads, spinning=spinning)
         self._params = _external_params(path, weights)
@@ -180,7 +180,7 @@ def _external_params(path: Path, weights: Mapping[str, torch.Tensor] | None,
     Runtime reads them while it builds the session)."""
     import onnx
 
-    from ember.export_onnx import detached_param_names
+    from ember.backends.cpu.onnx import detached_param_names
 
     if weights is None:  # a model that holds its params (as exported at compile time)
         return {}
@@ -222,7 +222,7 @@ def _ort_candidate(g: Graph, ins: Sequence[torch.Tensor], work: Path, info: dict
     """The optimized IR exported to ONNX and run by ONNX Runtime, when every op has an ONNX
     form and its outputs match; None (with the reason in ``info``) otherwise."""
     # the ONNX exporter lives with the frontends; imported lazily (backends stay light)
-    from ember.export_onnx import export_onnx
+    from ember.backends.cpu.onnx import export_onnx
 
     from .ort_tuning import disabled_optimizers, export_choices
 

@@ -82,7 +82,7 @@ def test_grid_session_takes_any_row_count() -> None:
     import numpy as np
     from onnx import helper
 
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     w = np.eye(8, dtype=np.float32)
     sess = graph_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
@@ -112,7 +112,7 @@ def test_quick_spec_has_every_grid_point(cpu: DeviceSpec) -> None:
 def test_conv_chain_is_a_model_like_conv_graph() -> None:
     """The conv grid's chain: alternating cin -> cout -> cin convs with their own weights and
     biases (depthwise: the channels kept), shapes that run in ONNX Runtime."""
-    from ember.ort_session import graph_session
+    from ember.backends.cpu.onnx.session import graph_session
 
     rng = np.random.default_rng(0)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ember.export_onnx import EMBER_DOMAIN, export_onnx
+from ember.backends.cpu.onnx import EMBER_DOMAIN, export_onnx
 from ember.frontends.onnx import import_onnx
 from ember.ir import GraphBuilder, TensorType, run_graph, sym
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import zoo
 
+from ember.backends.cpu.onnx import checkable, export_onnx
 from ember.driver import relative_error
-from ember.export_onnx import checkable, export_onnx
 from ember.frontends.fx import import_module
 from ember.ir import run_graph
 from ember.passmanager import PassManager

@@ -339,7 +339,7 @@ def bert() -> tuple:
 
 def _ctx(z: object, calib: bool = True) -> PassContext:
     ctx = PassContext(calib=[z.make_inputs(seq=16) for _ in range(2)] if calib else None)
-    ctx.options["example_inputs"] = list(z.example_inputs)
+    ctx.example_inputs = list(z.example_inputs)
     return ctx
 
 
@@ -417,7 +417,7 @@ def test_gate_measures_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(256, 256)
     g = import_module(m, (x,))
     ctx = PassContext()
-    ctx.options["example_inputs"] = [x]
+    ctx.example_inputs = [x]
     PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0}").run(g, ctx)
     layers = ctx.records["quantize"]["layers"]
     assert len(layers) == 2
@@ -432,7 +432,7 @@ def test_gate_measures_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
             assert gr["measured"] is None and la["decision"] == "fp32"
     # an unreachable threshold keeps everything fp32, with the measurement as the reason
     ctx2 = PassContext()
-    ctx2.options["example_inputs"] = [x]
+    ctx2.example_inputs = [x]
     q = PassManager("quantize{scheme=w8a8-dynamic,min_speedup=1000}").run(g, ctx2)
     assert q.op_counts() == g.op_counts()
     assert all(la["decision"] == "fp32" for la in ctx2.records["quantize"]["layers"])
@@ -453,8 +453,10 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
     m = _mlp()
     x = torch.randn(256, 256)
     g = import_module(m, (x,))
-    ctx = PassContext()
-    ctx.options["example_inputs"] = [x]
+    from ember.backends.cpu.gate import cpu_gate
+
+    ctx = PassContext(gate=cpu_gate())
+    ctx.example_inputs = [x]
     PassManager("quantize{scheme=w8a8-dynamic,min_speedup=0,min_model_speedup=0,"
                 "gate_runtime=onnxruntime}").run(g, ctx)
     rec = ctx.records["quantize"]
@@ -472,11 +474,24 @@ def test_gate_times_the_onnxruntime_layer_form() -> None:
     assert key, list(_qkernels._MEM)  # cached apart from the torch-kernel measurements
 
 
+class _StubGate:
+    """A target gate whose whole-model comparison is a fixed answer (no runtime)."""
+
+    def __init__(self, compared: dict | None) -> None:
+        self.compared = compared
+
+    def linear_runners(self, graphs: list) -> list:
+        return [None for _ in graphs]
+
+    def compare(self, before: object, after: object, inputs: object) -> dict | None:
+        return None if self.compared is None else dict(self.compared)
+
+
 @pytest.mark.parametrize("speedup", [2.0, 0.5])
 def test_whole_model_gate_keeps_or_drops_the_rewrite(speedup: float,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """gate=measure with ONNX Runtime: the quantized model is timed against fp32 as a whole
-    (`_model_gate.compare_in_ort`); unless it is ``min_model_speedup`` faster, every layer goes
+    (``ctx.gate.compare``: `ember.backends.cpu.gate.compare_in_ort`); unless it is ``min_model_speedup`` faster, every layer goes
     back to fp32, with the numbers. Layer gates and the timing are stubbed: the logic is under
     test here, the timing in `test_compare_in_ort_times_both_graphs`."""
     from ember.frontends.fx import import_module
@@ -484,13 +499,11 @@ def test_whole_model_gate_keeps_or_drops_the_rewrite(speedup: float,
 
     monkeypatch.setattr(qmod, "gate", lambda *a, **k: _qkernels.GateResult(
         True, 2.0, 2.0, 1.0, 0.5, "stub: faster"))
-    monkeypatch.setattr(qmod, "ort_factories", lambda *a, **k: (None, None))
-    monkeypatch.setattr(qmod, "compare_in_ort", lambda *a, **k: {
-        "before_ms": 1.0, "after_ms": 1.0 / speedup, "speedup": speedup, "rounds": 3})
     x = torch.randn(64, 256)
     g = import_module(_mlp(), (x,))
-    ctx = PassContext(target="cpu")
-    ctx.options["example_inputs"] = [x]
+    ctx = PassContext(target="cpu", gate=_StubGate({
+        "before_ms": 1.0, "after_ms": 1.0 / speedup, "speedup": speedup, "rounds": 3}))
+    ctx.example_inputs = [x]
     out = PassManager("quantize{scheme=w8a8-dynamic,gate_runtime=onnxruntime}").run(g, ctx)
     rec = ctx.records["quantize"]
     mg = rec["model_gate"]
@@ -506,8 +519,8 @@ def test_whole_model_gate_keeps_or_drops_the_rewrite(speedup: float,
 
 def test_compare_in_ort_times_both_graphs() -> None:
     pytest.importorskip("onnxruntime")
+    from ember.backends.cpu.gate import compare_in_ort
     from ember.frontends.fx import import_module
-    from ember.passes._model_gate import compare_in_ort
 
     x = torch.randn(64, 256)
     g = import_module(_mlp(), (x,))
@@ -553,7 +566,7 @@ def test_artifact_keeps_weights_compressed(tmp_path: Path) -> None:
 def test_int8_embedding_tables(tmp_path: Path) -> None:
     """embeddings=int8: a (tied) embedding table becomes int8 rows x fp32 row scales; the output
     stays close, the params shrink, and the graph still exports to runnable ONNX."""
-    from ember.export_onnx import export_onnx
+    from ember.backends.cpu.onnx import export_onnx
     from ember.frontends.fx import import_module
 
     class TinyLM(torch.nn.Module):
@@ -607,8 +620,10 @@ def test_auto_act_quant_picks_per_layer_by_measured_error(monkeypatch: pytest.Mo
     x = torch.randn(24, 64)
     from ember.frontends.fx import import_module
     g = import_module(m, (x,))
-    ctx = PassContext(target="cpu")
-    ctx.options["example_inputs"] = [x]
+    from ember.backends.cpu.gate import cpu_gate
+
+    ctx = PassContext(target="cpu", gate=cpu_gate())
+    ctx.example_inputs = [x]
     out = PassManager("quantize{scheme=w8a8-dynamic,gate=always,act_quant=measure}").run(g, ctx)
     rec = ctx.records["quantize"]
     if rec["gate_runtime"] != "onnxruntime":
@@ -637,8 +652,7 @@ def test_measure_tries_tensor_u8_where_token_loses_to_fp32(monkeypatch: pytest.M
     import ember.passes.quantize as q
 
     monkeypatch.setattr(q, "has_int8_dot", lambda: True)
-    monkeypatch.setattr(q, "ort_factories", lambda spec, n, k, act: (None, act))
-    monkeypatch.setattr(q, "compare_in_ort", lambda *a, **k: None)
+    monkeypatch.setattr(q, "ort_factories", lambda gate, spec, n, k, act: (None, act))
 
     def stub_gate(m, k, n, tag, q_f, **kw):  # noqa: ANN001, ANN003, ANN202
         fast = q_f == "tensor_u8"
@@ -651,8 +665,8 @@ def test_measure_tries_tensor_u8_where_token_loses_to_fp32(monkeypatch: pytest.M
     for ratio, want in ((1e9, "tensor_u8"), (1e-9, None)):
         monkeypatch.setattr(q, "act_quant_errors", lambda g, layers, inputs: {
             n.output.name: {"token": 0.01, "tensor_u8": 0.015} for n, _ in layers})
-        ctx = PassContext(target="cpu")
-        ctx.options["example_inputs"] = [x]
+        ctx = PassContext(target="cpu", gate=_StubGate(None))
+        ctx.example_inputs = [x]
         out = PassManager(f"quantize{{scheme=w8a8-dynamic,gate_runtime=onnxruntime,"
                           f"act_speed_ratio={ratio}}}").run(g, ctx)
         rec = ctx.records["quantize"]

@@ -112,7 +112,7 @@ def bert() -> tuple:
 
 def _ctx(z: object) -> PassContext:
     ctx = PassContext(calib=[z.make_inputs(seq=16) for _ in range(2)])
-    ctx.options["example_inputs"] = list(z.example_inputs)
+    ctx.example_inputs = list(z.example_inputs)
     return ctx
 
 

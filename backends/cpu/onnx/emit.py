@@ -6,6 +6,10 @@ attributes (reshape targets, slice bounds, ...) are computed in the ONNX graph f
 decompose into their base op plus epilogue. An op with no mapping is written as a node of the
 custom domain ``ai.ember`` (same name, attributes as ONNX attributes): the model still passes
 ``onnx.checker`` but needs an Ember custom-op library to run; `ExportReport.custom` lists them.
+
+The exporter looks each node's emitter up in `registry.EMITTERS`: this module registers the
+standard ONNX emitters; the fusion stage (`fusions`) runs over the graph before emission; the
+package's other modules register the contrib-op emitters (attention, quantized, token ops).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from ember.errors import CompilerError
 from ember.ir import Graph, Node, Value
 from ember.ir.opset import BIG
 
+from .fusions import fusion_sources, hard_sigmoid, skip_layer_norm
+from .registry import EMBER_DOMAIN, EMITTERS, MS_DOMAIN, NoMapping, register_emitter
+
 __all__ = ["export_onnx", "checkable", "ExportReport", "EMBER_DOMAIN", "PARAMS_LOCATION", "detach_params",
            "detached_param_names"]
 
 log = logging.getLogger(__name__)
 
-EMBER_DOMAIN = "ai.ember"
 _TO_ONNX = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
             "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
             "int64": TensorProto.INT64, "int32": TensorProto.INT32, "int16": TensorProto.INT16,
@@ -152,9 +158,6 @@ def detached_param_names(model: onnx.ModelProto) -> list[str]:
     """Names of the initializers `detach_params` turned into references to the IR's weights."""
     return [i.name for i in model.graph.initializer if i.data_location == TensorProto.EXTERNAL
             and any(e.key == "location" and e.value == PARAMS_LOCATION for e in i.external_data)]
-
-
-MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 
 
 class _Exporter:
@@ -290,10 +293,7 @@ class _Exporter:
             t = g.weights[v.name]
             self.inits.append(_tensor_proto(t, v.name))
         for n in g.nodes:
-            for src in _hard_sigmoid_sources(self, n) or []:
-                self.deferred[src.outputs[0].name] = src
-            src = _skip_ln_source(self, n) if self.skip_ln else None
-            if src is not None:
+            for src in fusion_sources(self, n):
                 self.deferred[src.outputs[0].name] = src
         for n in g.nodes:
             self.emit(n)
@@ -338,14 +338,14 @@ class _Exporter:
             return  # emitted by its consumer
         start = len(self.nodes)
         base = n.op
-        if n.op.startswith("fused_") and n.op[6:] in _EMIT and "activation" in n.attrs:
+        if n.op.startswith("fused_") and n.op[6:] in EMITTERS and "activation" in n.attrs:
             outs = self._fused(n)
             self.report.decomposed[n.op] = self.report.decomposed.get(n.op, 0) + 1
-        elif n.op in _EMIT:
+        elif n.op in EMITTERS:
             ins = ["" if v is None else v.name for v in n.inputs]
             try:
-                outs = _EMIT[n.op](self, n, ins)
-            except _NoMapping:
+                outs = EMITTERS[n.op](self, n, ins)
+            except NoMapping:
                 outs = None
             if outs is not None:
                 self.report.standard[base] = self.report.standard.get(base, 0) + 1
@@ -400,7 +400,7 @@ class _Exporter:
         base_attrs = {k: v for k, v in a.items() if k in _BASE_ATTRS.get(base, ())}
         fake = Node(base, n.inputs[:3], n.outputs, base_attrs, n.loc)
         ins = ["" if v is None else v.name for v in n.inputs]
-        (y,) = _EMIT[base](self, fake, ins[:3])
+        (y,) = EMITTERS[base](self, fake, ins[:3])
         res = ins[3] if len(ins) > 3 and ins[3] else ""
         if res and a.get("residual") == "before_act":
             y = self.one("Add", [y, res])
@@ -428,13 +428,6 @@ class _Exporter:
         raise CompilerError(f"cannot export fused activation '{act}'")
 
 
-class _NoMapping(Exception):
-    pass
-
-
-NoMapping = _NoMapping  # public names for the emitter modules below
-
-
 _BASE_ATTRS = {"linear": (), "conv": ("stride", "padding", "dilation", "groups"),
                "matmul": ()}
 
@@ -454,21 +447,6 @@ def _tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(t.numpy(), name)
 
 
-# ----------------------------------------------------------------------------- op emitters
-Emit = Any
-_EMIT: dict[str, Emit] = {}
-
-
-def _e(*ops: str) -> Any:
-    """Registers an emitter ``fn(exporter, node, input_names) -> output_names`` for IR ops;
-    raising `NoMapping` inside it writes the node to the custom domain instead."""
-    def deco(fn: Any) -> Any:
-        for o in ops:
-            _EMIT[o] = fn
-        return fn
-    return deco
-
-
 _UNARY = {"neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt",
           "sin": "Sin", "cos": "Cos", "tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu",
           "erf": "Erf", "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil",
@@ -478,7 +456,7 @@ _UNARY = {"neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt"
           "bitwise_not": "BitwiseNot"}
 
 
-@_e(*_UNARY)
+@register_emitter(*_UNARY)
 def _unary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     inp = ins[0]
     out_dt = n.outputs[0].type.dtype
@@ -487,7 +465,7 @@ def _unary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one(_UNARY[n.op], [inp])]
 
 
-@_e("rsqrt", "silu", "gelu", "mish", "hardsigmoid", "log1p", "expm1", "leaky_relu", "elu",
+@register_emitter("rsqrt", "silu", "gelu", "mish", "hardsigmoid", "log1p", "expm1", "leaky_relu", "elu",
     "softplus", "clamp", "cast", "isinf")
 def _activations(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a, i = n.attrs, ins[0]
@@ -514,10 +492,10 @@ def _activations(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
         return [x.one("Elu", [i], alpha=float(a["alpha"]))]
     if n.op == "softplus":
         if a["beta"] != 1.0:
-            raise _NoMapping
+            raise NoMapping
         return [x.one("Softplus", [i])]
     if n.op == "clamp" and n.inputs[0].name in x.deferred:
-        return [_hard_sigmoid(x, n)]
+        return [hard_sigmoid(x, n)]
     if n.op == "clamp":
         return [_clip(x, i, a["min"], a["max"], dt)]
     if n.op == "isinf":
@@ -539,47 +517,6 @@ def _gelu(x: _Exporter, i: str, approximate: str, dt: str = "float32") -> str:
     return x.one("Mul", [x.one("Mul", [i, x.const(0.5, dt)]), t])
 
 
-def _scalar_param(x: _Exporter, v: Value | None) -> float | None:
-    t = x.g.weights.get(v.name) if v is not None else None
-    return float(t.reshape(())) if t is not None and t.numel() == 1 and \
-        t.dtype == torch.float32 else None
-
-
-def _affine_operands(x: _Exporter, n: Node | None, op: str) -> tuple[Value, float] | None:
-    """(x, c) of ``op(x, c)`` / ``op(c, x)`` with c a scalar param and x of the output's type."""
-    if n is None or n.op != op or len(n.inputs) != 2:
-        return None
-    for i in (0, 1):
-        c, v = _scalar_param(x, n.inputs[i]), n.inputs[1 - i]
-        if c is not None and v is not None and v.type == n.outputs[0].type:
-            return v, c
-    return None
-
-
-def _hard_sigmoid_sources(x: _Exporter, n: Node) -> list[Node] | None:
-    """The mul and add of ``clamp(x * alpha + beta, 0, 1)`` (ONNX HardSigmoid as the ONNX
-    frontend spells it), each used only there: exported back as one HardSigmoid, which ONNX
-    Runtime fuses into the convolution before it."""
-    if n.op != "clamp" or n.attrs.get("min") != 0.0 or n.attrs.get("max") != 1.0 or \
-            n.inputs[0].type.dtype != "float32":
-        return None
-    add = x.producer.get(n.inputs[0].name)
-    ab = _affine_operands(x, add, "add")
-    if ab is None or len(x.users.get(n.inputs[0].name, [])) != 1:
-        return None
-    mul = x.producer.get(ab[0].name)
-    if _affine_operands(x, mul, "mul") is None or len(x.users.get(ab[0].name, [])) != 1:
-        return None
-    return [add, mul]
-
-
-def _hard_sigmoid(x: _Exporter, n: Node) -> str:
-    add = x.deferred[n.inputs[0].name]
-    y, beta = _affine_operands(x, add, "add")
-    v, alpha = _affine_operands(x, x.deferred[y.name], "mul")
-    return x.one("HardSigmoid", [v.name], alpha=alpha, beta=beta)
-
-
 def _clip(x: _Exporter, i: str, lo: Any, hi: Any, dt: str) -> str:
     return x.one("Clip", [i, "" if lo is None else x.const(lo, dt),
                           "" if hi is None else x.const(hi, dt)])
@@ -593,7 +530,7 @@ _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "pow": "Pow", "maximum": "M
            "fmod": "Mod", "atan2": ""}
 
 
-@_e(*_BINARY)
+@register_emitter(*_BINARY)
 def _binary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a, b = n.inputs
     out_dt = n.outputs[0].type.dtype
@@ -603,9 +540,9 @@ def _binary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
 
         work = promote(a.type, b.type)
     if n.op == "atan2":
-        raise _NoMapping
+        raise NoMapping
     if n.op == "div" and n.attrs["rounding_mode"] == "floor":
-        raise _NoMapping
+        raise NoMapping
     if n.op in ("logical_and", "logical_or", "logical_xor"):
         work = "bool"
     if n.op == "pow":  # ONNX Pow keeps the base type; the exponent may differ
@@ -614,7 +551,7 @@ def _binary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     attrs = {}
     if n.op == "fmod" or (n.op == "remainder" and work.startswith("float")):
         if n.op == "remainder":
-            raise _NoMapping
+            raise NoMapping
         attrs["fmod"] = 1
     y = x.one(_BINARY[n.op], [lhs, rhs], **attrs)
     if n.op == "ne":
@@ -624,7 +561,7 @@ def _binary(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [y]
 
 
-@_e("where")
+@register_emitter("where")
 def _where(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.outputs[0].type.dtype
     c = x.cast(ins[0], n.inputs[0], "bool")
@@ -641,7 +578,7 @@ def _reduce_node(x: _Exporter, op: str, i: str, axes: Sequence[int], keep: bool)
     return x.one(op, [i], axes=list(axes), keepdims=int(keep))
 
 
-@_e(*_REDUCE, "var", "any")
+@register_emitter(*_REDUCE, "var", "any")
 def _reduce(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     v = n.inputs[0]
     dims = list(n.attrs["dims"]) if n.attrs["dims"] else list(range(v.type.rank))
@@ -668,26 +605,26 @@ def _reduce(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [_reduce_node(x, _REDUCE[n.op], i, dims, keep)]
 
 
-@_e("argmax", "argmin")
+@register_emitter("argmax", "argmin")
 def _argmax(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("ArgMax" if n.op == "argmax" else "ArgMin", [ins[0]], axis=n.attrs["dim"],
                   keepdims=int(n.attrs["keepdim"]))]
 
 
-@_e("softmax", "log_softmax")
+@register_emitter("softmax", "log_softmax")
 def _softmax(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.outputs[0].type.dtype
     return [x.one("Softmax" if n.op == "softmax" else "LogSoftmax",
                   [x.cast(ins[0], n.inputs[0], dt)], axis=n.attrs["dim"])]
 
 
-@_e("cumsum")
+@register_emitter("cumsum")
 def _cumsum(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.outputs[0].type.dtype
     return [x.one("CumSum", [x.cast(ins[0], n.inputs[0], dt), x.const(n.attrs["dim"])])]
 
 
-@_e("topk", "sort")
+@register_emitter("topk", "sort")
 def _topk(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     if n.op == "sort":
@@ -698,13 +635,13 @@ def _topk(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   largest=int(a["largest"]), sorted=int(a["sorted"]))
 
 
-@_e("matmul")
+@register_emitter("matmul")
 def _matmul(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.outputs[0].type.dtype
     return [x.one("MatMul", [x.cast(ins[0], n.inputs[0], dt), x.cast(ins[1], n.inputs[1], dt)])]
 
 
-@_e("linear")
+@register_emitter("linear")
 def _linear(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     """``Gemm(x2d, W, b, transB=1)``, reshaped around for rank > 2: the weight is used as
     stored (ONNX Runtime prepacks it once; no transposed copy in the file) and the bias is
@@ -731,7 +668,7 @@ def _nt(v: Any, nsp: int) -> list[int]:
     return [v] * nsp if isinstance(v, int) else list(v) * (nsp if len(v) == 1 else 1)
 
 
-@_e("conv", "conv_transpose")
+@register_emitter("conv", "conv_transpose")
 def _conv(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     nsp = n.inputs[1].type.rank - 2
     a = n.attrs
@@ -745,7 +682,7 @@ def _conv(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Conv" if n.op == "conv" else "ConvTranspose", ins, **attrs)]
 
 
-@_e("max_pool", "avg_pool", "max_pool_with_indices")
+@register_emitter("max_pool", "avg_pool", "max_pool_with_indices")
 def _pool(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     nsp = n.inputs[0].type.rank - 2
@@ -760,77 +697,18 @@ def _pool(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("MaxPool", [ins[0]], **attrs)]
 
 
-@_e("adaptive_avg_pool")
+@register_emitter("adaptive_avg_pool")
 def _adaptive(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     nsp = n.inputs[0].type.rank - 2
     if any(o != 1 for o in _nt(n.attrs["output_size"], nsp)):
-        raise _NoMapping
+        raise NoMapping
     return [x.one("GlobalAveragePool", [ins[0]])]
 
 
-def _skip_ln_source(x: _Exporter, n: Node) -> Node | None:
-    """The node whose sum a LayerNorm normalizes, when the pair is one ONNX Runtime
-    ``SkipLayerNormalization``: ``layer_norm(add(a, b))`` or ``layer_norm(fused_linear(...,
-    residual))`` without activation, a and b (or the linear and its residual) of the LayerNorm
-    input's exact type, rank 3. Other users of the sum (pre-LN residual streams) read the op's
-    fourth output, so they must all come after the LayerNorm."""
-    if n.op != "layer_norm" or n.attrs["axes"] != 1 or len(n.inputs) < 2 or n.inputs[1] is None:
-        return None
-    v = n.inputs[0]
-    p = x.producer.get(v.name)
-    if p is None or v.type.rank != 3 or v.type.dtype != "float32":
-        return None
-    if any(u <= x.position[id(n)] for u in x.users.get(v.name, []) if u != -1 and
-           u != x.position[id(n)]) or x.users[v.name].count(x.position[id(n)]) != 1:
-        return None
-    if p.op == "add" and all(i is not None and i.type == v.type for i in p.inputs):
-        return p
-    if (p.op in _SKIP_LINEARS and p.attrs.get("activation", "none") in ("none", None)
-            and len(p.inputs) > _SKIP_LINEARS[p.op] and p.inputs[_SKIP_LINEARS[p.op]] is not None
-            and p.attrs.get("residual") in ("before_act", "after_act")):
-        return p
-    return None
-
-
-# linears whose residual input (at this position) a SkipLayerNormalization can add; a quantized
-# one hands it its bias too, so bias, residual and LayerNorm are one pass over the output
-_SKIP_LINEARS = {"fused_linear": 3, "qlinear_dynamic": 4, "qlinear_static": 4}
-
-
-def _skip_layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
-    src = x.deferred[n.inputs[0].name]
-    names = ["" if v is None else v.name for v in src.inputs]
-    lin_bias = ""
-    if src.op == "add":
-        a, b = names
-    elif src.op == "fused_linear":  # the linear (with its bias) as usual, its residual the skip
-        fake = Node("linear", src.inputs[:3], src.outputs, {}, src.loc)
-        (a,) = _EMIT["linear"](x, fake, names[:3])
-        b = names[3]
-    else:  # a quantized linear without bias and residual; SkipLayerNorm adds both
-        ins_q = list(src.inputs)
-        lin_bias, b = names[3], names[4]
-        ins_q[3] = ins_q[4] = None
-        attrs = {**src.attrs, "residual": "none"}
-        fake = Node(src.op, tuple(ins_q), src.outputs, attrs, src.loc)
-        (a,) = _EMIT[src.op](x, fake, ["" if v is None else v.name for v in ins_q])
-    beta = ins[2] if len(ins) > 2 and ins[2] else ""
-    if lin_bias and not beta:
-        beta = x.const(np.zeros([n.inputs[0].type.shape[-1]]), "float32")
-    tail = [beta, lin_bias] if lin_bias else [beta] if beta else []
-    out = x.fresh("skiplayernorm")
-    v = n.inputs[0]
-    extra = ["", "", v.name] if len(x.users[v.name]) > 1 else []  # the sum, for its other users
-    x.nodes.append(helper.make_node("SkipLayerNormalization", [a, b, ins[1]] + tail,
-                                    [out] + extra, domain=MS_DOMAIN,
-                                    epsilon=float(n.attrs["eps"])))
-    return [out]
-
-
-@_e("layer_norm", "rms_norm")
+@register_emitter("layer_norm", "rms_norm")
 def _layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     if n.inputs[0].name in x.deferred:
-        return _skip_layer_norm(x, n, ins)
+        return skip_layer_norm(x, n, ins)
     v = n.inputs[0]
     dt = v.type.dtype
     axes = n.attrs["axes"]
@@ -858,7 +736,7 @@ def _layer_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Mul", [y, scale]) if scale else y]
 
 
-@_e("batch_norm")
+@register_emitter("batch_norm")
 def _batch_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     c = n.inputs[1].type.shape[0]
     dt = n.inputs[0].type.dtype
@@ -868,7 +746,7 @@ def _batch_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   epsilon=float(n.attrs["eps"]))]
 
 
-@_e("group_norm")
+@register_emitter("group_norm")
 def _group_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     v = n.inputs[0]
     dt = v.type.dtype
@@ -886,7 +764,7 @@ def _group_norm(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [y]
 
 
-@_e("attention")
+@register_emitter("attention")
 def _attention(x: _Exporter, n: Node, ins: list[str], additive_bias: str | None = None,
                ) -> list[str]:
     """Attention as standard ops; ``additive_bias``: a float bias to add to the scores in place
@@ -898,7 +776,7 @@ def _attention(x: _Exporter, n: Node, ins: list[str], additive_bias: str | None 
         # grouped-query heads: each kv head serves H/Hkv consecutive query heads
         hq, hk = q.type.shape[-3], k.type.shape[-3]
         if not (isinstance(hq, int) and isinstance(hk, int)) or q.type.rank != 4:
-            raise _NoMapping
+            raise NoMapping
         for i in (1, 2):
             kv = n.inputs[i].type.shape
             e = x.one("Expand", [x.one("Unsqueeze", [ins[i], x.const([2])]),
@@ -933,17 +811,17 @@ def _attention(x: _Exporter, n: Node, ins: list[str], additive_bias: str | None 
     return [x.one("MatMul", [p, ins[2]])]
 
 
-@_e("embedding")
+@register_emitter("embedding")
 def _embedding(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Gather", [ins[0], ins[1]], axis=0)]
 
 
-@_e("reshape")
+@register_emitter("reshape")
 def _reshape(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Reshape", [ins[0], x.shape(n.outputs[0].type.shape)])]
 
 
-@_e("permute")
+@register_emitter("permute")
 def _permute(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     r = n.inputs[0].type.rank
     perm = [p % r for p in n.attrs["perm"]]
@@ -965,12 +843,12 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Nod
     return keep[::-1]
 
 
-@_e("expand")
+@register_emitter("expand")
 def _expand(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Expand", [ins[0], x.shape(n.outputs[0].type.shape)])]
 
 
-@_e("slice")
+@register_emitter("slice")
 def _slice(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     end = a["end"]
@@ -979,21 +857,21 @@ def _slice(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                             x.const([a["step"]])])]
 
 
-@_e("select")
+@register_emitter("select")
 def _select(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     i = n.attrs["index"]
     idx = x.const(i) if isinstance(i, int) else x.one("Reshape", [x.dim(i), x.const([])])
     return [x.one("Gather", [ins[0], idx], axis=n.attrs["dim"])]
 
 
-@_e("concat")
+@register_emitter("concat")
 def _concat(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.outputs[0].type.dtype
     return [x.one("Concat", [x.cast(i, v, dt) for i, v in zip(ins, n.inputs)],
                   axis=n.attrs["dim"])]
 
 
-@_e("gather", "index_select", "gather_nd", "scatter_elements", "scatter_nd")
+@register_emitter("gather", "index_select", "gather_nd", "scatter_elements", "scatter_nd")
 def _gather(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     if n.op == "gather":
@@ -1009,7 +887,7 @@ def _gather(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   **({"reduction": red} if red != "none" else {}))]
 
 
-@_e("pad")
+@register_emitter("pad")
 def _pad(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     r = n.inputs[0].type.rank
@@ -1020,13 +898,13 @@ def _pad(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge",
             "circular": "wrap"}[a["mode"]]
     if mode == "wrap" and x.opset < 19:
-        raise _NoMapping
+        raise NoMapping
     dt = n.inputs[0].type.dtype
     extra = [x.const(a["value"], dt)] if mode == "constant" else []
     return [x.one("Pad", [ins[0], x.const(begins + ends)] + extra, mode=mode)]
 
 
-@_e("flip")
+@register_emitter("flip")
 def _flip(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dims = list(n.attrs["dims"])
     k = len(dims)
@@ -1034,12 +912,12 @@ def _flip(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                             x.const([-1] * k)])]
 
 
-@_e("tril", "triu")
+@register_emitter("tril", "triu")
 def _trilu(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Trilu", [ins[0], x.const(n.attrs["diagonal"])], upper=int(n.op == "triu"))]
 
 
-@_e("tile")
+@register_emitter("tile")
 def _tile(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     reps = list(n.attrs["repeats"])
     r = n.inputs[0].type.rank
@@ -1049,7 +927,7 @@ def _tile(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Tile", [i, x.shape(reps)])]  # repeats may be symbolic (heads x batch)
 
 
-@_e("full")
+@register_emitter("full")
 def _full(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     dt = n.attrs["dtype"]
     v = n.attrs["value"]
@@ -1060,7 +938,7 @@ def _full(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   value=numpy_helper.from_array(np.array([v], dtype=_np_dtype(dt)), "v"))]
 
 
-@_e("arange")
+@register_emitter("arange")
 def _arange(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     dt = a["dtype"]
@@ -1072,25 +950,25 @@ def _arange(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Range", [scalar(a["start"]), scalar(a["end"]), scalar(a["step"])])]
 
 
-@_e("einsum")
+@register_emitter("einsum")
 def _einsum(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Einsum", ins, equation=n.attrs["equation"])]
 
 
-@_e("one_hot")
+@register_emitter("one_hot")
 def _one_hot(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     return [x.one("OneHot", [ins[0], x.const(a["depth"]), x.const([a["off"], a["on"]],
                                                                   a["dtype"])], axis=a["dim"])]
 
 
-@_e("resize")
+@register_emitter("resize")
 def _resize(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     a = n.attrs
     if a["antialias"] and x.opset < 18:
-        raise _NoMapping
+        raise NoMapping
     if a["coordinate_transformation_mode"] == "half_pixel_symmetric" and x.opset < 19:
-        raise _NoMapping
+        raise NoMapping
     extra = {"antialias": 1} if a["antialias"] else {}
     roi = x.const(list(a["roi"]), "float32") if a["roi"] is not None else ""
     if a["scales"] is not None:
@@ -1104,7 +982,7 @@ def _resize(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
                   extrapolation_value=float(a["extrapolation_value"]), **extra)]
 
 
-@_e("interpolate")
+@register_emitter("interpolate")
 def _interpolate(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     """torch F.interpolate to an output size as ONNX Resize (the coordinate rules torch's own
     exporter uses: legacy nearest floors asymmetric coordinates, nearest-exact rounds half-pixel
@@ -1126,13 +1004,13 @@ def _interpolate(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     return [x.one("Resize", [ins[0], "", "", x.shape(n.outputs[0].type.shape)], **kw)]
 
 
-@_e("roll")
+@register_emitter("roll")
 def _roll(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
     """torch.roll along each dim: the last ``shift`` elements moved to the front (two Slices
     and a Concat; the shift is static, the dim size may be symbolic)."""
     shifts, dims = list(n.attrs["shifts"]), list(n.attrs["dims"])
     if not dims or len(shifts) != len(dims):
-        raise _NoMapping
+        raise NoMapping
     out = ins[0]
     shape = n.inputs[0].type.shape
     r = n.inputs[0].type.rank
@@ -1148,10 +1026,3 @@ def _roll(x: _Exporter, n: Node, ins: list[str]) -> list[str]:
         head = x.one("Slice", [out, x.const([0]), x.const([-sh]), ax])
         out = x.one("Concat", [tail, head], axis=d)
     return [out if out != ins[0] else x.one("Identity", [out])]
-
-
-# emitters for the approximate passes' ops live in their own modules and register here
-register_emitter = _e
-from ember import export_onnx_attention as _attention_emitters  # noqa: E402,F401
-from ember import export_onnx_quant as _quant_emitters  # noqa: E402,F401
-from ember import export_onnx_tokens as _token_emitters  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """ONNX emitters for the token-reduction and layer-skipping ops (`ember.ir.opset_tokens`).
 
-Registered into `ember.export_onnx` with `register_emitter`; each writes standard ONNX (or
+Registered into `ember.backends.cpu.onnx.registry` with `register_emitter`; each writes standard ONNX (or
 ONNX Runtime ``com.microsoft``) nodes so that Ember's CPU backend can run the rewritten graph in
 ONNX Runtime. Ops without an emitter here still export to the ``ai.ember`` custom domain.
 
@@ -25,15 +25,16 @@ from typing import Any
 
 from onnx import TensorProto, helper
 
-from ember.export_onnx import NoMapping, register_emitter
 from ember.ir import Node
 from ember.ir.shapes import Dim, simplify
+
+from .registry import NoMapping, register_emitter
 
 __all__: list[str] = []
 
 _EPS = 1e-12
 _BIG = 2**63 - 1
-X = Any  # the exporter (`ember.export_onnx._Exporter`)
+X = Any  # the exporter (`ember.backends.cpu.onnx.emit._Exporter`)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -2,9 +2,9 @@
 
 Commands::
 
-    python -m ember.cost_models.ort_collect prepare -d WORK [--n 48] [--seed 0]
-    python -m ember.cost_models.ort_collect collect -d WORK -o ort_nodes.json
-    python -m ember.cost_models.ort_collect fit ort_nodes.json [-o cost_models/data/cpu_ort_model.json]
+    python examples/ort_collect.py prepare -d WORK [--n 48] [--seed 0]
+    python examples/ort_collect.py collect -d WORK -o ort_nodes.json
+    python examples/ort_collect.py fit ort_nodes.json [-o cost_models/data/cpu_ort_model.json]
 
 ``prepare`` builds `ort_synth` training models, runs Ember's default pipeline on each and
 exports the optimized IR to ONNX exactly as the CPU backend does (slow; any machine).
@@ -12,9 +12,12 @@ exports the optimized IR to ONNX exactly as the CPU backend does (slow; any mach
 (a) the end-to-end call through `CompiledModel.run` on the backend's own ORT runner and
 (b) the same model in a profiling session, whose per-kernel durations are mapped back to the
 IR node that emitted them (ORT-fused kernels go to the IR node of their output). ``fit``
-regresses ``e2e - sum(kernels)`` on the kernel count and graph I/O count (the per-call and
+(`ember.cost_models.ort_fit`) regresses ``e2e - sum(kernels)`` on the kernel count and graph I/O count (the per-call and
 per-kernel overheads), then fits gradient-boosted trees on every node's
 ``log(measured / roofline)``, and reports graph-level accuracy on held-out graphs.
+
+A script, not part of the cost model: collecting needs the driver, the CPU backend's exporter
+and its ORT runner, which the cost model may not import; the model reads only the fitted JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -31,19 +33,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ember.timing import call_samples_s
-
-from .devices import get_device
-from .measured import gbr_to_trees
-from .ort import (
+from ember.cost_models.devices import get_device
+from ember.cost_models.ort import (
     DEFAULT_ORT_MODEL,
     ORT_FEATURES,
-    OrtModel,
     node_features,
     node_roofline_s,
 )
+from ember.cost_models.ort_fit import fit
+from ember.timing import call_samples_s
 
-__all__ = ["prepare", "collect", "fit"]
+__all__ = ["prepare", "collect", "prepare_graph", "time_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ def _session(path: Path, profile_prefix: str | None = None,
     """An ORT session with the CPU backend's options (`_OrtRunner`), optionally profiling."""
     import torch
 
+    from ember.backends.cpu.onnx.session import open_session, session_options
     from ember.backends.cpu.ort_tuning import disabled_optimizers
-    from ember.ort_session import open_session, session_options
 
     so = session_options(torch.get_num_threads())
     if profile_prefix is not None:
@@ -148,15 +148,15 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     import onnx
     import torch
 
+    from ember.backends.cpu.onnx import export_onnx
     from ember.backends.cpu.ort_tuning import export_choices
     from ember.driver import import_model
-    from ember.export_onnx import export_onnx
     from ember.passmanager import PassContext, PassManager, parse_pipeline
     from ember.pipelines import DEFAULT_PIPELINE
 
     g0 = import_model(sm.model, sm.example_inputs, sm.dynamic_dims, sm.input_names)
     ctx = PassContext(target="cpu")
-    ctx.options["example_inputs"] = list(sm.example_inputs)
+    ctx.example_inputs = list(sm.example_inputs)
     g = PassManager(parse_pipeline(DEFAULT_PIPELINE)).run(g0, ctx)
     raw = work / f"{sm.name}.raw.onnx"
     # exactly as the CPU backend's candidate
@@ -291,7 +291,7 @@ def prepare(work: str | os.PathLike, *, n: int = 48, seed: int = 0, threads: int
     """Prepares ``n`` synthetic training models in ``work``; returns how many succeeded."""
     import torch
 
-    from .ort_synth import synth_models
+    from ember.cost_models.ort_synth import synth_models
 
     torch.set_num_threads(threads)
     dev = get_device("cpu", threads=threads)
@@ -339,131 +339,8 @@ def collect(work: str | os.PathLike, out: str | os.PathLike, *, threads: int = 2
     return doc
 
 
-# ----------------------------------------------------------------------------- fit
-def _e2e(r: Mapping[str, Any], stat: str) -> float:
-    """A row's end-to-end seconds: "median", "p25", "p10" or "min" (on a machine shared with
-    other work a low quantile estimates the uncontended latency)."""
-    xs = r.get("e2e_all")
-    if stat == "median" or not xs:
-        return float(r["e2e_s"])
-    return float(xs[{"min": 0, "p10": len(xs) // 10}.get(stat, len(xs) // 4)])
-
-
-def _node_t(nd: Mapping[str, Any], stat: str) -> float:
-    """A node's kernel seconds (the mean of its faster half of runs; ``stat`` is the e2e's)."""
-    return float(nd["t"])
-
-
-def _overheads(rows: Sequence[Mapping[str, Any]], stat: str) -> tuple[float, float, float]:
-    """Robust (least absolute deviation) fit of e2e - sum(kernels) on [1, kernels, io]:
-    (call, per kernel, per io) seconds. Least squares would chase the preempted outliers.
-    The per-kernel term may come out negative: profiled kernel durations carry the
-    profiler's own timing cost, which plain calls do not pay."""
-    import numpy as np
-    from sklearn.linear_model import QuantileRegressor
-
-    a = np.array([[sum(nd["k"] for nd in r["nodes"]) + r["other_k"], r["n_io"]]
-                  for r in rows], dtype=float)
-    y = np.array([_e2e(r, stat) - sum(_node_t(nd, stat) for nd in r["nodes"]) - r["other_s"]
-                  for r in rows]) * 1e6
-    q = QuantileRegressor(quantile=0.5, alpha=0.0, solver="highs").fit(a, y)
-    per_k, per_io = float(q.coef_[0]) * 1e-6, max(0.0, float(q.coef_[1])) * 1e-6
-    return max(0.0, float(q.intercept_)) * 1e-6, per_k, per_io
-
-
-def _node_xy(rows: Sequence[Mapping[str, Any]], per_k: float,
-             stat: str) -> tuple[Any, Any, Any, Any]:
-    import numpy as np
-
-    xs, ys, ws, gid = [], [], [], []
-    for r in rows:
-        for nd in r["nodes"]:
-            t = max(_node_t(nd, stat) + per_k * nd["k"], 0.05 * _node_t(nd, stat), 1e-7)
-            xs.append(nd["f"])
-            ys.append(math.log(t / nd["roof"]))
-            ws.append(math.sqrt(t))
-            gid.append(r["graph"])
-    return np.asarray(xs), np.asarray(ys), np.asarray(ws), np.asarray(gid)
-
-
-def _gbr(seed: int) -> Any:
-    from sklearn.ensemble import GradientBoostingRegressor
-
-    return GradientBoostingRegressor(n_estimators=300, max_depth=4, learning_rate=0.08,
-                                     subsample=0.8, loss="huber", min_samples_leaf=4,
-                                     random_state=seed)
-
-
-def _graph_pred(rows: Sequence[Mapping[str, Any]], logf: Sequence[float], call: float,
-                per_io: float) -> list[float]:
-    out, j = [], 0
-    for r in rows:
-        s = call + per_io * r["n_io"]
-        for nd in r["nodes"]:
-            s += nd["roof"] * math.exp(max(-math.log(50), min(math.log(50), logf[j])))
-            j += 1
-        out.append(s)
-    return out
-
-
-def fit(dataset: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike | None = None,
-        *, seed: int = 0, stat: str = "p10") -> OrtModel:
-    """Fits the overhead terms and the per-node trees; saves the JSON model when ``out``."""
-    import numpy as np
-    import sklearn
-    from sklearn.model_selection import GroupKFold
-
-    from .measured import Correction
-
-    doc = dataset if isinstance(dataset, Mapping) else json.loads(Path(dataset).read_text())
-    rows = doc["rows"]
-    call, per_k, per_io = _overheads(rows, stat)
-    x, y, _, gid = _node_xy(rows, per_k, stat)
-    # held-out graphs: every fold's trees never saw the graphs they predict
-    cv_logf = np.zeros_like(y)
-    for tr, te in GroupKFold(5).split(x, y, gid):
-        cv_logf[te] = _gbr(seed).fit(x[tr], y[tr]).predict(x[te])
-    # unweighted: weighting nodes by their time let the big, noisier kernels dominate and
-    # predicted held-out graphs worse (22% vs 31% within 10% on the committed dataset)
-    gbr = _gbr(seed).fit(x, y)
-    meas = np.array([_e2e(r, stat) for r in rows])
-
-    def within(pred: Sequence[float]) -> float:
-        return float(np.mean(np.abs(np.asarray(pred) / meas - 1) <= 0.10))
-    pred_cv = _graph_pred(rows, cv_logf, call, per_io)
-    pred_tr = _graph_pred(rows, gbr.predict(x), call, per_io)
-    pred_roof = [sum(nd["roof"] for nd in r["nodes"]) for r in rows]
-    init, trees = gbr_to_trees(gbr, x)
-    meta = {
-        "n_graphs": len({r["graph"] for r in rows}), "n_points": len(rows), "n_nodes": len(y),
-        "sklearn": sklearn.__version__, "threads": doc.get("threads"),
-        "per_kernel_gap_s": per_k, "e2e_statistic": stat,
-        "collect_loadavg_1m": doc.get("loadavg_1m"),
-        "median_e2e_iqr": float(np.median([r["e2e_iqr"] for r in rows])),
-        "within10_graph_cv": within(pred_cv), "within10_graph_train": within(pred_tr),
-        "within10_graph_roofline": within(pred_roof),
-        "median_abs_err_graph_cv": float(np.median(np.abs(np.asarray(pred_cv) / meas - 1))),
-    }
-    corr = Correction(tuple(ORT_FEATURES), init, float(gbr.learning_rate), tuple(trees),
-                      {"target": "log(ort node time / roofline)"})
-    from .measured import _raw
-
-    ours = np.array([_raw(corr, dict(zip(ORT_FEATURES, row))) for row in x[:200]])
-    if not np.allclose(ours, gbr.predict(x[:200]), atol=1e-9):
-        raise RuntimeError("exported trees disagree with sklearn's predictions")
-    model = OrtModel(corr, call, per_io, doc["device"], meta)
-    log.info("overheads: call %.1f us, per kernel %.2f us, per io %.2f us", call * 1e6,
-             per_k * 1e6, per_io * 1e6)
-    log.info("graph-level within 10%%: held-out %.0f%%, train %.0f%%, roofline %.0f%%",
-             100 * meta["within10_graph_cv"], 100 * meta["within10_graph_train"],
-             100 * meta["within10_graph_roofline"])
-    if out is not None:
-        model.save(out)
-    return model
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ember.cost_models.ort_collect",
+    ap = argparse.ArgumentParser(prog="python examples/ort_collect.py",
                                  description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build and export synthetic training graphs (no timing)")

@@ -3,9 +3,10 @@
 CPU execution provider, ``threads`` intra-op threads and one inter-op thread, every graph
 optimization on, busy-waiting workers unless ``spinning=False``, errors-only logging unless
 ``quiet=False``, and the graph transformers the CPU backend measured slower on this machine
-switched off (``disabled``). The CPU backend's program, its per-machine kernel tuning, the
-quantization gates, the cost-model collector and the benchmarks all open sessions here, so a
-layer timed by a gate runs as the shipped program runs it.
+switched off (``disabled``). The CPU backend's program, its per-machine kernel tuning, its pass
+gate (`ember.backends.cpu.gate`), the device-spec measurement, the ORT profile collector and the
+benchmarks all open sessions here, so a layer timed by a gate runs as the shipped program runs
+it.
 """
 
 from __future__ import annotations

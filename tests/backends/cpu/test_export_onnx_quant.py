@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ember
-from ember.export_onnx import export_onnx
+from ember.backends.cpu.onnx import export_onnx
 from ember.hostinfo import has_int8_dot
 from ember.ir import GraphBuilder, TensorType, run_graph, sym
 from ember.passes.quantize import SchemeSpec, prepare

@@ -1,4 +1,4 @@
-"""Fused attention exported as ONNX Runtime's MultiHeadAttention (`ember.export_onnx_attention`).
+"""Fused attention exported as ONNX Runtime's MultiHeadAttention (`ember.backends.cpu.onnx.attention`).
 
 Each case is a small torch module around ``F.scaled_dot_product_attention``: imported, O2, then
 exported with contrib ops and run in ONNX Runtime against eager PyTorch; the ONNX graph must
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.backends.cpu.onnx import export_onnx
 from ember.driver import relative_error
-from ember.export_onnx import export_onnx
 from ember.frontends.fx import import_module
 from ember.ir import Graph
 from ember.passmanager import PassManager

@@ -1,6 +1,6 @@
 """ONNX emitters for the quantization and sparsity ops (`ember.ir.opset_quant`).
 
-Registered into `ember.export_onnx` with `register_emitter`; each writes standard ONNX (or
+Registered into `ember.backends.cpu.onnx.registry` with `register_emitter`; each writes standard ONNX (or
 ONNX Runtime ``com.microsoft``) nodes so that Ember's CPU backend can run the rewritten graph in
 ONNX Runtime. Ops without an emitter here still export to the ``ai.ember`` custom domain.
 
@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from ember.export_onnx import NoMapping, _reduce_node, register_emitter
 from ember.ir import Node
 from ember.ir.opset_quant import (
     TOKEN_MIN_SCALE,
@@ -43,8 +42,13 @@ from ember.ir.opset_quant import (
     matmulnbits_level,
 )
 
+from .emit import _reduce_node
+from .registry import NoMapping, register_emitter
+
+__all__: list[str] = []
+
 MS = "com.microsoft"
-X = Any  # the exporter (`ember.export_onnx._Exporter`)
+X = Any  # the exporter (`ember.backends.cpu.onnx.emit._Exporter`)
 
 
 def _in(ins: list[str], i: int) -> str:

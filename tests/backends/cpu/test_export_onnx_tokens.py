@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ember.export_onnx import export_onnx
+from ember.backends.cpu.onnx import export_onnx
 from ember.ir import GraphBuilder, TensorType, run_graph, sym
 
 ort = pytest.importorskip("onnxruntime")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ember.export_onnx import export_onnx
+from ember.backends.cpu.onnx import export_onnx
 from ember.frontends import fx
 from ember.ir import run_graph
 

@@ -32,11 +32,15 @@ from typing import Any
 
 import sympy
 
-from ember.export_onnx import _attention, register_emitter
 from ember.ir import Node, Value
 
+from .emit import _attention
+from .registry import register_emitter
+
+__all__: list[str] = []
+
 MS = "com.microsoft"
-X = Any  # the exporter (`ember.export_onnx._Exporter`)
+X = Any  # the exporter (`ember.backends.cpu.onnx.emit._Exporter`)
 
 _HEADS_FIRST = [0, 2, 1, 3]
 
