@@ -32,7 +32,7 @@ from .errors import ArtifactError
 from .ir import graph_from_json, graph_to_json
 
 if TYPE_CHECKING:
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
 
 __all__ = ["save_artifact", "load", "read_manifest", "describe", "to_jsonable", "FORMAT_VERSION"]
 
@@ -68,7 +68,7 @@ def _sha256(path: Path) -> str:
 def tool_versions() -> dict[str, str]:
     import numpy
 
-    from . import __version__
+    from .version import __version__
 
     out = {"ember": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version()}
@@ -209,7 +209,7 @@ def load(path: str | Path, *, fallback: str | None = None) -> CompiledModel:
 
     from ember.backends.registry import get_backend
 
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
 
     path = Path(path)
     with _open(path) as z:

@@ -147,8 +147,8 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
     import torch
 
     from ember.backends.cpu.ort_tuning import export_choices
-    from ember.driver import import_model
     from ember.export_onnx import export_onnx
+    from ember.frontends import import_model
     from ember.passmanager import PassContext, PassManager, parse_pipeline
     from ember.pipelines import DEFAULT_PIPELINE
 
@@ -187,7 +187,7 @@ def _stub_model(side: Mapping[str, Any], path: Path) -> Any:
     import torch
 
     from ember.backends.cpu.program import CpuProgram, _OrtRunner
-    from ember.driver import CompiledModel
+    from ember.compiled import CompiledModel
     from ember.ir import GraphBuilder, TensorType, sym
 
     b = GraphBuilder(side["name"])

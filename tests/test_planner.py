@@ -19,7 +19,7 @@ from torch import nn
 import ember
 from ember import planner
 from ember.backends.reference import run_graph
-from ember.driver import import_model
+from ember.frontends import import_model
 from ember.planner import CandidateRecord, Plan, choose_metric, plan, split_calib
 
 # a small space keeps every plan a few seconds: token and layer knobs of both strengths
