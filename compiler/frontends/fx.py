@@ -13,6 +13,9 @@ read from their ``meta['val']``, so every shape argument becomes an int or a sym
 
 Ops without a mapping are collected (all of them, with their source locations) and raised as
 one `UnsupportedOpError`.
+
+This module holds the entry points and the export step; the graph walk is `_fx_importer`, the
+ATen handlers are `_fx_ops` (imported here, so the handler table is full before any import).
 """
 
 from __future__ import annotations
