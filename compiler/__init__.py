@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["compile", "load", "CompiledModel", "__version__"]
 
 if TYPE_CHECKING:
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
 
 
 def compile(model: Any, example_inputs: Any = None, target: str = "cpu", passes: str = "O2",
@@ -35,7 +35,7 @@ def load(path: Any, **kwargs: Any) -> CompiledModel:
 
 def __getattr__(name: str) -> Any:
     if name == "CompiledModel":
-        from .driver import CompiledModel
+        from .compiled import CompiledModel
 
         return CompiledModel
     raise AttributeError(name)

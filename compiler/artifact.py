@@ -38,7 +38,7 @@ from .ir import graph_from_json, graph_to_json, verify
 from .signing import SIGNATURE, SignatureInfo, check_signature, make_signature
 
 if TYPE_CHECKING:
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
 
 __all__ = ["save_artifact", "load", "read_manifest", "read_signature", "verify_members",
            "sign_artifact", "verify_artifact",
@@ -76,7 +76,7 @@ def _sha256(path: Path) -> str:
 def tool_versions() -> dict[str, str]:
     import numpy
 
-    from . import __version__
+    from .version import __version__
 
     out = {"ember": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version()}
@@ -435,7 +435,7 @@ def _load(path: Path, root: Path, fallback: str | None, trusted_keys: list[Any],
 
     from ember.backends.registry import get_backend
 
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
 
     with _open(path) as z:
         raw, m, members = _manifest_and_members(z, path)

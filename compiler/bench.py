@@ -170,7 +170,8 @@ def bench_model_file(model: str, *, repeats: int = 10, threads: int = 2,
     (each in its own process)."""
     import ember
 
-    from .driver import import_model, make_example_inputs
+    from .driver import make_example_inputs
+    from .frontends import import_model
     from .isolated import Contender, artifact_contenders, time_isolated
 
     torch.set_num_threads(threads)

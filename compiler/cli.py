@@ -95,7 +95,8 @@ def _require_static_onnx(model: str, shapes: dict[str, list[int | str]] | None) 
 
 def cmd_compile(a: argparse.Namespace) -> int:
     import ember
-    from ember.driver import import_model, make_example_inputs
+    from ember.driver import make_example_inputs
+    from ember.frontends import import_model
 
     if not Path(a.model).exists():
         raise CompilerError(f"{a.model}: no such file")

@@ -3,97 +3,40 @@
     model (nn.Module | ExportedProgram | .pt2 | .onnx | ModelProto)
       -> frontend -> IR -> PassManager(pipeline) -> backend.compile -> CompiledModel
 
-`CompiledModel` is callable with numpy arrays or torch tensors and saves a ``.ember`` artifact.
+With ``max_drop`` the accuracy-budget planner (`ember.planner`) chooses the pipeline first.
+The driver sits on top: it imports the planner, the artifact writer and `ember.compiled`;
+none of them imports it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import BackendUnavailableError, CompilerError, FrontendError
-from .ir import Graph, TensorType, evaluate, to_torch_dtype
-from .ir.shapes import ShapeError, bind_symbols, free_symbols
+from .compiled import CompiledModel
+from .errors import BackendUnavailableError, CompilerError
+from .frontends import import_model
+from .ir import Graph, evaluate, to_torch_dtype
+from .ir.shapes import free_symbols
 from .passmanager import PassContext, PassManager, format_pipeline, parse_pipeline
 from .pipelines import DEFAULT_PIPELINE
 from .progress import Progress
+from .targets import DEVICE_OF_TARGET, TARGETS, pass_context_fields
 
-__all__ = ["compile", "CompiledModel", "import_model", "make_example_inputs", "TARGETS",
-           "relative_error"]
+__all__ = ["compile", "make_example_inputs", "relative_error"]
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("cpu", "cuda", "mobile", "reference")
-# the cost model's device for each target (cuda: an H100-class GPU; mobile: a phone big core)
-DEVICE_OF_TARGET = {"cpu": "cpu", "reference": "cpu", "cuda": "h100", "mobile": "phone"}
-
-
-# ----------------------------------------------------------------------------- frontends
-def _is_onnx(model: Any) -> bool:
-    if isinstance(model, str | os.PathLike):
-        return str(model).lower().endswith(".onnx")
-    return type(model).__name__ == "ModelProto"
-
-
-def import_model(
-    model: Any,
-    example_inputs: Sequence[Any] | None = None,
-    dynamic_dims: Any = None,
-    input_names: Sequence[str] | None = None,
-) -> Graph:
-    """Imports any supported model form into the Ember IR."""
-    if _is_onnx(model):
-        from .frontends.onnx import import_onnx
-
-        shapes = None
-        if isinstance(dynamic_dims, Mapping) and all(isinstance(v, list | tuple)
-                                                     for v in dynamic_dims.values()):
-            shapes = dynamic_dims
-        return import_onnx(model, input_shapes=shapes)
-    from .frontends import fx
-
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.exists():
-            raise FrontendError(f"{path}: no such file")
-        if path.suffix != ".pt2":
-            raise FrontendError(f"{path}: unknown model format (expected .onnx or a "
-                                f"torch.export .pt2 file)")
-        model = fx.load_pt2(path)
-    if isinstance(model, torch.export.ExportedProgram):
-        return fx.import_exported_program(model, input_names=input_names)
-    if isinstance(model, torch.nn.Module):
-        if example_inputs is None:
-            raise FrontendError("compiling an nn.Module needs example_inputs")
-        return fx.import_module(model, tuple(example_inputs), dynamic_dims=dynamic_dims,
-                                input_names=input_names)
-    raise FrontendError(f"cannot compile a {type(model).__name__}: expected nn.Module, "
-                        f"ExportedProgram, a .pt2/.onnx path or an onnx.ModelProto")
 
 
 def _default_symbol_value(name: str) -> int:
     low = name.lower()
     return 1 if ("batch" in low or low in ("n", "b", "bs")) else 16
-
-
-def pass_context_fields(target: str, example: Sequence[torch.Tensor] | None) -> dict[str, Any]:
-    """The `PassContext` fields the driver fills: the compile's example inputs and the target's
-    gate (for the CPU target with onnxruntime, `ember.backends.cpu.gate.CpuGate`, built with
-    the ONNX Runtime program's export choices so passes time layers as it runs them)."""
-    gate = None
-    if target == "cpu":
-        from ember.backends.cpu.gate import cpu_gate
-
-        gate = cpu_gate()
-    return {"example_inputs": list(example) if example is not None else None, "gate": gate}
 
 
 def make_example_inputs(g: Graph, symbols: Mapping[str, int] | None = None,
@@ -128,138 +71,6 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) ->
         scale = max(1.0, float(b.abs().max()))
         worst = max(worst, float((a - b).abs().max()) / scale)
     return worst
-
-
-# ----------------------------------------------------------------------------- compiled model
-class CompiledModel:
-    """A compiled model: callable, saveable, inspectable."""
-
-    def __init__(self, graph: Graph, program: Any, *, target: str, backend: str,
-                 pipeline: str, records: Mapping[str, Any], source_graph: Graph | None = None,
-                 fidelity: Mapping[str, Any] | None = None,
-                 placement: Mapping[str, Any] | None = None) -> None:
-        self.graph = graph
-        self.program = program
-        self.target = target
-        self.backend = backend
-        self.pipeline = pipeline
-        self.records = dict(records)
-        self.source_graph = source_graph
-        self.fidelity = dict(fidelity or {})
-        self.placement = dict(placement or {})
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.graph.input_names or [v.name for v in self.graph.inputs])
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.graph.output_names or [v.name for v in self.graph.outputs])
-
-    def signature(self) -> dict[str, list[tuple[str, TensorType]]]:
-        return {"inputs": list(zip(self.input_names, [v.type for v in self.graph.inputs])),
-                "outputs": list(zip(self.output_names, [v.type for v in self.graph.outputs]))}
-
-    def run(self, *args: Any) -> list[torch.Tensor]:
-        """Runs on torch tensors or numpy arrays; returns a list of torch tensors."""
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            m = args[0]
-            missing = [n for n in self.input_names if n not in m]
-            if missing:
-                raise CompilerError(f"missing inputs: {', '.join(missing)}")
-            args = tuple(m[n] for n in self.input_names)
-        if len(args) != len(self.graph.inputs):
-            raise CompilerError(f"model takes {len(self.graph.inputs)} inputs "
-                                f"({', '.join(self.input_names)}), got {len(args)}")
-        tensors = []
-        for a, v, name in zip(args, self.graph.inputs, self.input_names):
-            t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) \
-                else a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
-            want = to_torch_dtype(v.type.dtype)
-            if t.dtype != want:
-                if t.is_floating_point() != want.is_floating_point:
-                    raise CompilerError(f"input '{name}': expected {v.type.dtype}, got {t.dtype}")
-                t = t.to(want)
-            if t.dim() != v.type.rank:
-                raise CompilerError(f"input '{name}': expected shape {v.type}, "
-                                    f"got {tuple(t.shape)}")
-            tensors.append(t)
-        self._check_sizes(tensors)
-        with torch.no_grad():
-            return list(self.program(*tensors))
-
-    def _check_sizes(self, tensors: Sequence[torch.Tensor]) -> None:
-        """The sizes the program was built for: static dims, and one value per symbol shared
-        by inputs (a wrong size otherwise fails deep inside the runtime)."""
-        try:
-            bind_symbols([v.type.shape for v in self.graph.inputs],
-                         [tuple(t.shape) for t in tensors], self.input_names)
-        except ShapeError as e:
-            dims = [d for v in self.graph.inputs for d in v.type.shape]
-            hint = "" if free_symbols(dims) else \
-                " (every dim of this model is static: compile it with dynamic_dims to vary one)"
-            raise CompilerError(f"{e}{hint}") from None
-
-    def __call__(self, *args: Any) -> Any:
-        as_numpy = any(isinstance(a, np.ndarray) for a in args)
-        outs = self.run(*args)
-        if as_numpy:
-            outs = [o.detach().cpu().numpy() for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def _runtime_kind(self) -> str:
-        from ember import cost_models
-
-        prog = (self.placement or {}).get("program") or getattr(self.program, "info", {}) or {}
-        return cost_models.runtime_of_program(self.backend, prog)
-
-    def predicted_latency_ms(self, *inputs: Any, device: str | None = None,
-                             host_probe: bool = False) -> float:
-        """The cost model's predicted latency of one call at these inputs' shapes.
-
-        The figure is the steady-state call (back to back, as a serving loop or a benchmark
-        calls; the device spec is timed that way). A call after the process idled is slower
-        on a shared host, where the runtime's worker threads must be woken: on the 2-vCPU
-        EPYC of BENCHMARKS.md section 6, a 25 ms LLaMA call took 3-11 ms longer after
-        0.3 s idle and needed about four calls to warm up again.
-
-        Args:
-            inputs: example inputs (tensors, arrays) or a single {symbol: value} mapping.
-            device: a device name ("cpu", "h100", "a100", "phone"); default: the target's.
-            host_probe: CPU only: scale the prediction by the host's speed now against when
-                its device spec was measured (`cost_models.devices.host_speed`, ~1 s): on a
-                shared host whose speed drifts 10-30% within minutes. The probe matches the
-                grid the model is priced at: the cold probe (weights from DRAM) when the
-                model's GEMM weights exceed the L3, else the cached one.
-        """
-        from ember import cost_models
-
-        dev = device or DEVICE_OF_TARGET.get(self.target, "cpu")
-        arg: Any = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], Mapping) \
-            else list(inputs)
-        ms = cost_models.predict_latency_ms(self.graph, dev, arg, runtime=self._runtime_kind())
-        if host_probe:
-            spec = cost_models.get_device(dev)
-            if spec.kind != "cpu":
-                raise ValueError(f"host_probe times this CPU; the prediction is for {dev}")
-            cold = cost_models.ort.weights_exceed_l3(self.graph, spec.l3_bytes)
-            ms *= (cost_models.devices.host_speed(spec, cold=cold)
-                   or cost_models.devices.host_speed(spec) or 1.0)
-        return ms
-
-    def save(self, path: str | os.PathLike) -> Path:
-        from .artifact import save_artifact
-
-        return save_artifact(self, Path(path))
-
-    def summary(self) -> str:
-        from .artifact import describe
-
-        return describe(self)
-
-    def __repr__(self) -> str:
-        return (f"CompiledModel(target={self.target!r}, backend={self.backend!r}, "
-                f"nodes={len(self.graph.nodes)}, pipeline={self.pipeline!r})")
 
 
 # ----------------------------------------------------------------------------- compile

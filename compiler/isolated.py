@@ -238,9 +238,9 @@ def exported_contender(module: Any, inputs: Sequence[Any], path: str | Path,
 # ----------------------------------------------------------------------------- factories
 def load_ember(path: str) -> Runner:
     """An Ember artifact, as a user loads it."""
-    import ember
+    from ember.artifact import load
 
-    cm = ember.load(path)
+    cm = load(path)
     return lambda *xs: cm(*xs)
 
 

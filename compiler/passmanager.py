@@ -2,23 +2,38 @@
 
 A pass is a pure function ``(Graph, Config, PassContext) -> Graph`` registered with its contract::
 
-    @register_pass(numerics="exact")
+    @register_pass(numerics="exact", requires=("types", "shapes"))
     def fold_constants(g: Graph, cfg: FoldConstantsConfig, ctx: PassContext) -> Graph: ...
+
+The contract: ``requires`` (graph properties the pass reads), ``provides`` (properties its
+output has) and ``invalidates`` (properties its output no longer has). Before running,
+`PassManager` checks that every pass's ``requires`` is met by `FRONTEND_PROVIDES` or an earlier
+pass, and raises a `CompilerError` naming the pass and the property otherwise. After each pass
+it records whether the pass modified the graph (``PassManager.modified``).
 
 Pipelines have a text form that round-trips (the CLI's ``--passes``)::
 
     "O2,quantize{scheme=w8a8-dynamic},merge_tokens{r=8,schedule=constant}"
+
+This module is the registry the pass modules import; it imports no pass. A pass is found by
+name: the pass ``foo`` lives in the module ``ember.passes.foo``, which this module imports on
+first lookup (`_load_passes`), and importing it registers the pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import logging
+import pkgutil
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import torch
 
 from .errors import CompilerError, PassError
 from .ir import Graph, verify
@@ -35,9 +50,21 @@ __all__ = [
     "format_pipeline",
     "PassManager",
     "EmptyConfig",
+    "FRONTEND_PROVIDES",
+    "check_contracts",
+    "graph_modified",
+    "VERIFY_EACH",
 ]
 
 log = logging.getLogger(__name__)
+
+# What every graph a frontend returns has: a type on every value, shapes (static or symbolic)
+# that `ember.ir.verify` accepts.
+FRONTEND_PROVIDES: frozenset[str] = frozenset({"types", "shapes"})
+
+# Verify the IR after every pass in every PassManager, whatever its ``verify_each``. The test
+# suite turns it on (an autouse fixture in tests/conftest.py); release runs leave it off.
+VERIFY_EACH = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +131,7 @@ class PassInfo:
     requires: frozenset[str]
     provides: frozenset[str]
     doc: str
+    invalidates: frozenset[str] = frozenset()
 
 
 _PASSES: dict[str, PassInfo] = {}
@@ -116,8 +144,10 @@ def register_pass(
     numerics: str = "exact",
     requires: Sequence[str] = (),
     provides: Sequence[str] = (),
+    invalidates: Sequence[str] = (),
 ) -> Callable[[PassFn], PassFn]:
-    """Registers a pass under its function name (or ``name``)."""
+    """Registers a pass under its function name (or ``name``) with its contract (see the
+    module docstring)."""
     if numerics not in ("exact", "approx"):
         raise ValueError("numerics must be 'exact' or 'approx'")
 
@@ -126,7 +156,8 @@ def register_pass(
         if pname in _PASSES and _PASSES[pname].fn is not fn:
             raise ValueError(f"pass '{pname}' registered twice")
         _PASSES[pname] = PassInfo(pname, fn, config, numerics, frozenset(requires),
-                                  frozenset(provides), (fn.__doc__ or "").strip().split("\n")[0])
+                                  frozenset(provides), (fn.__doc__ or "").strip().split("\n")[0],
+                                  frozenset(invalidates))
         return fn
 
     return deco
@@ -136,17 +167,15 @@ _PASSES_LOADED = False
 
 
 def _load_passes() -> None:
-    """Imports every module of ``ember.passes``; importing a module registers its passes."""
+    """Imports every public module of ``ember.passes`` (found on disk, by name); importing a
+    module registers its passes. The pass modules import this module, never the reverse."""
     global _PASSES_LOADED
     if _PASSES_LOADED:
         return
     _PASSES_LOADED = True
-    import importlib
-    import pkgutil
-
-    import ember.passes as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    spec = importlib.util.find_spec("ember.passes")
+    assert spec is not None and spec.submodule_search_locations is not None
+    for mod in pkgutil.iter_modules(spec.submodule_search_locations):
         if not mod.name.startswith("_"):
             importlib.import_module(f"ember.passes.{mod.name}")
 
@@ -259,17 +288,32 @@ def make_config(info: PassInfo, options: Mapping[str, Any]) -> Any:
 
 
 class PassManager:
-    """Runs steps in order; verifies after each pass when asked; records timings."""
+    """Runs steps in order: checks the contracts up front, verifies after each pass when asked,
+    records timings and whether each pass modified the graph.
+
+    Args:
+        steps: the pipeline, as steps or text (``"O2,quantize{scheme=w8a8-dynamic}"``).
+        verify_each: run `ember.ir.verify` after every pass (also on when `VERIFY_EACH` is).
+        progress: called with (pass name, index, count) before each pass.
+        given: the properties the input graph has (default: what a frontend provides).
+
+    Attributes:
+        timings: seconds per step text, summed over repeats.
+        modified: per step text, whether the pass changed the graph (any of its repeats).
+    """
 
     def __init__(self, steps: Sequence[PassStep] | str, verify_each: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 given: Iterable[str] = FRONTEND_PROVIDES) -> None:
         self.steps = parse_pipeline(steps) if isinstance(steps, str) else list(steps)
-        self.verify_each = verify_each
+        self.verify_each = verify_each or VERIFY_EACH
         self.progress = progress
         self.timings: dict[str, float] = {}
-        # check names and options up front, before any work
+        self.modified: dict[str, bool] = {}
+        # check names, options and contracts up front, before any work
         self._resolved = [(get_pass(s.name), s) for s in self.steps]
         self._configs = [make_config(info, s.options) for info, s in self._resolved]
+        check_contracts([info for info, _ in self._resolved], given)
 
     def run(self, g: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
@@ -289,8 +333,63 @@ class PassManager:
             if self.verify_each:
                 verify(out, pass_name=info.name)
             dt = time.perf_counter() - t0
+            changed = graph_modified(g, out)
             self.timings[str(step)] = self.timings.get(str(step), 0.0) + dt
-            log.info("pass %s: %d -> %d nodes in %.3fs", step, len(g.nodes), len(out.nodes), dt)
+            self.modified[str(step)] = self.modified.get(str(step), False) or changed
+            log.info("pass %s: %d -> %d nodes in %.3fs (%s)", step, len(g.nodes),
+                     len(out.nodes), dt, "modified" if changed else "unchanged")
             g = out
             done.append(str(step))
         return g
+
+
+def check_contracts(passes: Sequence[PassInfo], given: Iterable[str] = FRONTEND_PROVIDES) -> None:
+    """Raises a `CompilerError` when a pass requires a property that neither ``given`` (the
+    input graph's properties) nor an earlier pass provides, or an earlier pass invalidated."""
+    have = set(given)
+    lost: dict[str, str] = {}  # property -> the pass that invalidated it
+    for i, info in enumerate(passes):
+        missing = sorted(info.requires - have)
+        if missing:
+            why = "; ".join(f"'{p}' was invalidated by '{lost[p]}'" if p in lost else
+                            f"no earlier pass provides '{p}'" for p in missing)
+            raise CompilerError(
+                f"pass '{info.name}' (step {i + 1}) requires {', '.join(missing)}: {why} "
+                f"(the input graph has: {', '.join(sorted(given)) or 'nothing'})")
+        for p in info.invalidates:
+            have.discard(p)
+            lost[p] = info.name
+        have |= info.provides
+        for p in info.provides:
+            lost.pop(p, None)
+
+
+def graph_modified(before: Graph, after: Graph) -> bool:
+    """Whether a pass changed the graph: a new graph object that differs structurally (values,
+    nodes with their ops, types and attrs, or a weight tensor replaced)."""
+    if after is before:
+        return False
+    if (after.inputs != before.inputs or after.outputs != before.outputs
+            or after.params != before.params or len(after.nodes) != len(before.nodes)
+            or after.weights.keys() != before.weights.keys()):
+        return True
+    if any(after.weights[k] is not before.weights[k] for k in before.weights):
+        return True
+    for a, b in zip(before.nodes, after.nodes):
+        if a is b:
+            continue
+        if a.op != b.op or a.inputs != b.inputs or a.outputs != b.outputs \
+                or a.attrs.keys() != b.attrs.keys():
+            return True
+        for k, v in a.attrs.items():
+            w = b.attrs[k]
+            if v is w:
+                continue
+            if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
+                return True  # a new tensor attr: counted as a change
+            try:
+                if bool(v != w):
+                    return True
+            except (TypeError, ValueError):  # values without a plain truth value
+                return True
+    return False

@@ -480,7 +480,7 @@ class _Search:
 
     # -- building and measuring
     def _run_passes(self, g: Graph, steps: Sequence[PassStep]) -> Graph:
-        from .driver import pass_context_fields
+        from .targets import pass_context_fields
 
         ctx = PassContext(target=self.target, calib=self.pass_calib, labels=self.pass_labels,
                           seed=self.seed, **pass_context_fields(self.target, self.pass_example))
@@ -613,7 +613,8 @@ def plan(
         measure_latency: compile the chosen and base graphs for ``target`` and time them.
         backend_options: passed to the backend's compile for the timing.
     """
-    from .driver import DEVICE_OF_TARGET, TARGETS, import_model
+    from .frontends import import_model
+    from .targets import DEVICE_OF_TARGET, TARGETS
 
     if target not in TARGETS:
         raise CompilerError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
@@ -898,7 +899,7 @@ def _time_apart(progs: Mapping[str, tuple[Graph, Any]], backend: str,
     in process)."""
     import tempfile
 
-    from .driver import CompiledModel
+    from .compiled import CompiledModel
     from .isolated import artifact_contenders, time_isolated
 
     try:

@@ -228,7 +228,8 @@ def build_report(path: str | Path, *, measure: bool = True, repeats: int = 3,
     """
     from ember import cost_models
     from ember.artifact import load, read_manifest
-    from ember.driver import DEVICE_OF_TARGET, make_example_inputs
+    from ember.driver import make_example_inputs
+    from ember.targets import DEVICE_OF_TARGET
 
     path = Path(path)
     m = read_manifest(path)

@@ -1,4 +1,4 @@
-"""Ember's hardware cost model: device specs, symbolic roofline, learned correction, placement.
+"""Ember's hardware cost model: device specs, symbolic roofline, learned correction.
 
 Public API::
 
@@ -6,8 +6,6 @@ Public API::
     dev = cm.get_device("cpu")                       # measured once, cached in ~/.cache/ember
     ms = cm.predict_latency_ms(graph, "cpu", {"batch": 4, "seq": 128})
     est = cm.estimate_graph(graph, dev, {"batch": 4, "seq": 128})   # per node / kernel
-    placement = cm.choose_placement(graph, {"cpu": cpu_supports, "cuda": cuda_supports},
-                                    {"batch": 1}, devices={"cpu": dev, "cuda": cm.get_device("h100")})
 """
 
 from __future__ import annotations
@@ -25,22 +23,17 @@ from .devices import DeviceSpec, known_devices
 from .devices import get_device as _get_device
 from .measured import Correction, load_correction
 from .ort import OrtModel, load_ort_model
-from .select import BackendOption, Placement, choose_placement, options_from_registry
 
 __all__ = [
     "DeviceSpec",
     "Estimate",
     "GraphEstimate",
     "Correction",
-    "Placement",
-    "BackendOption",
     "get_device",
     "known_devices",
     "estimate_node",
     "estimate_graph",
     "predict_latency_ms",
-    "choose_placement",
-    "options_from_registry",
     "load_correction",
     "load_ort_model",
     "OrtModel",

@@ -25,7 +25,7 @@ from torch import nn
 
 import ember.backends.mobile  # noqa: F401  (registers the backend)
 from ember.backends.mobile.analysis import compare_schedules
-from ember.driver import import_model
+from ember.frontends import import_model
 
 log = logging.getLogger("mobile_insn_count")
 

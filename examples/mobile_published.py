@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402  (the test zoo: seeded models, random weights, no downloads)
 
 from ember import cost_models  # noqa: E402
-from ember.driver import import_model  # noqa: E402
+from ember.frontends import import_model  # noqa: E402
 from ember.passmanager import PassContext, PassManager, parse_pipeline  # noqa: E402
 
 log = logging.getLogger("mobile_published")

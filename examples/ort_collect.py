@@ -150,7 +150,7 @@ def prepare_graph(sm: Any, work: Path, dev: Any) -> bool:
 
     from ember.backends.cpu.onnx import export_onnx
     from ember.backends.cpu.ort_tuning import export_choices
-    from ember.driver import import_model
+    from ember.frontends import import_model
     from ember.passmanager import PassContext, PassManager, parse_pipeline
     from ember.pipelines import DEFAULT_PIPELINE
 
@@ -189,7 +189,7 @@ def _stub_model(side: Mapping[str, Any], path: Path) -> Any:
     import torch
 
     from ember.backends.cpu.program import CpuProgram, _OrtRunner
-    from ember.driver import CompiledModel
+    from ember.compiled import CompiledModel
     from ember.ir import GraphBuilder, TensorType, sym
 
     b = GraphBuilder(side["name"])

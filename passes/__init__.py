@@ -1,16 +1,9 @@
-"""Ember passes. Importing this package registers every pass (see passes/README.md)."""
+"""Ember passes, one module per pass (see passes/README.md).
+
+`ember.passmanager` finds a pass by name: it imports ``ember.passes.<name>`` on first lookup,
+and importing the module registers the pass. This package imports none of them itself.
+"""
 
 from __future__ import annotations
-
-from . import (  # noqa: F401  (each module registers its pass)
-    cse,
-    dce,
-    fold_constants,
-    fold_conv_bn,
-    fuse_attention,
-    fuse_linear_act,
-    fuse_norms,
-    fuse_qkv,
-)
 
 __all__: list[str] = []

@@ -55,7 +55,8 @@ def _param_key(t: torch.Tensor) -> tuple:
     return (str(t.dtype), tuple(t.shape), raw.numpy().tobytes())
 
 
-@register_pass(config=CseConfig, numerics="exact")
+@register_pass(config=CseConfig, numerics="exact",
+               requires=("types", "shapes"))
 def cse(g: Graph, cfg: CseConfig, ctx: PassContext) -> Graph:
     """Merges nodes with the same op, inputs and attributes (and identical small params)."""
     env: dict[str, Value] = {}

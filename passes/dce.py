@@ -30,7 +30,8 @@ class DceConfig:
     """No knobs: every op in Ember's IR is free of side effects."""
 
 
-@register_pass(config=DceConfig, numerics="exact")
+@register_pass(config=DceConfig, numerics="exact",
+               requires=("types", "shapes"))
 def dce(g: Graph, cfg: DceConfig, ctx: PassContext) -> Graph:
     """Drops nodes and params whose values are unused."""
     out = eliminate_dead(g)

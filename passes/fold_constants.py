@@ -199,7 +199,8 @@ def simplify_rules() -> list[Rule]:
     ]
 
 
-@register_pass(config=FoldConstantsConfig, numerics="exact")
+@register_pass(config=FoldConstantsConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fold_constants(g: Graph, cfg: FoldConstantsConfig, ctx: PassContext) -> Graph:
     """Evaluates nodes on constants into params and applies exact simplifications."""
     out, folded = _fold(g, cfg)

@@ -75,7 +75,8 @@ def _match(n: Node, idx: GraphIndex) -> EmitFn | Fail:
     return emit
 
 
-@register_pass(config=FoldConvBnConfig, numerics="exact")
+@register_pass(config=FoldConvBnConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fold_conv_bn(g: Graph, cfg: FoldConvBnConfig, ctx: PassContext) -> Graph:
     """Folds batch_norm(conv(x)) with constant statistics into the conv weight and bias."""
     rule = Rule("conv_bn", ("batch_norm",), _match, "batch_norm(conv) -> conv")

@@ -179,7 +179,8 @@ class _Typed:
     type: TensorType
 
 
-@register_pass(config=FuseAttentionConfig, numerics="exact")
+@register_pass(config=FuseAttentionConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fuse_attention(g: Graph, cfg: FuseAttentionConfig, ctx: PassContext) -> Graph:
     """Replaces matmul-softmax-matmul attention with the `attention` op."""
     rule = Rule("attention", ("matmul",), lambda n, idx: _match(n, idx, cfg),

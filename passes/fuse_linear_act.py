@@ -309,7 +309,8 @@ def _match_residual(n: Node, idx: GraphIndex, cfg: FuseLinearActConfig) -> EmitF
     return Fail("no linear/conv output plus a same-typed residual")
 
 
-@register_pass(config=FuseLinearActConfig, numerics="exact")
+@register_pass(config=FuseLinearActConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fuse_linear_act(g: Graph, cfg: FuseLinearActConfig, ctx: PassContext) -> Graph:
     """Fuses bias adds, activations and residual adds into linear/conv epilogues."""
     rules = [

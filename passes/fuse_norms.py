@@ -196,7 +196,8 @@ def _affine_param_t(t: torch.Tensor, core: _Core) -> torch.Tensor | None:
     return t.reshape(tuple(norm_shape))
 
 
-@register_pass(config=FuseNormsConfig, numerics="exact")
+@register_pass(config=FuseNormsConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fuse_norms(g: Graph, cfg: FuseNormsConfig, ctx: PassContext) -> Graph:
     """Replaces decomposed LayerNorm / RMSNorm subgraphs with `layer_norm` / `rms_norm`."""
     rule = Rule("norm", ("add", "mul", "div"), lambda n, idx: _match(n, idx, cfg),

@@ -91,7 +91,8 @@ def _plan_group(group: Sequence[Node], idx: GraphIndex) -> dict[Node, EmitFn]:
     return plan
 
 
-@register_pass(config=FuseQkvConfig, numerics="exact")
+@register_pass(config=FuseQkvConfig, numerics="exact",
+               requires=("types", "shapes"))
 def fuse_qkv(g: Graph, cfg: FuseQkvConfig, ctx: PassContext) -> Graph:
     """Merges linears on the same input (Q/K/V, gate/up) into one linear plus slices."""
     idx = GraphIndex(g)

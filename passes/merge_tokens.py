@@ -125,7 +125,8 @@ def _metric(em: Emitter, blk: Block, x: Value, cfg: MergeTokensConfig) -> Value:
     return x
 
 
-@register_pass(config=MergeTokensConfig, numerics="approx")
+@register_pass(config=MergeTokensConfig, numerics="approx",
+               requires=("types", "shapes"))
 def merge_tokens(g: Graph, cfg: MergeTokensConfig, ctx: PassContext) -> Graph:
     """Merges similar tokens between attention and MLP of every transformer block (ToMe)."""
     rep = find_blocks(g)

@@ -135,7 +135,8 @@ def _raw_score(em: Emitter, blk: Block, x: Value, cfg: PruneTokensConfig,
     return em.op("mean", [probs], {"dims": (1, 2)}, name="attn_score")
 
 
-@register_pass(config=PruneTokensConfig, numerics="approx")
+@register_pass(config=PruneTokensConfig, numerics="approx",
+               requires=("types", "shapes"))
 def prune_tokens(g: Graph, cfg: PruneTokensConfig, ctx: PassContext) -> Graph:
     """Keeps the most informative tokens at chosen blocks (EViT/ATF, DART, repr. shift)."""
     rep = find_blocks(g)

@@ -466,7 +466,8 @@ def _gate_runtime(cfg: QuantizeConfig, ctx: PassContext) -> str:
 
 
 # ----------------------------------------------------------------------------- the pass
-@register_pass(config=QuantizeConfig, numerics="approx", provides=("quantized",))
+@register_pass(config=QuantizeConfig, numerics="approx",
+               requires=("types", "shapes"))
 def quantize(g: Graph, cfg: QuantizeConfig, ctx: PassContext) -> Graph:
     """Quantizes linear layers to the chosen scheme where it is measured faster on this CPU."""
     spec = parse_scheme(cfg.scheme)

@@ -607,7 +607,8 @@ def _halting(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassContext
     return out
 
 
-@register_pass(config=SkipLayersConfig, numerics="approx")
+@register_pass(config=SkipLayersConfig, numerics="approx",
+               requires=("types", "shapes"))
 def skip_layers(g: Graph, cfg: SkipLayersConfig, ctx: PassContext) -> Graph:
     """Skips transformer blocks: static removal, early exit, or per-token halting."""
     rep = find_blocks(g)

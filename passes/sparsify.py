@@ -300,7 +300,8 @@ def _channel_prune(g: Graph, cfg: SparsifyConfig, ctx: PassContext) -> Graph:
 
 
 # ----------------------------------------------------------------------------- the pass
-@register_pass(config=SparsifyConfig, numerics="approx", provides=("sparse",))
+@register_pass(config=SparsifyConfig, numerics="approx",
+               requires=("types", "shapes"))
 def sparsify(g: Graph, cfg: SparsifyConfig, ctx: PassContext) -> Graph:
     """Prunes linear weights (pattern/ratio/method); sparse compute only where measured faster."""
     kind, _ = parse_pattern(cfg.pattern)

@@ -41,3 +41,11 @@ def _seed_everything() -> None:
     """Every test starts from the same RNG state."""
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _verify_after_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PassManager in every test verifies the IR after each pass (`ember.ir.verify`)."""
+    from ember import passmanager
+
+    monkeypatch.setattr(passmanager, "VERIFY_EACH", True)

@@ -18,7 +18,7 @@ from torch import nn
 
 import ember
 from ember import planner
-from ember.driver import import_model
+from ember.frontends import import_model
 from ember.ir import run_graph
 from ember.planner import CandidateRecord, Plan, choose_metric, plan, split_calib
 

@@ -58,8 +58,10 @@ def _attention(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.
                                           scale=a["scale"], enable_gqa=a["enable_gqa"])
 
 
-def _epilogue(y: torch.Tensor, x: Sequence[torch.Tensor | None],
-              a: Mapping[str, Any]) -> torch.Tensor:
+def epilogue(y: torch.Tensor, x: Sequence[torch.Tensor | None],
+             a: Mapping[str, Any]) -> torch.Tensor:
+    """The ``fused_linear`` / ``fused_conv`` epilogue (residual ``x[3]``, activation) in plain
+    torch calls; the mobile backend's int8 linear lowering reuses it."""
     from ember.ir.opset_fused import apply_activation
 
     res = x[3] if len(x) > 3 else None
@@ -81,7 +83,7 @@ def _epilogue(y: torch.Tensor, x: Sequence[torch.Tensor | None],
 def _fused_linear(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch.Tensor:
     """linear + epilogue as separate torch calls; Inductor fuses the epilogue into the GEMM
     (oneDNN post-ops) or into one C++ loop after it."""
-    return _epilogue(F.linear(x[0], x[1], x[2] if len(x) > 2 else None), x, a)
+    return epilogue(F.linear(x[0], x[1], x[2] if len(x) > 2 else None), x, a)
 
 
 @register_lowering("fused_conv")
@@ -90,7 +92,7 @@ def _fused_conv(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> torch
 
     conv_attrs = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
     y = get_op("conv").reference([x[0], x[1], x[2] if len(x) > 2 else None], conv_attrs)
-    return _epilogue(y, x, a)
+    return epilogue(y, x, a)
 
 
 # ----------------------------------------------------------------------------- support

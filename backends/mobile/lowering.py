@@ -107,7 +107,7 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
     """
     import torch.nn.functional as F  # noqa: N812
 
-    from ember.backends.cpu.lowering import _epilogue
+    from ember.backends.cpu.lowering import epilogue
 
     inp, wq, ws = x[0], x[1], x[2]
     assert inp is not None and wq is not None and ws is not None
@@ -142,7 +142,7 @@ def _qlinear_dynamic(x: Sequence[torch.Tensor | None], a: Mapping[str, Any]) -> 
         y = y + bias
     if idx is not None and wo is not None:
         y = y + F.linear(inp.index_select(-1, idx), wo)
-    return _epilogue(y, (None, None, None, res), a)
+    return epilogue(y, (None, None, None, res), a)
 
 
 def _int8_gemm(codes: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""ATen -> Ember IR op mappings of the FX frontend (registered into ``fx._HANDLERS``).
+"""ATen -> Ember IR op mappings of the FX frontend (registered into ``_fx_importer._HANDLERS``).
 
-Each handler is ``fn(imp, overload, *args, **kwargs)``: ``imp`` is the `fx._Importer`,
+Each handler is ``fn(imp, overload, *args, **kwargs)``: ``imp`` is the `_fx_importer._Importer`,
 tensor arguments arrive as IR `Value`s (or constant references, resolved by ``imp.val``),
 SymInts as ints or sympy expressions. Handlers raise ``_Unsupported(reason)`` for argument
 forms they do not cover; the importer collects those with every other unsupported op.
@@ -18,12 +18,11 @@ import torch
 from ..ir import Value
 from ..ir.opset import BIG
 from ..ir.shapes import Dim, simplify
-from .fx import _ConstRef as _CR
-from .fx import _h, _Importer, _MissingOut, _Unsupported
+from ._fx_importer import _ConstRef as _CR
+from ._fx_importer import _h, _MissingOut, _same_dim, _Unsupported
+from ._fx_importer import _Importer as Imp
 
 __all__: list[str] = []
-
-Imp = _Importer
 
 
 def _dtype_of(imp: Imp) -> str:
@@ -748,8 +747,6 @@ def _reshape(imp: Imp, ov: str, x: Any, *args: Any, **kw: Any) -> Any:
 
 
 def _shape_eq(a: Sequence[Dim], b: Sequence[Dim]) -> bool:
-    from .fx import _same_dim
-
     return len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
 
 

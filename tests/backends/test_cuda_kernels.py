@@ -258,7 +258,7 @@ def test_backend_availability_reasons() -> None:
 
 
 def test_backend_compiles_zoo_model_to_cuda_artifact(tmp_path: Path) -> None:
-    from ember.driver import CompiledModel
+    from ember.compiled import CompiledModel
     from ember.ir import run_graph
 
     z, cm = _mlp_w8a8()
@@ -309,7 +309,7 @@ def test_gpu_artifact_runs_from_cubins(tmp_path: Path) -> None:  # pragma: no co
     prog = CudaBackend().compile(cm.graph, list(z.example_inputs))
     out = prog(*z.example_inputs)
     _close(out[0], run_graph(cm.graph, *z.example_inputs)[0], 1e-3)
-    from ember.driver import CompiledModel
+    from ember.compiled import CompiledModel
 
     art = CompiledModel(cm.graph, prog, target="cuda", backend="cuda", pipeline="",
                         records={}).save(tmp_path / "m.ember")

@@ -21,8 +21,9 @@ import zoo
 import ember
 import ember.backends.mobile as mobile
 from ember.backends.mobile.toolchain import find_toolchain
-from ember.driver import import_model, relative_error
+from ember.driver import relative_error
 from ember.errors import BackendUnavailableError, CompilerError, UnsupportedOpError
+from ember.frontends import import_model
 from ember.ir import GraphBuilder, OpDef, TensorType, has_op, register_op, run_graph
 from ember.passmanager import PassContext, PassManager, parse_pipeline
 

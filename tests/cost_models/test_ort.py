@@ -136,7 +136,7 @@ def test_profiles_map_every_ort_kernel_to_an_ir_node(tmp_path: Path, cpu: Device
 
 def test_ort_program_is_predicted_with_the_ort_runtime(tmp_path: Path) -> None:
     from ember.backends.cpu.program import CpuProgram
-    from ember.driver import CompiledModel
+    from ember.compiled import CompiledModel
 
     g = _mlp()
     info = {"kind": "onnxruntime", "chosen": "onnxruntime"}
