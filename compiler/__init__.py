@@ -27,8 +27,8 @@ def compile(model: Any, example_inputs: Any = None, target: str = "cpu", passes:
 
 
 def load(path: Any, **kwargs: Any) -> CompiledModel:
-    """Loads a ``.ember`` artifact; see `ember.artifact.load`."""
-    from .artifact import load as _load
+    """Loads a ``.ember`` artifact; see `ember.compiled.load`."""
+    from .compiled import load as _load
 
     return _load(path, **kwargs)
 

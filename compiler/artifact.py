@@ -28,21 +28,18 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .errors import ArtifactError, CompilerError
-from .ir import graph_from_json, graph_to_json, verify
+from .ir import Graph, graph_from_json, graph_to_json, verify
 from .signing import SIGNATURE, SignatureInfo, check_signature, make_signature
 
-if TYPE_CHECKING:
-    from .compiled import CompiledModel
-
-__all__ = ["save_artifact", "load", "read_manifest", "read_signature", "verify_members",
-           "sign_artifact", "verify_artifact",
-           "describe", "to_jsonable", "FORMAT_VERSION"]
+__all__ = ["save_artifact", "read_artifact", "LoadedArtifact", "read_manifest", "read_signature",
+           "verify_members", "sign_artifact", "verify_artifact", "to_jsonable", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +106,8 @@ def _dedupe_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return unique, aliases
 
 
-def save_artifact(cm: CompiledModel, path: Path) -> Path:
-    """Writes ``cm`` to ``path`` (a zip; ``.ember`` suffix recommended) atomically."""
+def save_artifact(cm: Any, path: Path) -> Path:
+    """Writes ``cm`` (an `ember.compiled.CompiledModel`) to ``path`` (a zip; ``.ember`` suffix recommended) atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -382,9 +379,25 @@ def _native_payload(backend: str, info: Mapping[str, Any]) -> str | None:
     return _NATIVE_BACKENDS.get(backend)
 
 
-def load(path: str | Path, *, fallback: str | None = None,
-         trusted_keys: Iterable[Any] | None = None, trust_native: bool = False) -> CompiledModel:
-    """Loads a ``.ember`` artifact into a callable `CompiledModel`.
+@dataclass
+class LoadedArtifact:
+    """What `read_artifact` rebuilt: the IR, a runnable program and the manifest's records
+    (`ember.compiled.load` makes a `CompiledModel` of it)."""
+
+    graph: Graph
+    program: Any
+    target: str
+    backend: str
+    pipeline: str = ""
+    records: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)
+
+
+def read_artifact(path: str | Path, *, fallback: str | None = None,
+                  trusted_keys: Iterable[Any] | None = None, trust_native: bool = False
+                  ) -> LoadedArtifact:
+    """Reads a ``.ember`` artifact: its IR, weights and a runnable program.
 
     Nothing in the artifact is evaluated: dims are parsed by a strict grammar, weights are
     safetensors, and a native program (AOTInductor ``.so``, CUDA cubins, a mobile ``.so``) is
@@ -429,13 +442,12 @@ def load(path: str | Path, *, fallback: str | None = None,
 
 
 def _load(path: Path, root: Path, fallback: str | None, trusted_keys: list[Any],
-          trust_native: bool) -> CompiledModel:
+          trust_native: bool) -> LoadedArtifact:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ember.backends.registry import get_backend
 
-    from .compiled import CompiledModel
 
     with _open(path) as z:
         raw, m, members = _manifest_and_members(z, path)
@@ -499,69 +511,6 @@ def _load(path: Path, root: Path, fallback: str | None, trusted_keys: list[Any],
         program = be.load(root / "payload", info, graph=graph)
     placement = dict(m.get("placement") or {})
     placement["trust"] = trust
-    return CompiledModel(graph, program, target=m["target"], backend=backend,
-                         pipeline=m.get("passes", ""), records=m.get("pass_records", {}),
-                         fidelity=m.get("fidelity", {}), placement=placement)
-
-
-RUNTIME_LABELS = {"inductor": "fused kernels", "eager": "one kernel per op",
-                  "onnxruntime": "ONNX Runtime"}
-
-
-def describe(cm: CompiledModel) -> str:
-    """Human-readable summary: signature, backend and why, passes, IR op counts."""
-    sig = cm.signature()
-    lines = [f"target: {cm.target}   backend: {cm.backend}"]
-    prog = (cm.placement or {}).get("program") or getattr(cm.program, "info", {}) or {}
-    if prog:
-        chosen = prog.get("chosen") or prog.get("kind")
-        why = prog.get("why") or prog.get("reason", "")
-        lines.append(f"program: {chosen}" + (f"  ({why})" if why else ""))
-        plan = prog.get("plan") or []
-        if plan:
-            lines.append(f"kernel plan ({len(plan)} nodes"
-                         + (f", predicted {prog['predicted_h100_us']:.1f} us on H100"
-                            if prog.get("predicted_h100_us") is not None else "") + "):")
-            for p in plan[:40]:
-                kern = p.get("kernels") or p.get("kernel") or ""
-                us = p.get("h100_us")
-                lines.append(f"  {p.get('op', '?')} -> {p.get('impl', '?')}"
-                             + (f" {kern}" if kern else "")
-                             + (f"  {us:.2f} us" if isinstance(us, int | float) else ""))
-            if len(plan) > 40:
-                lines.append(f"  ... {len(plan) - 40} more")
-    trust = (cm.placement or {}).get("trust")
-    if trust:
-        lines.append(f"signature: {trust.get('signature')}")
-        if trust.get("native") != "none":
-            lines.append(f"native program: {trust.get('native')}")
-    fb = (cm.placement or {}).get("fallback")
-    if fb:
-        lines.append(f"fallback: {fb['from']} -> {fb['to']}: {fb['reason']}")
-    lines.append(f"passes: {cm.pipeline or '(none)'}")
-    lines.append("inputs:")
-    lines += [f"  {n}: {t}" for n, t in sig["inputs"]]
-    lines.append("outputs:")
-    lines += [f"  {n}: {t}" for n, t in sig["outputs"]]
-    g = cm.graph
-    lines.append(f"IR: {len(g.nodes)} nodes, {len(g.params)} params "
-                 f"({g.param_bytes() / 1e6:.2f} MB)")
-    counts = g.op_counts()
-    lines.append("  ops: " + ", ".join(f"{k} x{v}" for k, v in
-                                       sorted(counts.items(), key=lambda kv: -kv[1])))
-    cost = (cm.placement or {}).get("cost_model")
-    if cost:
-        sym = ", ".join(f"{k}={v}" for k, v in (cost.get("symbols") or {}).items())
-        # the cost model's "inductor" runtime means fused kernels: AOTI on CPU, Triton on
-        # CUDA, TVM's fused ops on mobile (the name alone read as "Inductor" on a phone)
-        how = RUNTIME_LABELS.get(cost["runtime"], cost["runtime"])
-        lines.append(f"predicted latency on {cost['device']} ({how}"
-                     + (f", {sym}" if sym else "") + f"): {cost['predicted_ms']:.3f} ms")
-        top = sorted((cost.get("by_class_us") or {}).items(), key=lambda kv: -kv[1])[:6]
-        if top:
-            lines.append("  by op class: " + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in top))
-    if cm.fidelity:
-        lines.append("fidelity: " + ", ".join(f"{k}={v}" for k, v in cm.fidelity.items()))
-    for name, rec in (cm.records or {}).items():
-        lines.append(f"pass {name}: " + json.dumps(rec, default=str)[:300])
-    return "\n".join(lines)
+    return LoadedArtifact(graph, program, target=m["target"], backend=backend,
+                          pipeline=m.get("passes", ""), records=m.get("pass_records", {}),
+                          fidelity=m.get("fidelity", {}), placement=placement)

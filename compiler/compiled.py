@@ -7,6 +7,7 @@ saves itself as a ``.ember`` artifact through `ember.artifact`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from .ir import Graph, TensorType, to_torch_dtype
 from .ir.shapes import ShapeError, bind_symbols, free_symbols
 from .targets import DEVICE_OF_TARGET
 
-__all__ = ["CompiledModel"]
+__all__ = ["CompiledModel", "load", "describe"]
 
 
 class CompiledModel:
@@ -145,10 +146,87 @@ class CompiledModel:
         return save_artifact(self, Path(path))
 
     def summary(self) -> str:
-        from .artifact import describe
-
+        """Human-readable summary: signature, backend and why, passes, IR op counts."""
         return describe(self)
 
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.target!r}, backend={self.backend!r}, "
                 f"nodes={len(self.graph.nodes)}, pipeline={self.pipeline!r})")
+
+
+def load(path: str | os.PathLike, **kwargs: Any) -> CompiledModel:
+    """Loads a ``.ember`` artifact into a callable `CompiledModel`; the keyword arguments
+    (``fallback``, ``trusted_keys``, ``trust_native``) are `ember.artifact.read_artifact`'s.
+
+    Raises:
+        ArtifactError: one line naming the artifact, the member or field, and the problem.
+    """
+    from .artifact import read_artifact
+
+    a = read_artifact(path, **kwargs)
+    return CompiledModel(a.graph, a.program, target=a.target, backend=a.backend,
+                         pipeline=a.pipeline, records=a.records, fidelity=a.fidelity,
+                         placement=a.placement)
+
+
+RUNTIME_LABELS = {"inductor": "fused kernels", "eager": "one kernel per op",
+                  "onnxruntime": "ONNX Runtime"}
+
+
+def describe(cm: CompiledModel) -> str:
+    """`CompiledModel.summary`: signature, backend and why, signature, passes, IR op counts."""
+    sig = cm.signature()
+    lines = [f"target: {cm.target}   backend: {cm.backend}"]
+    prog = (cm.placement or {}).get("program") or getattr(cm.program, "info", {}) or {}
+    if prog:
+        chosen = prog.get("chosen") or prog.get("kind")
+        why = prog.get("why") or prog.get("reason", "")
+        lines.append(f"program: {chosen}" + (f"  ({why})" if why else ""))
+        plan = prog.get("plan") or []
+        if plan:
+            lines.append(f"kernel plan ({len(plan)} nodes"
+                         + (f", predicted {prog['predicted_h100_us']:.1f} us on H100"
+                            if prog.get("predicted_h100_us") is not None else "") + "):")
+            for p in plan[:40]:
+                kern = p.get("kernels") or p.get("kernel") or ""
+                us = p.get("h100_us")
+                lines.append(f"  {p.get('op', '?')} -> {p.get('impl', '?')}"
+                             + (f" {kern}" if kern else "")
+                             + (f"  {us:.2f} us" if isinstance(us, int | float) else ""))
+            if len(plan) > 40:
+                lines.append(f"  ... {len(plan) - 40} more")
+    trust = (cm.placement or {}).get("trust")
+    if trust:
+        lines.append(f"signature: {trust.get('signature')}")
+        if trust.get("native") != "none":
+            lines.append(f"native program: {trust.get('native')}")
+    fb = (cm.placement or {}).get("fallback")
+    if fb:
+        lines.append(f"fallback: {fb['from']} -> {fb['to']}: {fb['reason']}")
+    lines.append(f"passes: {cm.pipeline or '(none)'}")
+    lines.append("inputs:")
+    lines += [f"  {n}: {t}" for n, t in sig["inputs"]]
+    lines.append("outputs:")
+    lines += [f"  {n}: {t}" for n, t in sig["outputs"]]
+    g = cm.graph
+    lines.append(f"IR: {len(g.nodes)} nodes, {len(g.params)} params "
+                 f"({g.param_bytes() / 1e6:.2f} MB)")
+    counts = g.op_counts()
+    lines.append("  ops: " + ", ".join(f"{k} x{v}" for k, v in
+                                       sorted(counts.items(), key=lambda kv: -kv[1])))
+    cost = (cm.placement or {}).get("cost_model")
+    if cost:
+        sym = ", ".join(f"{k}={v}" for k, v in (cost.get("symbols") or {}).items())
+        # the cost model's "inductor" runtime means fused kernels: AOTI on CPU, Triton on
+        # CUDA, TVM's fused ops on mobile (the name alone read as "Inductor" on a phone)
+        how = RUNTIME_LABELS.get(cost["runtime"], cost["runtime"])
+        lines.append(f"predicted latency on {cost['device']} ({how}"
+                     + (f", {sym}" if sym else "") + f"): {cost['predicted_ms']:.3f} ms")
+        top = sorted((cost.get("by_class_us") or {}).items(), key=lambda kv: -kv[1])[:6]
+        if top:
+            lines.append("  by op class: " + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in top))
+    if cm.fidelity:
+        lines.append("fidelity: " + ", ".join(f"{k}={v}" for k, v in cm.fidelity.items()))
+    for name, rec in (cm.records or {}).items():
+        lines.append(f"pass {name}: " + json.dumps(rec, default=str)[:300])
+    return "\n".join(lines)

@@ -238,7 +238,7 @@ def exported_contender(module: Any, inputs: Sequence[Any], path: str | Path,
 # ----------------------------------------------------------------------------- factories
 def load_ember(path: str) -> Runner:
     """An Ember artifact, as a user loads it."""
-    from ember.artifact import load
+    from ember.compiled import load
 
     cm = load(path)
     return lambda *xs: cm(*xs)

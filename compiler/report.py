@@ -227,7 +227,8 @@ def build_report(path: str | Path, *, measure: bool = True, repeats: int = 3,
             default: those the manifest's cost record used, else batch 1 / 16.
     """
     from ember import cost_models
-    from ember.artifact import load, read_manifest
+    from ember.artifact import read_manifest
+    from ember.compiled import load
     from ember.driver import make_example_inputs
     from ember.targets import DEVICE_OF_TARGET
 

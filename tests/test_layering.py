@@ -28,7 +28,7 @@ import pytest
 # | layer      | modules                                                   | may import            |
 # |------------|-----------------------------------------------------------|-----------------------|
 # | leaf       | ember.ir, ember.errors, ember.hostinfo, ember.progress,   | leaf                  |
-# |            | ember.timing, ember.version                               |                       |
+# |            | ember.timing, ember.version, ember.signing                |                       |
 # | frontend   | ember.frontends                                           | leaf                  |
 # | pass       | ember.passes, ember.passmanager, ember.pipelines          | leaf                  |
 # | cost_model | ember.cost_models                                         | leaf, COST_MODEL_READS|
@@ -39,7 +39,7 @@ import pytest
 # |            | ember.artifact, ember.report, ember.bench, ember.isolated |                       |
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "leaf": (("ember.ir", "ember.errors", "ember.hostinfo", "ember.progress", "ember.timing",
-              "ember.version"), ()),
+              "ember.version", "ember.signing"), ()),
     "frontend": (("ember.frontends",), ("leaf",)),
     "pass": (("ember.passes", "ember.passmanager", "ember.pipelines"), ("leaf",)),
     "cost_model": (("ember.cost_models",), ("leaf",)),
@@ -48,10 +48,13 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
              "ember.targets", "ember.cli", "ember.dynamo", "ember.artifact", "ember.report",
              "ember.bench", "ember.isolated"), ("*",)),
 }
-# The backend capability tables a cost model may read (exact module names). None today: a
-# backend that wants the cost model to see a table of its own (kernels it has, dtypes it
-# runs) puts it in a module of its own and it is named here.
-COST_MODEL_READS: frozenset[str] = frozenset()
+# What a cost model may read of a backend (exact module names): tables and settings that say
+# what the backend runs, so the device spec times exactly that. The CPU backend's op -> kernel
+# table (`lowering.LOWERINGS`: which torch call runs each op) and how it configures ONNX Runtime
+# sessions (`onnx.session`: threads, spinning, disabled optimizers). Neither imports anything
+# above the leaf layer.
+COST_MODEL_READS: frozenset[str] = frozenset({"ember.backends.cpu.lowering",
+                                              "ember.backends.cpu.onnx.session"})
 
 # ------------------------------------------------------------------------------ the walk
 _ROOT = Path(__file__).resolve().parent.parent
