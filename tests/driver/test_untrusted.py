@@ -110,6 +110,8 @@ def forge(src: Path, dst: Path, edit: Callable[[dict[str, bytes]], None], *,
         if isinstance(man.get("files"), dict):
             man["files"] = {n: hashlib.sha256(mem[n]).hexdigest() if n in mem else d
                             for n, d in man["files"].items()}
+            man["files"].update({n: hashlib.sha256(d).hexdigest() for n, d in mem.items()
+                                 if n not in ("manifest.json", "signature.json")})
         mem["manifest.json"] = json.dumps(man).encode()
     with zipfile.ZipFile(dst, "w", compression) as z:
         for n, d in mem.items():
@@ -235,6 +237,33 @@ def test_signed_native_artifact_loads_for_its_key_only(aoti_art, model, keys, tm
         torch.testing.assert_close(cm(x), m(x), rtol=1e-4, atol=1e-5)
     # a valid signature by a key the caller does not trust does not unlock native code
     assert ember.load(art, trusted_keys=[pub2]).program.info["kind"] == "eager"
+
+
+def test_unsigned_mobile_artifact_runs_on_the_reference_interpreter(ref_art, model, tmp_path,
+                                                                    caplog):
+    """A manifest that says "mobile" would make Ember run an aarch64 library under qemu: from an
+    unsigned artifact the IR runs on the reference interpreter instead (the library is never
+    looked at, so a forged one cannot run)."""
+    from ember.backends.registry import get_backend
+
+    if not get_backend("mobile").available():
+        pytest.skip("the mobile backend is not installed here")
+    m, x = model
+
+    def fn(mem: dict) -> None:
+        man = json.loads(mem["manifest.json"])
+        man["backend"], man["target"] = "mobile", "mobile"
+        man["backend_info"] = {"backend": "mobile", "kind": "tvm"}
+        mem["manifest.json"] = json.dumps(man).encode()
+        mem["payload/model.so"] = b"\x7fELF forged"
+    forged = forge(ref_art, tmp_path / "mob.ember", fn)
+    with zipfile.ZipFile(forged) as z:  # the forged library is listed and hashed like any file
+        assert "payload/model.so" in json.loads(z.read("manifest.json"))["files"]
+    with caplog.at_level(logging.WARNING, logger="ember.artifact"):
+        cm = ember.load(forged)
+    assert cm.backend == "reference" and "unsigned" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-4, atol=1e-5)
 
 
 def test_forged_payload_kind_never_opens_a_library(aoti_art, tmp_path):
