@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ember.ir import Graph, Node, Value, evaluate, get_op, ops_with
+from ember.ir import Graph, Node, Value, evaluate, get_op, has_trait, ops_with
 from ember.ir.shapes import Dim, dims_equal
 
 __all__ = ["Block", "BlockReport", "NodeIndex", "find_blocks", "graph_flops", "MATMUL_OPS",
@@ -485,9 +485,11 @@ def graph_flops(g: Graph, env: Mapping[str, int]) -> int:
 
     total = 0
     for n in g.nodes:
-        if n.op in ("linear", "fused_linear", "qlinear") and n.inputs[1] is not None:
-            x, w = ev(n.inputs[0].type.shape), ev(n.inputs[1].type.shape)  # type: ignore[union-attr]
-            total += 2 * math.prod(x) * w[0]
+        if has_trait(n.op, "linear") and n.inputs[0] is not None:
+            # every linear form (fp32, fused, int8, int4, LUT, sparse): N from the output, as
+            # packed weights do not show it
+            x, o = ev(n.inputs[0].type.shape), ev(n.output.type.shape)
+            total += 2 * math.prod(x) * o[-1]
         elif n.op == "matmul":
             a, o = ev(n.inputs[0].type.shape), ev(n.output.type.shape)  # type: ignore[union-attr]
             total += 2 * math.prod(o) * a[-1]

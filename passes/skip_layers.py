@@ -145,14 +145,7 @@ def remove_blocks(g: Graph, rep: BlockReport, drop: list[int]) -> Graph:
         b = rep.blocks[i]
         alias[b.output] = alias.get(b.input, b.input)
     vals = g.values()
-    b_ = GraphBuilder(g.name)
-    b_.meta = dict(g.meta)
-    for v, nm in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
-        b_.reserve(v.name)
-        b_.inputs.append(v)
-        b_.input_names.append(nm)
-    for v in g.params:
-        b_.add_existing_param(v, g.weights[v.name])
+    b_ = GraphBuilder.seeded_from(g)
 
     def m(v: Value | None) -> Value | None:
         return None if v is None else vals[alias[v.name]] if v.name in alias else v
@@ -440,17 +433,7 @@ def _early_exit(g: Graph, rep: BlockReport, cfg: SkipLayersConfig, ctx: PassCont
     if not exits:
         ctx.record("skip_layers", applied=False, reason="no exit block before the last")
         return g
-    b = GraphBuilder(g.name)
-    b.meta = dict(g.meta)
-    for v, nm in zip(g.inputs, g.input_names or [v.name for v in g.inputs]):
-        b.reserve(v.name)
-        b.inputs.append(v)
-        b.input_names.append(nm)
-    for v in g.params:
-        b.add_existing_param(v, g.weights[v.name])
-    for nd in g.nodes:
-        for v in nd.outputs:
-            b.reserve(v.name)
+    b = GraphBuilder.seeded_from(g)
     vals = g.values()
     exit_at = {rep.blocks[i].output: i for i in exits}
     exit_logits: list[Value] = []
