@@ -121,7 +121,7 @@ def test_ember_compile_save_load_run(tmp_path: Path) -> None:
 
     names = set(zipfile.ZipFile(path).namelist())
     assert {"payload/model.so", "payload/weights.params", "payload/runner.cc"} <= names
-    loaded = ember.load(path)
+    loaded = ember.load(path, trust_native=True)  # built by this test: its own .so
     x = z.make_inputs(batch=2)[0]
     with torch.no_grad():
         want = z.model(x)
@@ -290,7 +290,7 @@ def onnx_run(request: pytest.FixtureRequest,
         xs.append(str(d / f"x{i}.npy"))
         np.save(xs[-1], x.numpy())
     ys = [str(d / f"y{i}.npy") for i in range(n_out)]
-    _cli("run", str(d / "m.ember"), "--input", *xs, "--output", *ys)
+    _cli("run", str(d / "m.ember"), "--trust-native", "--input", *xs, "--output", *ys)
     got = [torch.from_numpy(np.load(y)) for y in ys]
     return {"case": request.param, "zoo": z, "onnx": onnx_path, "artifact": d / "m.ember",
             "got": got, "int8": bool(extra)}
@@ -303,7 +303,7 @@ def test_onnx_cli_artifact_is_aarch64_and_matches_reference(onnx_run: dict) -> N
     man = read_manifest(onnx_run["artifact"])
     text = json.dumps(man)
     assert '"backend": "mobile"' in text and '"fallback"' not in text, text[:2000]
-    cm = ember.load(onnx_run["artifact"])
+    cm = ember.load(onnx_run["artifact"], trust_native=True)  # built here, by this test
     assert cm.backend == "mobile" and isinstance(cm.program, mobile.MobileProgram)
     res = subprocess.run([TOOLCHAIN.objdump or "aarch64-linux-gnu-objdump", "-f",
                           str(cm.program.library)], capture_output=True, text=True)
