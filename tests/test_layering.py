@@ -46,7 +46,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "backend": (("ember.backends",), ("leaf", "cost_model")),
     "top": (("ember", "ember.__main__", "ember.driver", "ember.planner", "ember.compiled",
              "ember.targets", "ember.cli", "ember.dynamo", "ember.artifact", "ember.report",
-             "ember.bench", "ember.isolated"), ("*",)),
+             "ember.bench", "ember.isolated", "ember.generate", "ember.tokenizer", "ember.lm"),
+            ("*",)),
 }
 # What a cost model may read of a backend (exact module names): tables and settings that say
 # what the backend runs, so the device spec times exactly that. The CPU backend's op -> kernel
