@@ -106,8 +106,11 @@ def _dedupe_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return unique, aliases
 
 
-def save_artifact(cm: Any, path: Path) -> Path:
-    """Writes ``cm`` (an `ember.compiled.CompiledModel`) to ``path`` (a zip; ``.ember`` suffix recommended) atomically."""
+def save_artifact(cm: Any, path: Path, *, data: dict[str, bytes] | None = None,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Writes ``cm`` (an `ember.compiled.CompiledModel`) to ``path`` (a zip; ``.ember`` suffix
+    recommended) atomically. ``data``: more members (name -> bytes, e.g. a causal LM's
+    ``tokenizer.json``), listed and hashed like the rest; ``extra``: more manifest fields."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -120,6 +123,12 @@ def save_artifact(cm: Any, path: Path) -> Path:
         payload_dir.mkdir()
         payload_files = list(cm.program.save(payload_dir)) if hasattr(cm.program, "save") else []
         files = ["ir.json", "weights.safetensors"] + [f"payload/{f}" for f in payload_files]
+        for name, blob in (data or {}).items():  # e.g. an LM's tokenizer.json: listed, hashed
+            if not _NAME_RE.match(name) or name in files or name == MANIFEST:
+                raise ArtifactError(f"cannot store a data file named {name!r}")
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(blob)
+            files.append(name)
         sig = cm.signature()
         manifest = {
             "format": "ember-artifact",
@@ -139,6 +148,7 @@ def save_artifact(cm: Any, path: Path) -> Path:
             "weight_aliases": aliases,
             "tool_versions": tool_versions(),
             "files": {f: _sha256(root / f) for f in files},
+            **to_jsonable(extra or {}),
         }
         (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
         tmp_zip = path.with_name(path.name + ".tmp")
@@ -392,6 +402,8 @@ class LoadedArtifact:
     records: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # the extracted members (kept until the process exits)
 
 
 def read_artifact(path: str | Path, *, fallback: str | None = None,
@@ -513,4 +525,5 @@ def _load(path: Path, root: Path, fallback: str | None, trusted_keys: list[Any],
     placement["trust"] = trust
     return LoadedArtifact(graph, program, target=m["target"], backend=backend,
                           pipeline=m.get("passes", ""), records=m.get("pass_records", {}),
-                          fidelity=m.get("fidelity", {}), placement=placement)
+                          fidelity=m.get("fidelity", {}), placement=placement, manifest=m,
+                          root=root)
