@@ -1,4 +1,5 @@
-"""The ``ember`` command line: compile, run, inspect, report, bench, sign, verify, keygen.
+"""The ``ember`` command line: compile, run, generate, inspect, report, bench, sign, verify,
+keygen.
 
 Errors exit non-zero with one clear line (no traceback unless ``--debug``).
 """
@@ -93,6 +94,66 @@ def _require_static_onnx(model: str, shapes: dict[str, list[int | str]] | None) 
                 f"(or --symbol {syms[0]}=N)")
 
 
+def _compile_lm(a: argparse.Namespace) -> int:
+    """``ember compile MODEL --task generate``: a transformers folder or .gguf -> an LM .ember."""
+    from ember.lm import compile_lm
+    from ember.lm_artifact import load_hf, save_lm
+    from ember.tokenizer import Tokenizer
+
+    if a.passes and a.passes != "O2":
+        raise CompilerError("--task generate compiles with the exact O2 pipeline for now")
+    model, hf_tok = load_hf(a.model)
+    lm = compile_lm(model)
+    tok = Tokenizer.from_hf(hf_tok)
+    out = Path(a.output or Path(a.model).with_suffix(".ember").name)
+    save_lm(lm, tok, out)
+    if a.sign:
+        from ember.artifact import sign_artifact
+
+        print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): causal LM, {lm.spec.layers} "
+          f"layers, vocabulary {lm.vocab_size}, up to {lm.max_positions} positions")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import time
+
+    from ember.generate import GenerationConfig, stream_tokens
+    from ember.lm_artifact import load_lm
+
+    lm, tok, defaults = load_lm(a.artifact, trusted_keys=a.trust or (),
+                                trust_native=a.trust_native)
+    text = tok.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat \
+        else a.prompt
+    ids = tok.encode(text)
+    eos = [t for t in (tok.token_id(tok.eos_token), *defaults.get("stop_token_ids", ()))
+           if t is not None]
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
+                           temperature=a.temperature if a.temperature > 0 else 1.0,
+                           top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                           stop_token_ids=tuple(eos))
+    t0 = time.perf_counter()
+    first = None
+    made: list[int] = []
+
+    def tokens() -> Any:
+        for t in stream_tokens(lm, ids, cfg):
+            made.append(t)
+            yield t
+    for piece in tok.decoder().feed(tokens()):
+        if first is None:
+            first = time.perf_counter() - t0
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    total = time.perf_counter() - t0
+    n = len(made)
+    rate = (n - 1) / (total - first) if first is not None and n > 1 and total > first else 0.0
+    print(f"\n[{len(ids)} prompt tokens, {n} new; time to first token "
+          f"{(first or 0) * 1e3:.0f} ms, decode {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     import ember
     from ember.driver import make_example_inputs
@@ -104,6 +165,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         from ember.signing import load_public_key
 
         load_public_key(a.sign)  # a bad key fails now, not after the compile
+    if a.task == "generate":
+        return _compile_lm(a)
     passes = a.passes or f"O{a.opt}"
     shapes = _parse_input_shapes(a.input_shape)
     if shapes and not str(a.model).lower().endswith(".onnx"):
@@ -270,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compile", help="compile a .onnx or torch.export .pt2 model")
+    c = sub.add_parser("compile", help="compile a .onnx or torch.export .pt2 model, or a causal "
+                       "LM (transformers folder or .gguf) with --task generate")
     c.add_argument("model")
+    c.add_argument("--task", choices=["forward", "generate"], default="forward",
+                   help="generate: a causal LM with a KV cache, its tokenizer and template")
     c.add_argument("-o", "--output", help="artifact path (default: MODEL.ember)")
     c.add_argument("--target", default="cpu", choices=["cpu", "cuda", "mobile", "reference"])
     c.add_argument("-O", dest="opt", type=int, default=2, choices=[0, 1, 2, 3])
@@ -309,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     _trust_args(i)
     i.set_defaults(fn=cmd_inspect)
+
+    gn = sub.add_parser("generate", help="generate text with a causal-LM artifact, streaming")
+    gn.add_argument("artifact")
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gn.add_argument("--max-new-tokens", type=int, default=128)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gn.add_argument("--top-k", type=int, default=0)
+    gn.add_argument("--top-p", type=float, default=1.0)
+    gn.add_argument("--seed", type=int, default=0)
+    _trust_args(gn)
+    gn.set_defaults(fn=cmd_generate)
 
     sg = sub.add_parser("sign", help="sign an artifact (Ed25519; covers the manifest and "
                         "every file)")

@@ -46,7 +46,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "backend": (("ember.backends",), ("leaf", "cost_model")),
     "top": (("ember", "ember.__main__", "ember.driver", "ember.planner", "ember.compiled",
              "ember.targets", "ember.cli", "ember.dynamo", "ember.artifact", "ember.report",
-             "ember.bench", "ember.isolated", "ember.generate", "ember.tokenizer", "ember.lm"),
+             "ember.bench", "ember.isolated", "ember.generate", "ember.tokenizer", "ember.lm",
+             "ember.lm_artifact"),
             ("*",)),
 }
 # What a cost model may read of a backend (exact module names): tables and settings that say
