@@ -25,8 +25,8 @@ import torch
 
 from .errors import CompilerError
 
-__all__ = ["GenerationConfig", "Generation", "StepModel", "process_logits", "generate",
-           "stream_tokens"]
+__all__ = ["GenerationConfig", "Generation", "StepModel", "process_logits", "seen_mask",
+           "generate", "stream_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,25 @@ class Generation:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def process_logits(logits: torch.Tensor, history: Sequence[Sequence[int]],
+def seen_mask(history: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
+    """[B, V] bool: which tokens each row has seen (prompt and output)."""
+    m = torch.zeros((len(history), vocab), dtype=torch.bool)
+    for b, seen in enumerate(history):
+        if seen:
+            m[b, torch.as_tensor(list(seen), dtype=torch.long)] = True
+    return m
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | Sequence[Sequence[int]],
                    cfg: GenerationConfig) -> torch.Tensor:
     """Scores [B, V] after repetition penalty, temperature, top-k and top-p (filtered entries
-    -inf), in `transformers`' order and with its semantics."""
+    -inf), in `transformers`' order and with its semantics. ``seen``: a `seen_mask` (kept up to
+    date by the loop, so a step costs the same at any context length) or token lists."""
     x = logits.float().clone()
     if cfg.repetition_penalty != 1.0:
-        for b, seen in enumerate(history):
-            if not seen:
-                continue
-            idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
-            s = x[b, idx]
-            x[b, idx] = torch.where(s < 0, s * cfg.repetition_penalty, s / cfg.repetition_penalty)
+        m = seen if isinstance(seen, torch.Tensor) else seen_mask(seen, x.shape[-1])
+        pen = torch.where(x < 0, x * cfg.repetition_penalty, x / cfg.repetition_penalty)
+        x = torch.where(m, pen, x)
     if not cfg.do_sample:
         return x
     if cfg.temperature != 1.0:
@@ -154,18 +161,20 @@ def _run(lm: StepModel, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
     logits = lm.step(ids, positions, cache)  # [B, T, V]
     last = logits[torch.arange(b), torch.tensor(lens) - 1]
     gen = torch.Generator().manual_seed(cfg.seed)
-    history = [list(p) for p in prompts]
+    seen = seen_mask(prompts, last.shape[-1]) if cfg.repetition_penalty != 1.0 else \
+        torch.zeros((b, 0), dtype=torch.bool)
     done = [cfg.max_new_tokens == 0] * b
     pos = torch.tensor(lens, dtype=torch.long)
     step_ids = torch.empty((b, 1), dtype=torch.long)
     produced = [0] * b
     while not all(done):
-        nxt = _pick(process_logits(last, history, cfg), cfg, gen)
+        nxt = _pick(process_logits(last, seen, cfg), cfg, gen)
         for r in range(b):
             if done[r]:
                 continue
             t = int(nxt[r])
-            history[r].append(t)
+            if seen.shape[1]:
+                seen[r, t] = True
             produced[r] += 1
             yield r, t
             if t in cfg.stop_token_ids or produced[r] >= cfg.max_new_tokens or \

@@ -2,7 +2,7 @@
 a printer, JSON, and the graph evaluator. Importing it registers every op (the opset modules)."""
 
 # the opsets register their ops on import: every op exists once `ember.ir` is imported
-from . import opset, opset_extra, opset_fused, opset_quant, opset_tokens  # noqa: F401
+from . import opset, opset_cache, opset_extra, opset_fused, opset_quant, opset_tokens  # noqa: F401
 from .graph import NO_LOC, Graph, GraphBuilder, Node, Rebuilder, SourceLoc, Value, rewrite
 from .interpret import Interpreter, concretize, evaluate_values, run_graph
 from .ops import (

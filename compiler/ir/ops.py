@@ -119,7 +119,7 @@ def _freeze(v: Any) -> Any:
 TRAITS = frozenset({
     "elementwise", "movement", "gemm", "linear", "conv", "fused", "quantized", "attention",
     "norm", "reduction", "pool", "gather", "lookup", "data", "generator", "token",
-    "token_reduction", "order_compare",
+    "token_reduction", "order_compare", "cache", "stateful",
 })
 
 _REGISTRY: dict[str, OpDef] = {}
