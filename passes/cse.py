@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ember.ir import Graph, Node, Value
+from ember.ir import Graph, Node, Value, has_trait
 from ember.passmanager import PassContext, register_pass
 
 from ._rewrite import eliminate_dead
@@ -84,7 +84,8 @@ def cse(g: Graph, cfg: CseConfig, ctx: PassContext) -> Graph:
         ins = tuple(m(v) for v in n.inputs)
         key = (n.op, tuple(None if v is None else v.name for v in ins),
                tuple(sorted((k, _key(a)) for k, a in n.attrs.items())))
-        prev = seen.get(key)
+        # a stateful op (cache_write) is a side effect: two of them are never one
+        prev = None if has_trait(n.op, "stateful") else seen.get(key)
         if prev is not None and all(a.type == b.type for a, b in zip(prev.outputs, n.outputs)):
             for old, new in zip(n.outputs, prev.outputs):
                 env[old.name] = new

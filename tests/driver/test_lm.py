@@ -27,6 +27,10 @@ def _model(family: str) -> torch.nn.Module:
     elif family == "gpt2":
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+    elif family == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=5))
+    elif family == "phi3":
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, pad_token_id=0))
     elif family == "gemma3":
         m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
             **SMALL, head_dim=16, sliding_window=6, layer_types=["sliding_attention",
@@ -36,7 +40,7 @@ def _model(family: str) -> torch.nn.Module:
     return m.eval()
 
 
-FAMILIES = ["llama", "qwen2", "gpt2", "gemma3"]
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma3", "mistral", "phi3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -96,6 +100,8 @@ def test_cache_is_explicit_ir_state(compiled):
     assert ops["cached_attention"] == lm.spec.layers and ops["cache_write"] == 2 * lm.spec.layers
     if family == "gemma3":
         assert lm.spec.windows == (6, None)
+    if family == "mistral":
+        assert lm.spec.windows == (5, 5)
     k = KVCache.allocate(lm.spec, 2, 40)
     assert len(k.k) == lm.spec.layers and k.k[0].shape == (2, lm.spec.kv_heads, 40,
                                                              lm.spec.head_dim)
