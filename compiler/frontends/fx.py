@@ -62,7 +62,9 @@ def export_module(
     if len(names) != len(example_inputs):
         raise FrontendError(f"{len(names)} input names for {len(example_inputs)} example inputs")
     dyn = _normalize_dynamic_dims(dynamic_dims, names)
-    was_training = model.training
+    # each module's own mode, restored one by one: `model.train(flag)` would set every child
+    # to the top module's flag (a fresh wrapper in training mode put a wrapped model's dropout on)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
@@ -74,7 +76,8 @@ def export_module(
         raise FrontendError(f"torch.export failed for {type(model).__name__}: "
                             f"{type(e).__name__}: {_first_line(e)}") from e
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return ep, names, dyn
 
 

@@ -164,3 +164,13 @@ def test_full_size_models(name: str, size: str) -> None:
     n_params = sum(p.numel() for p in z.model.parameters())
     assert sum(t.numel() for t in g.weights.values()) >= 0.9 * n_params
     assert_matches(run_graph(g, *z.example_inputs), eager_outputs(z.model, z.example_inputs))
+
+
+def test_import_keeps_every_submodule_mode():
+    """Importing a wrapper still in training mode leaves the wrapped model in eval mode."""
+    from ember.frontends.fx import import_module
+
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).eval()
+    wrapper = torch.nn.Sequential(inner)  # a fresh module: training mode
+    import_module(wrapper, (torch.randn(2, 4),))
+    assert wrapper.training and not inner.training and not inner[1].training
