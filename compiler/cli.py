@@ -94,6 +94,14 @@ def _require_static_onnx(model: str, shapes: dict[str, list[int | str]] | None) 
                 f"(or --symbol {syms[0]}=N)")
 
 
+def _sign_if_asked(a: argparse.Namespace, out: Path) -> None:
+    """``--sign KEY``: signs the artifact just written."""
+    if a.sign:
+        from ember.artifact import sign_artifact
+
+        print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
+
+
 def _compile_lm(a: argparse.Namespace) -> int:
     """``ember compile MODEL --task generate``: a transformers folder or .gguf -> an LM .ember."""
     from ember.lm import compile_lm
@@ -107,10 +115,7 @@ def _compile_lm(a: argparse.Namespace) -> int:
     tok = Tokenizer.from_hf(hf_tok)
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
     save_lm(lm, tok, out)
-    if a.sign:
-        from ember.artifact import sign_artifact
-
-        print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
+    _sign_if_asked(a, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): causal LM, {lm.spec.layers} "
           f"layers, vocabulary {lm.vocab_size}, up to {lm.max_positions} positions")
     return 0
@@ -197,10 +202,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
                        metric=a.metric)
     out = Path(a.output or Path(a.model).with_suffix(".ember").name)
     cm.save(out)
-    if a.sign:
-        from ember.artifact import sign_artifact
-
-        print(f"signed {out} with {sign_artifact(out, a.sign, signer=a.signer or '')}")
+    _sign_if_asked(a, out)
     if a.emit == "onnx":
         from ember.backends.cpu.onnx import export_onnx
 
